@@ -1,0 +1,60 @@
+"""Protocols and conventions shared by every layer (DESIGN.md section 2).
+
+Sequence mixers mix tokens and may carry state:
+
+    init_state(batch_size, *, max_len=None, dtype=jnp.float32) -> State
+    __call__(x_BTD, *, state=None, segment_ids_BT=None) -> (y_BTD, State)
+
+A `State` is a pytree (a dict of arrays) whose leaves all have the batch as their leading axis, so the
+LM shell can thread, stack and shard states uniformly. `__call__` never mutates the module.
+
+Channel mixers act per token: `__call__(x_BTD) -> y_BTD`.
+
+Auxiliary losses and statistics are sown as `nnx.Intermediate` subclasses:
+  - `AuxLoss`: scalar terms added to the training loss; their weights come from the config.
+  - `Stat`: scalar statistics logged as metrics, never differentiated.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+State = Any  # a pytree of arrays with leading batch axis, or an empty dict
+
+
+class AuxLoss(nnx.Intermediate):
+  """A scalar auxiliary loss sown by a layer (e.g. MoM router balance)."""
+
+
+class Stat(nnx.Intermediate):
+  """A scalar statistic sown by a layer (e.g. memory surprise norm); logged, not trained."""
+
+
+@runtime_checkable
+class SequenceMixer(Protocol):
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None,
+                 dtype=jnp.float32) -> State:
+    ...
+
+  def __call__(self, x_BTD: jax.Array, *, state: State | None = None,
+               segment_ids_BT: jax.Array | None = None) -> tuple[jax.Array, State]:
+    ...
+
+
+@runtime_checkable
+class ChannelMixer(Protocol):
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    ...
+
+
+def reject_segment_ids(name: str, segment_ids_BT) -> None:
+  """For mixers that do not support packed documents yet: fail rather than leak memory."""
+  if segment_ids_BT is not None:
+    raise NotImplementedError(
+        f"{name} does not support segment_ids_BT (packed documents) yet; "
+        "set data.pack=False or use a mixer that resets at document boundaries")

@@ -1,0 +1,1 @@
+"""memarch: memory-augmented sequence architectures in JAX/Flax NNX."""

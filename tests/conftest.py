@@ -1,0 +1,16 @@
+"""Test setup: 8 CPU devices for sharding tests (set before jax is imported)."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+  has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
+  skip_gpu = pytest.mark.skip(reason="needs a GPU")
+  for item in items:
+    if "gpu" in item.keywords and not has_gpu:
+      item.add_marker(skip_gpu)
