@@ -1,0 +1,19 @@
+"""Transformer++ baseline: RoPE softmax attention + SwiGLU, pre-RMSNorm (DESIGN.md section 4).
+
+  python scripts/train.py --config=configs/transformer.py:size=tiny --workdir=/tmp/transformer
+
+Variants: `size=tiny|small|base|170m|...`; `window=N` makes every layer sliding-window attention.
+Parameters (size=tiny, MQAR vocab 256): 117,056.
+"""
+from memarch import configs_lib
+
+
+def get_config(arg=None):
+  a = configs_lib.parse_arg(arg, size="tiny", window=0)
+  c = configs_lib.base_config(a.size)
+  if a.window:
+    c.model.layer_pattern = ("swa",)
+    c.model.mixer = {"swa": {"window": a.window}}
+  c.train.num_steps = 1500
+  c.train.stop_at_accuracy = 0.99
+  return configs_lib.finalize(c)

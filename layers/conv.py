@@ -1,0 +1,53 @@
+"""Short causal depthwise convolution (as in Mamba, Gated DeltaNet and Titans' q/k/v convs).
+
+y_t = sum_{j<K} w_j * x_{t-K+1+j}. The state is the last K-1 inputs, so chunked calls and
+one-token decode steps equal the full pass.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class CausalConv1D(nnx.Module):
+
+  def __init__(self, channels: int, kernel_size: int = 4, *, axis_name: str | None = "mlp",
+               rngs: nnx.Rngs):
+    if kernel_size < 1:
+      raise ValueError(f"CausalConv1D: kernel_size must be >= 1, got {kernel_size}")
+    self.kernel_size = kernel_size
+    self.channels = channels
+    # Init near identity (last tap 1) plus noise, so a fresh conv passes its input through.
+    def init(key, shape, dtype):
+      w = 0.02 * jax.random.normal(key, shape, dtype)
+      return w.at[-1].add(1.0)
+    self.weight = nnx.Param(nnx.with_partitioning(init, (None, axis_name))(
+        rngs.params(), (kernel_size, channels), jnp.float32))
+
+  def init_state(self, batch_size: int, dtype=jnp.float32) -> jax.Array:
+    return jnp.zeros((batch_size, self.kernel_size - 1, self.channels), dtype)
+
+  def __call__(self, x_BTC: jax.Array, *, state=None, segment_ids_BT=None):
+    """Returns (y_BTC, tail_BKC): the last K-1 inputs for the next call.
+
+    With `segment_ids_BT`, taps that reach into an earlier document read zeros.
+    """
+    b, t, c = x_BTC.shape
+    k = self.kernel_size
+    tail = self.init_state(b, x_BTC.dtype) if state is None else state.astype(x_BTC.dtype)
+    xp = jnp.concatenate([tail, x_BTC], axis=1)  # [B, K-1+T, C]
+    w = self.weight[...].astype(x_BTC.dtype)
+    if segment_ids_BT is not None:
+      # The carried tail counts as the first token's document (a new document starts a new call
+      # or a segment change inside this one).
+      seg_p = jnp.concatenate([jnp.repeat(segment_ids_BT[:, :1], k - 1, axis=1), segment_ids_BT], 1)
+    y = jnp.zeros_like(x_BTC)
+    for j in range(k):
+      xs = jax.lax.slice_in_dim(xp, j, j + t, axis=1)  # tap j reads x_{t-(K-1-j)}
+      if segment_ids_BT is not None and j < k - 1:
+        same = jax.lax.slice_in_dim(seg_p, j, j + t, axis=1) == segment_ids_BT
+        xs = jnp.where(same[..., None], xs, 0)
+      y = y + xs * w[j]
+    new_tail = xp[:, xp.shape[1] - (k - 1):] if k > 1 else tail
+    return y, new_tail

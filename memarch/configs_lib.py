@@ -1,0 +1,148 @@
+"""Config helpers shared by every `configs/<family>.py` (DESIGN.md section 4).
+
+A config file defines `get_config(arg=None)`; `arg` is the text after ':' in
+`--config=configs/titans.py:variant=mag,size=tiny`, parsed by `parse_arg`. Configs are locked
+ConfigDicts, so an unknown override key fails; at the module boundary they become frozen dataclasses
+(`lm_config`, `opt_config`).
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+# Shared size presets. CPU presets use the small MQAR vocabulary (256): at Zoology's 8192 a
+# d_model-64 model needs tens of thousands of steps before recall appears (DESIGN.md section 5).
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, num_layers=2, num_heads=2, mqar_vocab=256, batch_size=64,
+                 seq_len=64, num_kv_pairs=4),
+    "small": dict(d_model=128, num_layers=4, num_heads=4, mqar_vocab=256, batch_size=64,
+                  seq_len=128, num_kv_pairs=8),
+    "base": dict(d_model=256, num_layers=4, num_heads=4, mqar_vocab=8192, batch_size=256,
+                 seq_len=256, num_kv_pairs=16),
+    "170m": dict(d_model=768, num_layers=12, num_heads=16, mqar_vocab=8192, batch_size=256,
+                 seq_len=512, num_kv_pairs=64),
+    "340m": dict(d_model=1024, num_layers=24, num_heads=16, mqar_vocab=8192, batch_size=256,
+                 seq_len=512, num_kv_pairs=64),
+    "760m": dict(d_model=1536, num_layers=24, num_heads=16, mqar_vocab=8192, batch_size=256,
+                 seq_len=512, num_kv_pairs=64),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2=v2' into a ConfigDict over `defaults`; values are Python literals or strings.
+
+  Keys not in `defaults` fail, so 'varaint=mag' is caught.
+  """
+  out = dict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    if "=" not in part:
+      raise ValueError(f"config arg {part!r} is not key=value (e.g. 'variant=mag,size=tiny')")
+    key, value = part.split("=", 1)
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"unknown config arg {key!r}; valid: {sorted(defaults)}")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def size_preset(size: str) -> dict[str, Any]:
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+  return SIZES[size]
+
+
+def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
+  """Every key the project relies on, with defaults; family configs fill in `model` and `data`."""
+  p = size_preset(size)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      d_model=p["d_model"], num_layers=p["num_layers"], num_heads=p["num_heads"],
+      vocab_size=0,  # 0: taken from the data
+      layer_pattern=("attention",),
+      mixer=ml_collections.ConfigDict({"attention": {}}),
+      channel_pattern=("swiglu",),
+      channel=ml_collections.ConfigDict({"swiglu": {}}),
+      tie_embeddings=True, dtype="float32"))
+  c.data = ml_collections.ConfigDict(dict(
+      name="mqar", seq_len=p["seq_len"], batch_size=p["batch_size"],
+      num_kv_pairs=p["num_kv_pairs"], vocab_size=p["mqar_vocab"], power_a=0.01,
+      random_non_queries=False, eval_examples=1000,
+      # Real text (data.name = 'text' for local files, 'tfds' for a prepared TFDS dataset):
+      paths=(), tfds_name="", tfds_data_dir="", tfds_split="train", text_key="text",
+      tokenizer="byte", spm_model="", pack=True))
+  c.opt = ml_collections.ConfigDict(dict(
+      lr=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, schedule="cosine",
+      warmup_steps=50, decay_fraction=0.2, min_lr_ratio=0.0, grad_accum=1))
+  c.train = ml_collections.ConfigDict(dict(
+      num_steps=1000, log_every=25, eval_every=100, ckpt_every=250, keep_checkpoints=3,
+      stop_at_accuracy=0.0,  # > 0: stop once eval/accuracy reaches it (Zoology stops at 0.99)
+      skip_nonfinite=False, progress=True, aux_loss_weights=ml_collections.ConfigDict({}),
+      stats_every=0))  # > 0: log layer statistics (memory surprise, gates) every N steps
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  c.kernels = ml_collections.ConfigDict(dict(implementation=""))  # '' = best available
+  c.evals = ml_collections.ConfigDict(dict(names=("mqar",)))
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/titans.py:variant=mag' -> the config (for notebooks and tests)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  spec_ = importlib.util.spec_from_file_location(f"_memarch_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _plain(x):
+  if isinstance(x, ml_collections.ConfigDict):
+    return {k: _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return type(x)(_plain(v) for v in x)
+  return x
+
+
+def to_dict(c: ml_collections.ConfigDict) -> dict:
+  return _plain(c)
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  return json.dumps(to_dict(c), indent=2, sort_keys=True, default=str)
+
+
+def lm_config(c: ml_collections.ConfigDict, vocab_size: int):
+  """The typed model config (modules never read a ConfigDict)."""
+  from memarch.lm import LMConfig
+  m = c.model
+  impl = c.kernels.implementation or None
+  mixer_kwargs = {name: dict(_plain(kw)) for name, kw in m.mixer.items()}
+  if impl:
+    for kw in mixer_kwargs.values():
+      kw.setdefault("implementation", impl)
+  return LMConfig(
+      vocab_size=m.vocab_size or vocab_size, d_model=m.d_model, num_layers=m.num_layers,
+      num_heads=m.num_heads, layer_pattern=tuple(m.layer_pattern), mixer_kwargs=mixer_kwargs,
+      channel_pattern=tuple(m.channel_pattern),
+      channel_kwargs={name: dict(_plain(kw)) for name, kw in m.channel.items()},
+      tie_embeddings=m.tie_embeddings, dtype=m.dtype)
+
+
+def opt_config(c: ml_collections.ConfigDict):
+  from memarch.optim import OptConfig
+  return OptConfig(**_plain(c.opt))

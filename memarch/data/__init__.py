@@ -1,0 +1,32 @@
+"""Data sources. Contract: `vocab_size` and `batch(step) -> {inputs, targets, segment_ids}` (int32
+[B, L], targets -100 where ignored), a pure function of (seed, step): resuming at a step is exact."""
+from __future__ import annotations
+
+
+
+
+def make_source(data_cfg, *, seed: int):
+  """The data source named by `data.name` (mqar | text | tfds | babilong | passkey | memorization)."""
+  name = data_cfg.name
+  if name == "mqar":
+    from memarch.data.mqar import MQARSource
+    return MQARSource(seq_len=data_cfg.seq_len, num_kv_pairs=data_cfg.num_kv_pairs,
+                      vocab_size=data_cfg.vocab_size, batch_size=data_cfg.batch_size, seed=seed,
+                      power_a=data_cfg.power_a, random_non_queries=data_cfg.random_non_queries)
+  if name in ("text", "tfds"):
+    from memarch.data import text, tokenizer
+    tok = tokenizer.get_tokenizer(data_cfg.tokenizer, data_cfg.spm_model or None)
+    if name == "text":
+      if not data_cfg.paths:
+        raise ValueError("data.name=text needs data.paths (local text files), e.g. "
+                         "--config.data.paths=\"('corpus.txt',)\"")
+      return text.LocalTextSource(list(data_cfg.paths), seq_len=data_cfg.seq_len,
+                                  batch_size=data_cfg.batch_size, tokenizer=tok, seed=seed,
+                                  pack=data_cfg.pack)
+    if not data_cfg.tfds_name:
+      raise ValueError("data.name=tfds needs data.tfds_name (a TFDS dataset you have prepared)")
+    return text.TFDSTextSource(data_cfg.tfds_name, split=data_cfg.tfds_split,
+                               data_dir=data_cfg.tfds_data_dir or None, text_key=data_cfg.text_key,
+                               seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                               tokenizer=tok, seed=seed, pack=data_cfg.pack)
+  raise ValueError(f"unknown data.name {name!r}; choose mqar, text or tfds")

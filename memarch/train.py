@@ -1,0 +1,321 @@
+"""The one pretraining loop for every architecture (DESIGN.md section 5):
+`train_and_evaluate(config, workdir)`.
+
+mesh -> data -> model + optimizer under the mesh -> restore if a checkpoint exists -> loop. The step is
+one `jax.jit` over the split NNX state with donated buffers; metrics are fetched one step late so the
+host never waits on the device; eval, checkpoints, metrics.jsonl, TensorBoard, a progress bar and a
+PNG of the curves come with it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from layers.base import AuxLoss, Stat
+from memarch import checkpoint as ckpt_lib
+from memarch import configs_lib, metrics as metrics_lib, sharding
+from memarch.data import make_source
+from memarch.data.mqar import IGNORE
+from memarch.lm import LM, count_params
+from memarch.optim import make_optimizer
+
+
+class TrainingError(RuntimeError):
+  """A run stopped for a reason the user must fix (message says how)."""
+
+
+def cross_entropy(logits_BTV, targets_BT):
+  """Mean cross-entropy over labelled positions (targets != -100); returns (loss, n_labelled)."""
+  mask = targets_BT != IGNORE
+  safe = jnp.where(mask, targets_BT, 0)
+  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  n = jnp.maximum(mask.sum(), 1)
+  return jnp.sum(jnp.where(mask, nll, 0.0)) / n, mask.sum()
+
+
+def _flat_name(path) -> str:
+  parts = []
+  for p in path:
+    key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", None)))
+    if key in ("value",) or isinstance(p, jax.tree_util.SequenceKey):
+      continue
+    parts.append(str(key))
+  return ".".join(parts)
+
+
+def flatten_sown(state) -> dict[str, jax.Array]:
+  """nnx.capture output -> {'blocks.0.mixer.surprise_norm': scalar} (mean over repeated sows)."""
+  out: dict[str, list] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    out.setdefault(_flat_name(path), []).append(jnp.mean(leaf.astype(jnp.float32)))
+  return {k: jnp.mean(jnp.stack(v)) for k, v in out.items()}
+
+
+def check_workdir(workdir: str, config) -> None:
+  """Refuses a workdir that holds checkpoints of a different model; never overwrites its config."""
+  path = os.path.join(workdir, "config.json")
+  has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+      n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
+  if not os.path.exists(path) or not has_ckpt:
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = configs_lib.to_dict(config)
+  for section in ("model", "data"):
+    o, n = old.get(section, {}), json.loads(json.dumps(new[section], default=str))
+    keys = sorted(set(o) | set(n))
+    diff = [k for k in keys if (section == "model" or k in ("name", "seq_len", "vocab_size"))
+            and o.get(k) != n.get(k)]
+    if diff:
+      k = diff[0]
+      raise TrainingError(
+          f"workdir {workdir} holds a checkpoint of a different {section} ({section}.{k}: "
+          f"{o.get(k)!r} there vs {n.get(k)!r} now); use a new --workdir or restore the old config")
+
+
+def write_config(workdir: str, config, step: int) -> str:
+  path = os.path.join(workdir, "config.json")
+  text = configs_lib.to_json(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return path
+    path = os.path.join(workdir, f"config.resumed_at_{step}.json")
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
+def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None = None,
+                       quiet: bool = False) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint); returns final metrics.
+
+  `max_steps_this_run` stops after that many steps (the run can be resumed later).
+  """
+  workdir = os.path.abspath(workdir)
+  t_start = time.time()
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
+  # ---- everything that can be wrong with the config fails here, before any compute ----
+  sharding.maybe_initialize_distributed(config.mesh.distributed)
+  data = make_source(config.data, seed=config.seed)
+  lm_cfg = configs_lib.lm_config(config, data.vocab_size)
+  opt_cfg = configs_lib.opt_config(config)
+  tc = config.train
+  if tc.num_steps < 1:
+    raise TrainingError(f"train.num_steps must be >= 1, got {tc.num_steps}")
+  if config.data.batch_size % opt_cfg.grad_accum:
+    raise TrainingError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                        f"opt.grad_accum={opt_cfg.grad_accum}")
+  if data.vocab_size > lm_cfg.vocab_size:
+    raise TrainingError(f"model.vocab_size={lm_cfg.vocab_size} < data vocabulary "
+                        f"{data.vocab_size}; set model.vocab_size=0 to take it from the data")
+  check_workdir(workdir, config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+  with sharding.mesh_context(mesh):
+    model = LM(lm_cfg, rngs=nnx.Rngs(config.seed))
+    tx = make_optimizer(opt_cfg, tc.num_steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  n_params = count_params(model)
+  graphdef, state = nnx.split((model, optimizer))
+  del model, optimizer
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
+  start_step = 0
+  restored = ckpt.restore_latest(ckpt_lib.abstract_like(state))
+  if restored is not None:
+    step, state, data_pos = restored
+    start_step = int(data_pos["next_step"])
+    log(f"memarch: resumed from checkpoint at step {step} in {ckpt.directory}")
+  write_config(workdir, config, start_step)
+
+  accum = opt_cfg.grad_accum
+  aux_weights = dict(configs_lib.to_dict(tc.aux_loss_weights))
+  batch_shard = sharding.batch_sharding(mesh, 3)
+
+  def loss_fn(params, rest, mb, collect_stats):
+    model = nnx.merge(graphdef_model, params, rest)
+    types = (AuxLoss, Stat) if collect_stats else (AuxLoss,)
+    out = nnx.capture(model, *types)(mb["inputs"], segment_ids_BT=mb["segment_ids"])
+    (logits, _), sown = out[0], out[1:]
+    loss, n = cross_entropy(logits, mb["targets"])
+    aux = flatten_sown(sown[0])
+    total = loss
+    for name, value in aux.items():
+      w = next((aux_weights[k] for k in aux_weights if name.endswith(k)), 1.0)
+      total = total + w * value
+    stats = flatten_sown(sown[1]) if collect_stats else {}
+    preds = jnp.argmax(logits, -1)
+    mask = mb["targets"] != IGNORE
+    acc = jnp.sum((preds == mb["targets"]) & mask) / jnp.maximum(mask.sum(), 1)
+    return total, dict(loss=loss, acc=acc, tokens=n, **{f"aux/{k}": v for k, v in aux.items()},
+                       **{f"stats/{k}": v for k, v in stats.items()})
+
+  model_for_split, _ = nnx.merge(graphdef, state)
+  graphdef_model = nnx.graphdef(model_for_split)
+  del model_for_split
+
+  def train_step(state, batch, collect_stats: bool):
+    model, optimizer = nnx.merge(graphdef, state)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+      (l, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, mb, collect_stats)
+      return jax.tree.map(jnp.add, carry, (g, aux)), None
+
+    zero = jax.tree.map(jnp.zeros_like, params)
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shape = jax.eval_shape(lambda: loss_fn(params, rest, first, collect_stats)[1])
+    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+    (grads, aux), _ = jax.lax.scan(body, (zero, zero_aux), micro)
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    aux = {k: (v if k == "tokens" else v / accum) for k, v in aux.items()}
+    gnorm = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    new_state = nnx.state((model, optimizer))
+    ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(gnorm)
+    if tc.skip_nonfinite:
+      new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+    lr = make_optimizer_schedule(optimizer.step[...])
+    return new_state, dict(aux, grad_norm=gnorm, finite=ok, lr=lr)
+
+  from memarch.optim import schedule as _schedule
+  make_optimizer_schedule = _schedule(opt_cfg, tc.num_steps)
+  step_fn = jax.jit(train_step, donate_argnums=0, static_argnums=2)
+
+  # ---- evaluation ----
+  eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
+
+  @jax.jit
+  def predict(state, inputs, segment_ids):
+    model, _ = nnx.merge(graphdef, state)
+    logits, _ = model(inputs, segment_ids_BT=segment_ids)
+    return jnp.argmax(logits, -1), logits
+
+  def evaluate(state) -> dict[str, float]:
+    if eval_set is None:
+      return {}
+    bs = config.data.batch_size
+    n = len(eval_set["inputs"])
+    correct, loss_sum, count = [], 0.0, 0
+    for i in range(0, n, bs):
+      sl = {k: v[i:i + bs] for k, v in eval_set.items()}
+      pad = bs - len(sl["inputs"])
+      if pad:  # keep one compiled shape
+        sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
+      preds, logits = predict(state, sl["inputs"], sl["segment_ids"])
+      preds, tgt = np.asarray(preds)[:bs - pad], sl["targets"][:bs - pad]
+      mask = tgt != IGNORE
+      correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+      l, c = cross_entropy(logits[:bs - pad], tgt)
+      loss_sum += float(l) * int(c)
+      count += int(c)
+    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss_sum / max(count, 1)}
+
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = None
+  end_step = tc.num_steps if max_steps_this_run is None else min(tc.num_steps, start_step + max_steps_this_run)
+  if tc.progress and not quiet:
+    from tqdm.auto import tqdm
+    progress = tqdm(total=tc.num_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                    file=sys.stderr)
+  log(f"memarch: {n_params:,} parameters; mixers {lm_cfg.layer_pattern}; data {config.data.name} "
+      f"(seq_len {config.data.seq_len}, batch {config.data.batch_size}); mesh "
+      f"{sharding.describe(mesh)}; workdir {workdir}")
+
+  pending = None
+  last: dict[str, Any] = {}
+  t_last, tokens_since = time.time(), 0
+  stopped_early = False
+
+  def finish(step, m):
+    nonlocal t_last, tokens_since
+    m = jax.device_get(m)
+    if not bool(m["finite"]):
+      if tc.skip_nonfinite:
+        log(f"memarch: skipped step {step}: non-finite loss/gradients")
+      else:
+        raise TrainingError(
+            f"non-finite loss at step {step} (loss={float(m['loss'])}, grad_norm="
+            f"{float(m['grad_norm'])}); lower opt.lr, raise opt.warmup_steps, or set "
+            "train.skip_nonfinite=True")
+    tokens_since += config.data.batch_size * config.data.seq_len  # all input tokens, as Zoology counts
+    row = None
+    if step % tc.log_every == 0 or step == end_step:
+      now = time.time()
+      row = {"train/loss": float(m["loss"]), "train/accuracy": float(m["acc"]),
+             "train/grad_norm": float(m["grad_norm"]), "train/lr": float(m["lr"]),
+             "train/tokens_per_sec": tokens_since / max(now - t_last, 1e-9),
+             "train/elapsed_sec": now - t_start}
+      row.update({k: float(v) for k, v in m.items() if k.startswith(("aux/", "stats/"))})
+      t_last, tokens_since = now, 0
+    return row
+
+  step = start_step
+  try:
+    with sharding.mesh_context(mesh):
+      for step in range(start_step + 1, end_step + 1):
+        batch = data.batch(step - 1)
+        batch = {k: jax.device_put(np.asarray(v).reshape(v.shape), sharding.batch_sharding(mesh, v.ndim))
+                 for k, v in batch.items()}
+        collect = bool(tc.stats_every) and (step % tc.stats_every == 0 or step == 1)
+        state, m = step_fn(state, batch, collect)
+        if pending is not None:
+          row = finish(*pending)
+          if row is not None:
+            last.update(row)
+            writer.write(pending[0], row)
+            if progress is not None:
+              progress.set_postfix(loss=f"{row['train/loss']:.4f}",
+                                   tok_s=f"{row['train/tokens_per_sec']:.0f}",
+                                   acc=f"{last.get('eval/accuracy', float('nan')):.3f}")
+        pending = (step, m)
+        if progress is not None:
+          progress.update(1)
+        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == end_step
+        if is_eval and eval_set is not None:
+          ev = evaluate(state)
+          last.update(ev)
+          writer.write(step, ev)
+          if tc.stop_at_accuracy and ev["eval/accuracy"] >= tc.stop_at_accuracy:
+            stopped_early = True
+        if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == end_step or stopped_early:
+          ckpt.save(step, state, {"next_step": step, "data": config.data.name})
+        if stopped_early:
+          break
+      if pending is not None:
+        row = finish(*pending)
+        if row is not None:
+          last.update(row)
+          writer.write(pending[0], row)
+  finally:
+    ckpt.close()
+    writer.close()
+    if progress is not None:
+      progress.close()
+  png = metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
+                                title=f"{', '.join(lm_cfg.layer_pattern)} on {config.data.name}")
+  last.update(step=step, stopped_early=stopped_early, wall_sec=time.time() - t_start,
+              num_params=n_params)
+  if stopped_early:
+    log(f"memarch: reached eval/accuracy {last['eval/accuracy']:.4f} >= "
+        f"{tc.stop_at_accuracy} at step {step}; stopping")
+  log(f"memarch: done at step {step} in {last['wall_sec']:.1f}s. metrics: {writer.path}; "
+      f"TensorBoard: {os.path.join(workdir, 'tensorboard')}; checkpoints: {ckpt.directory}; "
+      f"plot: {png}")
+  return last
