@@ -121,7 +121,16 @@ class Attention(nnx.Module):
   def project_out(self, o_BTHD):
     return jnp.einsum("bthk,hkd->btd", o_BTHD, self.wo[...].astype(o_BTHD.dtype))
 
-  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+  def prefix_kv(self, prefix_PD, batch_size: int):
+    """Keys/values of a prefix visible to every query (Titans' persistent memory): no RoPE."""
+    dt = prefix_PD.dtype
+    k = jnp.einsum("pd,dhk->phk", prefix_PD, self.wk[...].astype(dt))
+    v = jnp.einsum("pd,dhk->phk", prefix_PD, self.wv[...].astype(dt))
+    bc = lambda a: jnp.broadcast_to(a[None], (batch_size, *a.shape))
+    return bc(k), bc(v)
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None, prefix_PD=None):
+    """`prefix_PD`: optional extra keys/values visible to every query, whatever the window."""
     b, t, _ = x_BTD.shape
     pos0 = jnp.zeros((b,), jnp.int32) if state is None else state["pos"]
     positions = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
@@ -136,6 +145,11 @@ class Attention(nnx.Module):
       kpos = jnp.concatenate([state["kpos"], positions], axis=1)
       kseg = jnp.concatenate([state["kseg"], seg], axis=1)
     mask = causal_mask(positions, kpos, seg, kseg, self.cfg.window)
+    if prefix_PD is not None:
+      pk, pv = self.prefix_kv(prefix_PD.astype(x_BTD.dtype), b)
+      keys = jnp.concatenate([pk, keys], axis=1)
+      vals = jnp.concatenate([pv, vals], axis=1)
+      mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), mask], axis=2)
     o = attend(q, keys, vals, mask)
     new_state = {
         "k": write_ring(state["k"], k.astype(state["k"].dtype), positions),

@@ -28,10 +28,11 @@ class CausalConv1D(nnx.Module):
   def init_state(self, batch_size: int, dtype=jnp.float32) -> jax.Array:
     return jnp.zeros((batch_size, self.kernel_size - 1, self.channels), dtype)
 
-  def __call__(self, x_BTC: jax.Array, *, state=None, segment_ids_BT=None):
+  def __call__(self, x_BTC: jax.Array, *, state=None, segment_ids_BT=None, lengths_B=None):
     """Returns (y_BTC, tail_BKC): the last K-1 inputs for the next call.
 
-    With `segment_ids_BT`, taps that reach into an earlier document read zeros.
+    With `segment_ids_BT`, taps that reach into an earlier document read zeros. With `lengths_B`
+    only the first lengths_B[b] tokens are real (right padding): the tail ends at the last real one.
     """
     b, t, c = x_BTC.shape
     k = self.kernel_size
@@ -49,5 +50,11 @@ class CausalConv1D(nnx.Module):
         same = jax.lax.slice_in_dim(seg_p, j, j + t, axis=1) == segment_ids_BT
         xs = jnp.where(same[..., None], xs, 0)
       y = y + xs * w[j]
-    new_tail = xp[:, xp.shape[1] - (k - 1):] if k > 1 else tail
+    if k == 1:
+      new_tail = tail
+    elif lengths_B is None:
+      new_tail = xp[:, xp.shape[1] - (k - 1):]
+    else:
+      new_tail = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, 0))(
+          xp, lengths_B.astype(jnp.int32))
     return y, new_tail

@@ -88,7 +88,8 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       stop_at_accuracy=0.0,  # > 0: stop once eval/accuracy reaches it (Zoology stops at 0.99)
       skip_nonfinite=False, progress=True, aux_loss_weights=ml_collections.ConfigDict({}),
       stats_every=0))  # > 0: log layer statistics (memory surprise, gates) every N steps
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, distributed=False))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0,  # 0 = all
+                                          distributed=False))
   c.kernels = ml_collections.ConfigDict(dict(implementation=""))  # '' = best available
   c.evals = ml_collections.ConfigDict(dict(names=("mqar",)))
   return c

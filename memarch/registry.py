@@ -14,6 +14,10 @@ from typing import Any
 SEQUENCE_MIXERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "attention": ("layers.attention", "Attention", "AttentionConfig", {}),
     "swa": ("layers.attention", "Attention", "SlidingWindowConfig", {}),
+    "titans_lmm": ("layers.titans", "NeuralMemory", "TitansConfig", {}),
+    "titans_mac": ("layers.titans", "MAC", "TitansConfig", {}),
+    "titans_mag": ("layers.titans", "MAG", "TitansConfig", {}),
+    "titans_mal": ("layers.titans", "MAL", "TitansConfig", {}),
 }
 
 CHANNEL_MIXERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {

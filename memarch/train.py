@@ -123,7 +123,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
                         f"{data.vocab_size}; set model.vocab_size=0 to take it from the data")
   check_workdir(workdir, config)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
   log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
   with sharding.mesh_context(mesh):
@@ -185,7 +186,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
     (grads, aux), _ = jax.lax.scan(body, (zero, zero_aux), micro)
     grads = jax.tree.map(lambda g: g / accum, grads)
     aux = {k: (v if k == "tokens" else v / accum) for k, v in aux.items()}
-    gnorm = optax.global_norm(grads)
+    gnorm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     new_state = nnx.state((model, optimizer))
     ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(gnorm)

@@ -1,0 +1,57 @@
+"""Invariant 4: every config loads, builds abstractly, has the parameter count its docstring says;
+an unknown override key fails."""
+import glob
+import os
+import re
+
+import jax
+import pytest
+from flax import nnx
+
+from memarch import configs_lib
+from memarch.lm import LM, count_params
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def _docstring_counts(path):
+  text = open(path).read()
+  m = re.search(r"Parameters \(size=tiny[^)]*\):(.*)", text)
+  assert m, f"{path}: docstring must state 'Parameters (size=tiny ...): N'"
+  return {k or None: int(v.replace(",", "")) for k, v in re.findall(r"(?:(\w+) )?([\d,]{4,})", m.group(1))}
+
+
+def _abstract_params(cfg):
+  from memarch.data import make_source
+  data = make_source(cfg.data, seed=0)
+  lm_cfg = configs_lib.lm_config(cfg, data.vocab_size)
+  abstract = nnx.eval_shape(lambda: LM(lm_cfg, rngs=nnx.Rngs(0)))
+  return count_params(abstract)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_builds_with_documented_param_count(path):
+  counts = _docstring_counts(path)
+  from memarch.sharding import mesh_context
+  with mesh_context():
+    for variant, expected in counts.items():
+      spec = path + (f":variant={variant}" if variant else "")
+      cfg = configs_lib.load_config(spec)
+      assert _abstract_params(cfg) == expected, spec
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_unknown_keys_fail(path):
+  cfg = configs_lib.load_config(path)
+  with pytest.raises(AttributeError):
+    cfg.model.not_a_key = 1
+  with pytest.raises(ValueError, match="unknown config arg"):
+    configs_lib.load_config(path + ":not_an_arg=1")
+
+
+def test_parse_arg():
+  a = configs_lib.parse_arg("size=small,depth=3,name=foo", size="tiny", depth=2, name="")
+  assert (a.size, a.depth, a.name) == ("small", 3, "foo")
+  with pytest.raises(ValueError, match="key=value"):
+    configs_lib.parse_arg("size", size="tiny")

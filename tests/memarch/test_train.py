@@ -1,0 +1,126 @@
+"""The training loop: exact resume after a kill, metrics files, clear errors on bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from memarch import configs_lib
+from memarch.metrics import read_metrics
+from memarch.train import TrainingError, train_and_evaluate
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+def tiny_config(**train):
+  c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py"))
+  c.unlock()
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 1, 2
+  c.data.batch_size, c.data.seq_len, c.data.eval_examples = 8, 32, 16
+  c.train.update(dict(num_steps=12, log_every=1, eval_every=6, ckpt_every=4, progress=False,
+                      stop_at_accuracy=0.0))
+  c.train.update(train)
+  c.opt.warmup_steps = 2
+  c.lock()
+  return c
+
+
+def losses(workdir):
+  return {r["step"]: r["train/loss"] for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+          if "train/loss" in r}
+
+
+def test_kill_and_resume_reproduces_losses(tmp_path, monkeypatch):
+  cfg = tiny_config()
+  full = train_and_evaluate(cfg, str(tmp_path / "full"), quiet=True)
+  ref = losses(tmp_path / "full")
+  assert sorted(ref) == list(range(1, 13))
+  for name in ("metrics.jsonl", "config.json", "curves.png"):
+    assert os.path.exists(tmp_path / "full" / name), name
+  assert os.listdir(tmp_path / "full" / "tensorboard")
+  assert "eval/accuracy" in full
+
+  # Kill the second run inside step 7 (after the checkpoint at step 4, before the one at 8).
+  from memarch.data import mqar
+  real_batch = mqar.MQARSource.batch
+
+  def dying_batch(self, step):
+    if step == 6:
+      raise KeyboardInterrupt("killed")
+    return real_batch(self, step)
+
+  monkeypatch.setattr(mqar.MQARSource, "batch", dying_batch)
+  with pytest.raises(KeyboardInterrupt):
+    train_and_evaluate(cfg, str(tmp_path / "resumed"), quiet=True)
+  monkeypatch.setattr(mqar.MQARSource, "batch", real_batch)
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "resumed" / "checkpoints") if s.isdigit())
+  assert steps == [4]
+  out = train_and_evaluate(cfg, str(tmp_path / "resumed"), quiet=True)
+  got = losses(tmp_path / "resumed")
+  assert out["step"] == 12
+  for s in range(5, 13):
+    assert got[s] == ref[s], (s, got[s], ref[s])  # bit-exact continuation
+
+
+def test_unreadable_newest_checkpoint_falls_back(tmp_path):
+  cfg = tiny_config(num_steps=8)
+  train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  # Corrupt the newest checkpoint (step 8): the run must warn and resume from step 4.
+  newest = tmp_path / "checkpoints" / "8"
+  for root, _, files in os.walk(newest):
+    for f in files:
+      with open(os.path.join(root, f), "wb") as fh:
+        fh.write(b"garbage")
+  cfg2 = tiny_config(num_steps=10)
+  with pytest.warns(UserWarning, match="unreadable"):
+    out = train_and_evaluate(cfg2, str(tmp_path), quiet=True)
+  assert out["step"] == 10
+  assert os.path.exists(tmp_path / "config.resumed_at_4.json")
+
+
+def test_workdir_with_other_model_is_refused(tmp_path):
+  train_and_evaluate(tiny_config(num_steps=4), str(tmp_path), quiet=True)
+  before = open(tmp_path / "config.json").read()
+  other = tiny_config(num_steps=4)
+  other.unlock(); other.model.d_model = 64; other.lock()
+  with pytest.raises(TrainingError, match=r"different model \(model.d_model: 32 there vs 64 now\)"):
+    train_and_evaluate(other, str(tmp_path), quiet=True)
+  assert open(tmp_path / "config.json").read() == before
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda c: setattr(c.model, "layer_pattern", ("not_a_mixer",)), "unknown sequence mixer 'not_a_mixer'"),
+    (lambda c: setattr(c.model, "num_heads", 3), "not divisible by model.num_heads"),
+    (lambda c: setattr(c.data, "num_kv_pairs", 20), r"seq_len=32 < 4 x num_kv_pairs=20"),
+    (lambda c: (setattr(c.data, "name", "tfds"), setattr(c.data, "tfds_name", "lm1b"),
+                setattr(c.data, "tfds_data_dir", "/nonexistent_tfds_dir")), "not prepared"),
+])
+def test_bad_input_fails_before_compute(tmp_path, edit, msg):
+  cfg = tiny_config()
+  cfg.unlock(); edit(cfg); cfg.lock()
+  with pytest.raises((ValueError, TrainingError), match=msg):
+    train_and_evaluate(cfg, str(tmp_path / "w"), quiet=True)
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_nonfinite_loss_stops_with_message(tmp_path):
+  cfg = tiny_config(num_steps=6)
+  cfg.unlock(); cfg.opt.lr = 1e30; cfg.opt.clip_norm = 1e30; cfg.lock()
+  with pytest.raises(TrainingError, match="non-finite loss at step"):
+    train_and_evaluate(cfg, str(tmp_path), quiet=True)
+
+
+def test_script_prints_one_line_error(tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/train.py"),
+                      "--config=configs/transformer.py", "--config.model.num_heads=3",
+                      f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 2
+  lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "not divisible by model.num_heads=3" in lines[0]
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/train.py"),
+                      "--config=configs/transformer.py", "--config.model.not_a_key=3"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "not_a_key" in r.stderr
