@@ -58,3 +58,13 @@ def reject_segment_ids(name: str, segment_ids_BT) -> None:
     raise NotImplementedError(
         f"{name} does not support segment_ids_BT (packed documents) yet; "
         "set data.pack=False or use a mixer that resets at document boundaries")
+
+
+def sow(module: nnx.Module, variable_type, name: str, value) -> None:
+  """`module.sow(...)` only under `nnx.capture`; a no-op otherwise.
+
+  Plain `Module.sow` outside a capture stores the value on the module, i.e. mutates it inside
+  `__call__` (deprecated in Flax and unsafe across traces), which mixers must never do.
+  """
+  if hasattr(module, "__captures__"):
+    module.sow(variable_type, name, value)

@@ -14,6 +14,8 @@ from typing import Any
 SEQUENCE_MIXERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "attention": ("layers.attention", "Attention", "AttentionConfig", {}),
     "swa": ("layers.attention", "Attention", "SlidingWindowConfig", {}),
+    "gated_deltanet": ("layers.deltanet", "GatedDeltaNet", "GatedDeltaNetConfig", {}),
+    "mom": ("layers.mom", "MoM", "MoMConfig", {}),
     "titans_lmm": ("layers.titans", "NeuralMemory", "TitansConfig", {}),
     "titans_mac": ("layers.titans", "MAC", "TitansConfig", {}),
     "titans_mag": ("layers.titans", "MAG", "TitansConfig", {}),

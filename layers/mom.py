@@ -1,0 +1,173 @@
+"""Mixture-of-Memories (Du et al., "MoM: Linear Sequence Modeling with Mixture-of-Memories",
+arXiv 2502.13685, section 3.2-3.3; reference/mom_gdn_pallas.md section 1), gated-delta backend.
+
+  p_t = softmax(x_t W_router);  I_t = TopK(p_t, k);  w_tm = p_tm / sum_{j in I_t} p_tj
+  memory m in I_t:  S^m_t = GDN-update(S^m_{t-1}; k^m_t, v^m_t, beta^m_t, g^m_t)   (others skipped:
+                    no update and no decay)
+  o_t = sum_{m in I_t} w_tm (q_t^m S^m_t) + q_t S^shared_t,  then the gated RMSNorm and W_o.
+
+Each memory has its own k/v/beta/a projections; q, the convs, A_log and dt_bias are shared; the
+shared memory has its own k/v/beta/a and reads with weight 1.
+
+Routing without a Python loop over memories [ours, section 1.4 adapted]: for every (batch, memory)
+the tokens routed to it are moved, in time order, to the front of a row of length T (a stable sort
+on "not selected"); the M*B rows run through ONE gated-delta-rule call whose padding tokens are
+inert (k = 0, beta = 0, g = 0), and the outputs are gathered back. Cost is O(M*B*T), linear in T;
+it spends M/k times the recurrence FLOPs of the packed layout of section 1.4, and in exchange every
+(memory, batch) row carries its own state, so streaming/decoding continues each memory exactly
+(the packed layout cannot give per-segment initial states yet). Convs run along each memory's
+subsequence with per-memory tails, as in FLA's inference path (its training path leaks ~3 tokens
+across buckets; we do not).
+Capacity: unlimited. Every routed token is processed, nothing is dropped; imbalance costs nothing
+in correctness, only the balance loss (Switch form, section 1.3, sown per layer as
+`AuxLoss("balance")`, weighted by train.aux_loss_weights.balance) pushes toward uniform use.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.base import AuxLoss, Stat, reject_segment_ids, sow
+from layers.conv import CausalConv1D
+from layers.deltanet import GatedOutput, dense, log_decay, mamba_decay_params
+from layers.norms import l2_normalize
+from pallas_kernels import gated_delta_rule
+
+
+@dataclasses.dataclass(frozen=True)
+class MoMConfig:
+  d_model: int
+  num_heads: int
+  num_memories: int = 4
+  top_k: int = 2
+  shared_memory: bool = True
+  head_dim: int | None = None
+  conv_size: int = 4
+  chunk_size: int = 64
+  implementation: str | None = None
+
+  def __post_init__(self):
+    if self.implementation == "":
+      object.__setattr__(self, "implementation", None)
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"mom: d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+    if not 1 <= self.top_k <= self.num_memories:
+      raise ValueError(f"mom: need 1 <= top_k <= num_memories, got top_k={self.top_k}, "
+                       f"num_memories={self.num_memories}")
+
+  @property
+  def dk(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+
+def balance_loss(probs_NM, idx_NK, num_memories: int):
+  """Switch/Mixtral form: M * sum_{j,m} f[j,m] P[m]  (= k when routing is uniform)."""
+  mask = jax.nn.one_hot(idx_NK, num_memories, dtype=jnp.float32)  # [N, k, M]
+  f = jnp.mean(mask, axis=0)
+  p = jnp.mean(probs_NM, axis=0)
+  return num_memories * jnp.sum(f * p[None, :])
+
+
+class MoM(nnx.Module):
+
+  def __init__(self, cfg: MoMConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, dk, m = cfg.d_model, cfg.num_heads, cfg.dk, cfg.num_memories
+    self.router = dense(rngs, (d, m), ("embed", None), std=0.02)
+    self.wq = dense(rngs, (d, h * dk), ("embed", "mlp"))
+    init = nnx.initializers.lecun_normal(in_axis=1, out_axis=2)
+    self.wk = nnx.Param(init(rngs.params(), (m, d, h * dk)))
+    self.wv = nnx.Param(init(rngs.params(), (m, d, h * dk)))
+    self.wb = nnx.Param(0.02 * jax.random.normal(rngs.params(), (m, d, h)))
+    self.wa = nnx.Param(0.02 * jax.random.normal(rngs.params(), (m, d, h)))
+    self.A_log, self.dt_bias = mamba_decay_params(h, rngs)
+    self.conv_q = CausalConv1D(h * dk, cfg.conv_size, rngs=rngs)
+    self.conv_k = CausalConv1D(h * dk, cfg.conv_size, rngs=rngs)
+    self.conv_v = CausalConv1D(h * dk, cfg.conv_size, rngs=rngs)
+    if cfg.shared_memory:
+      self.sk = dense(rngs, (d, h * dk), ("embed", "mlp"))
+      self.sv = dense(rngs, (d, h * dk), ("embed", "mlp"))
+      self.sb = dense(rngs, (d, h), ("embed", None), std=0.02)
+      self.sa = dense(rngs, (d, h), ("embed", None), std=0.02)
+    self.out = GatedOutput(d, h, dk, rngs=rngs)
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
+    del max_len
+    cfg = self.cfg
+    h, dk, m, c = cfg.num_heads, cfg.dk, cfg.num_memories, cfg.conv_size
+    tails = lambda *lead: jnp.zeros((*lead, c - 1, h * dk), dtype)
+    state = {"S": jnp.zeros((batch_size, m, h, dk, dk), jnp.float32),
+             "conv": {n: tails(batch_size, m) for n in ("q", "k", "v")}}
+    if cfg.shared_memory:
+      state["shared_S"] = jnp.zeros((batch_size, h, dk, dk), jnp.float32)
+      state["shared_conv"] = {n: tails(batch_size) for n in ("q", "k", "v")}
+    return state
+
+  def _memory_pass(self, xq, xk, xv, b_pre, a_pre, S0, conv, lengths):
+    """One gated-delta-rule pass over rows [R, T, ...] (R = B*M or B) with real lengths [R]."""
+    cfg = self.cfg
+    r, t, _ = xq.shape
+    h, dk = cfg.num_heads, cfg.dk
+    q, cq = self.conv_q(xq, state=conv["q"], lengths_B=lengths)
+    k, ck = self.conv_k(xk, state=conv["k"], lengths_B=lengths)
+    v, cv = self.conv_v(xv, state=conv["v"], lengths_B=lengths)
+    real = (jnp.arange(t)[None] < lengths[:, None])[..., None]  # [R, T, 1]
+    q = l2_normalize(jax.nn.silu(q).reshape(r, t, h, dk))
+    k = l2_normalize(jax.nn.silu(k).reshape(r, t, h, dk)) * real[..., None]
+    v = jax.nn.silu(v).reshape(r, t, h, dk)
+    beta = jax.nn.sigmoid(b_pre.astype(jnp.float32)) * real
+    g = log_decay(a_pre, self.A_log[...], self.dt_bias[...]) * real
+    o, S = gated_delta_rule(q, k, v, beta, g, initial_state=S0, chunk_size=cfg.chunk_size,
+                            implementation=cfg.implementation)
+    return o, S, {"q": cq, "k": ck, "v": cv}
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+    reject_segment_ids("mom", segment_ids_BT)
+    cfg = self.cfg
+    b, t, d = x_BTD.shape
+    h, dk, m, kk = cfg.num_heads, cfg.dk, cfg.num_memories, cfg.top_k
+    dt = x_BTD.dtype
+    state = self.init_state(b, dtype=dt) if state is None else state
+    # Router (float32), top-k, renormalised weights.
+    probs = jax.nn.softmax(x_BTD.astype(jnp.float32) @ self.router[...], axis=-1)  # [B, T, M]
+    top_p, top_i = jax.lax.top_k(probs, kk)
+    weights = top_p / jnp.sum(top_p, -1, keepdims=True)
+    sel = jnp.sum(jax.nn.one_hot(top_i, m, dtype=jnp.float32), axis=2)  # [B, T, M] 0/1
+    w_BTM = jnp.sum(jax.nn.one_hot(top_i, m, dtype=jnp.float32) * weights[..., None], axis=2)
+    sow(self, AuxLoss, "balance", balance_loss(probs.reshape(-1, m), top_i.reshape(-1, kk), m))
+    sow(self, Stat, "router_entropy", -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), -1)))
+    sow(self, Stat, "memory_load_max", jnp.max(jnp.mean(sel, axis=(0, 1))) / (kk / m))
+    # Per (batch, memory): routed tokens first, in time order.
+    sel_BMT = jnp.moveaxis(sel, 2, 1)
+    order = jnp.argsort(1 - sel_BMT, axis=-1, stable=True)  # [B, M, T]
+    lengths = jnp.sum(sel_BMT, -1).astype(jnp.int32)  # [B, M]
+    x_rows = jnp.take_along_axis(x_BTD[:, None], order[..., None], axis=2)  # [B, M, T, D]
+    xq = x_rows @ self.wq[...].astype(dt)
+    xk = jnp.einsum("bmtd,mdo->bmto", x_rows, self.wk[...].astype(dt))
+    xv = jnp.einsum("bmtd,mdo->bmto", x_rows, self.wv[...].astype(dt))
+    b_pre = jnp.einsum("bmtd,mdh->bmth", x_rows, self.wb[...].astype(dt))
+    a_pre = jnp.einsum("bmtd,mdh->bmth", x_rows, self.wa[...].astype(dt))
+    flat = lambda a: a.reshape(b * m, *a.shape[2:])
+    o_rows, S, conv = self._memory_pass(
+        flat(xq), flat(xk), flat(xv), flat(b_pre), flat(a_pre), flat(state["S"]),
+        jax.tree.map(flat, state["conv"]), lengths.reshape(-1))
+    o_rows = o_rows.reshape(b, m, t, h, dk)
+    inverse = jnp.argsort(order, axis=-1)  # position of token t inside its row
+    o_BMT = jnp.take_along_axis(o_rows, inverse[..., None, None], axis=2)
+    w_BMT = jnp.moveaxis(w_BTM, 2, 1).astype(o_BMT.dtype)
+    o = jnp.einsum("bmthv,bmt->bthv", o_BMT, w_BMT)
+    new_state = {"S": S.reshape(b, m, h, dk, dk),
+                 "conv": jax.tree.map(lambda a: a.reshape(b, m, *a.shape[1:]), conv)}
+    if cfg.shared_memory:
+      full = jnp.full((b,), t, jnp.int32)
+      o_sh, S_sh, conv_sh = self._memory_pass(
+          x_BTD @ self.wq[...].astype(dt), x_BTD @ self.sk[...].astype(dt),
+          x_BTD @ self.sv[...].astype(dt), x_BTD @ self.sb[...].astype(dt),
+          x_BTD @ self.sa[...].astype(dt), state["shared_S"], state["shared_conv"], full)
+      o = o + o_sh.astype(o.dtype)
+      new_state["shared_S"] = S_sh
+      new_state["shared_conv"] = conv_sh
+    return self.out(o, x_BTD), new_state
