@@ -1,0 +1,211 @@
+"""Shared pieces of the gated-delta-rule and (gated) linear-attention ops.
+
+Input validation, the chunk preparation (padding, chunk-local log-decay cumsum, segment masks) and the
+per-chunk math of the chunked WY/UT form (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", ICLR 2025,
+§3; the chunk equations are steps 1-8 of reference/mom_gdn_pallas.md §2.2 with the segment masks of §2.5).
+
+`chunk_step` is written on 2-D tiles with only ops that both Pallas lowerings accept (dot_general,
+iota, where, exp, keepdims reductions; no value slicing, no cumsum), so the `xla` path (vmapped over
+batch and heads, scanned over chunks) and the Pallas kernels (one tile per program) share it.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def compute_dtype(*xs):
+  """float64 when any input is float64 (exact tests), float32 otherwise."""
+  return jnp.float64 if any(x is not None and x.dtype == jnp.float64 for x in xs) else jnp.float32
+
+
+def check_inputs(name: str, q, k, v, beta, g, initial_state, segment_ids, chunk_size,
+                 *, needs_beta: bool) -> None:
+  """One-line ValueErrors for bad shapes; shared by every implementation."""
+  if q.ndim != 4:
+    raise ValueError(f"{name}: q must be [B, T, H, K], got shape {q.shape}")
+  B, T, H, K = q.shape
+  if k.shape != q.shape:
+    raise ValueError(f"{name}: k must have q's shape {q.shape}, got {k.shape}")
+  if v.ndim != 4 or v.shape[:3] != (B, T, H):
+    raise ValueError(f"{name}: v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {v.shape}")
+  if needs_beta and (beta is None or beta.shape != (B, T, H)):
+    raise ValueError(f"{name}: beta must be [B, T, H] = {(B, T, H)}, got "
+                     f"{None if beta is None else beta.shape}")
+  if needs_beta and g is None:
+    raise ValueError(f"{name}: g (log decay) is required, shape [B, T, H] = {(B, T, H)}")
+  if g is not None and g.shape != (B, T, H):
+    raise ValueError(f"{name}: g must be [B, T, H] = {(B, T, H)}, got {g.shape}")
+  if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+    raise ValueError(f"{name}: initial_state must be [B, H, K, V] = {(B, H, K, v.shape[-1])}, "
+                     f"got {initial_state.shape}")
+  if segment_ids is not None and segment_ids.shape != (B, T):
+    raise ValueError(f"{name}: segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+  if T < 1:
+    raise ValueError(f"{name}: sequence length must be >= 1, got T={T}")
+
+
+def run_ids(segment_ids, B: int, T: int):
+  """[B, T] int32 ids that increase by one at every change of segment id.
+
+  The op resets where the id *changes*, so a reused id ([0, 0, 1, 0]) is a new segment; run ids make
+  "same segment" an equality test the chunk masks can use.
+  """
+  if segment_ids is None:
+    return jnp.zeros((B, T), jnp.int32)
+  change = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+  return jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(change, axis=1)], axis=1)
+
+
+class Chunked(NamedTuple):
+  """Padded, chunk-shaped inputs. Token arrays are [B, NT, C, H, ...]; per-token masks [B, NT, C]."""
+  q: jax.Array       # [B, NT, C, H, K]
+  k: jax.Array       # [B, NT, C, H, K]
+  v: jax.Array       # [B, NT, C, H, V]
+  beta: jax.Array    # [B, NT, C, H]
+  G: jax.Array       # [B, NT, C, H] chunk-local cumsum of g
+  seg: jax.Array     # [B, NT, C] run ids (float, compared for equality only)
+  cin: jax.Array     # [B, NT, C] 1 where the token continues the incoming state's segment
+  tail: jax.Array    # [B, NT, C] 1 where the token belongs to the chunk's last segment
+
+
+def prepare_chunks(q, k, v, beta, g, segment_ids, chunk_size: int, dtype) -> Chunked:
+  """Pads T to a multiple of the chunk with neutral tokens and builds the §2.5 segment masks.
+
+  Neutral padding: k = v = q = 0, beta = 0 and g = 0 leave the state untouched (no decay, no write),
+  and their segment id repeats the last real token's so the masks of real tokens are unchanged.
+  """
+  B, T, H, _ = q.shape
+  C = chunk_size
+  NT = -(-T // C)
+  pad = NT * C - T
+  if beta is None:
+    beta = jnp.ones((B, T, H), dtype)
+  if g is None:
+    g = jnp.zeros((B, T, H), dtype)
+
+  def tok(x):
+    x = x.astype(dtype)
+    if pad:
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape((B, NT, C) + x.shape[2:])
+
+  seg, cin, tail = chunk_masks(segment_ids, B, T, C, dtype)
+  gc = tok(g)
+  return Chunked(q=tok(q), k=tok(k), v=tok(v), beta=tok(beta), G=jnp.cumsum(gc, axis=2),
+                 seg=seg, cin=cin, tail=tail)
+
+
+def chunk_masks(segment_ids, B: int, T: int, C: int, dtype):
+  """Run ids, cin and tail masks of §2.5, each [B, NT, C] in `dtype`, for T padded to NT * C."""
+  NT = -(-T // C)
+  runs = run_ids(segment_ids, B, T)
+  if NT * C > T:
+    runs = jnp.pad(runs, [(0, 0), (0, NT * C - T)], mode="edge")
+  runs = runs.reshape(B, NT, C)
+  # The incoming state belongs to the segment of the previous chunk's last token (chunk 0: token 0).
+  prev_last = jnp.concatenate([runs[:, :1, 0], runs[:, :-1, -1]], axis=1)  # [B, NT]
+  cin = (runs == prev_last[:, :, None]).astype(dtype)
+  tail = (runs == runs[:, :, -1:]).astype(dtype)
+  return runs.astype(dtype), cin, tail
+
+
+def _dot(a, b, precision=None):
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=a.dtype)
+
+
+def _dot_nt(a, b, precision=None):  # a @ b.T
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                         preferred_element_type=a.dtype)
+
+
+def _dot_tn(a, b, precision=None):  # a.T @ b
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=a.dtype)
+
+
+def unit_lower_inverse(A, *, block: int = 16, precision=None):
+  """(I + A)^-1 for strictly lower-triangular A [C, C], with matmuls and masks only.
+
+  Blocked, as FLA's `solve_tril` (reference §2.2 "Computing T"), but without value slicing so it
+  lowers in Pallas: forward substitution inside the diagonal `block`x`block` blocks (block-1 steps,
+  one row of every block per step), then I + A = (I + A_d)(I + N) with N = D A_o strictly block-lower,
+  so (I + A)^-1 = (I + N)^-1 D and (I + N)^-1 = (I - N)(I + N^2)(I + N^4)... (N^(C/block) = 0).
+  [ours] We avoid the pure doubling product over A itself: A^32 of a chunk of repeated keys has
+  binomial-size entries whose cancellation loses float32 precision; N has at most C/block factors.
+  """
+  C = A.shape[0]
+  bs = block if (C > block and C % block == 0) else C
+  row = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  col = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  # lax.div/rem, not // and %: indices are >= 0, and jnp's floor division lowers through `sign`,
+  # which Mosaic cannot lower without a TPU attached.
+  bs_ = jnp.int32(bs)
+  in_diag = lax.div(row, bs_) == lax.div(col, bs_)
+  eye = jnp.where(row == col, 1.0, 0.0).astype(A.dtype)
+  A_d = jnp.where(in_diag, A, 0.0)
+  # A loop, not an unrolled Python for: the body is traced once, which keeps compiles short.
+  D = lax.fori_loop(
+      1, bs, lambda r, D: jnp.where(lax.rem(row, bs_) == r, eye - _dot(A_d, D, precision), D), eye)
+  nb = C // bs
+  if nb == 1:
+    return D
+  N = _dot(D, jnp.where(in_diag, 0.0, A), precision)
+  inv = eye - N
+  power, span = N, 2
+  while span < nb:
+    power = _dot(power, power, precision)
+    inv = _dot(inv, eye + power, precision)
+    span *= 2
+  return _dot(inv, D, precision)
+
+
+def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float, delta: bool,
+               precision=None):
+  """One chunk of the chunked gated delta rule (reference §2.2 steps 1-8, §2.5 masks) on 2-D tiles.
+
+  Args (C tokens, one batch row and head; everything in the compute dtype):
+    q, k [C, K]; v [C, V]; beta, Gc, segc, cin, tail [C, 1] (columns); Gr, segr [1, C] (rows of the
+    same G and segment ids); S [K, V] the incoming state. Gc is the chunk-local cumsum of g.
+    delta=False gives (gated) linear attention: V' = V, beta unused.
+  Returns (o [C, V], S_next [K, V]).
+  """
+  C = q.shape[0]
+  row = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  col = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  mask = (row >= col) & (segc == segr)
+  # Mask the exponent before exp: G_i - G_j > 0 above the diagonal could overflow (§2.4).
+  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, Gc - Gr, 0.0)), 0.0)
+  last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  # Static element extraction does not lower in Triton: read the last row with a masked sum.
+  G_last = jnp.sum(jnp.where(last, Gc, 0.0), axis=0, keepdims=True)        # [1, 1]
+  cin_last = jnp.sum(jnp.where(last, cin, 0.0), axis=0, keepdims=True)     # [1, 1]
+  eG = jnp.exp(Gc)
+  if delta:
+    A = jnp.where(row > col, beta * _dot_nt(k, k, precision) * gamma, 0.0)
+    Tm = unit_lower_inverse(A, precision=precision)
+    W = _dot(Tm, beta * eG * k, precision)
+    U = _dot(Tm, beta * v, precision)
+    v_new = U - cin * _dot(W, S, precision)
+  else:
+    v_new = v
+  o = scale * (cin * eG * _dot(q, S, precision)
+               + _dot(_dot_nt(q, k, precision) * gamma, v_new, precision))
+  k_tail = tail * jnp.exp(G_last - Gc) * k
+  S_next = cin_last * jnp.exp(G_last) * S + _dot_tn(k_tail, v_new, precision)
+  return o, S_next
+
+
+def default_scale(scale, K: int) -> float:
+  return float(K) ** -0.5 if scale is None else float(scale)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, math.ceil(math.log2(n)))

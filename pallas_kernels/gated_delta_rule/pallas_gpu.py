@@ -1,0 +1,101 @@
+"""Gated delta rule / linear attention as a Pallas GPU kernel (`pl.pallas_call`, Triton lowering).
+
+One fused forward kernel (reference/mom_gdn_pallas.md §3.1 "kernel B", with kernel A's WY factors
+computed in the same program): grid (B, H); each program walks the chunks of its sequence with a
+`fori_loop`, keeps S [K, V] in registers, and per chunk computes A, T = (I + A)^-1, W, U, V', the
+output tile and the next state (`_common.chunk_step`, §2.2 with the §2.5 segment masks). It writes o
+and the chunk-boundary states S_n, which are the only residuals of the custom VJP
+(`_pallas_common`).
+
+Choices [ours]:
+- Backward: not a Pallas kernel yet; a jnp reverse scan that recomputes each chunk from its saved
+  boundary state (see `_pallas_common`).
+- All in-kernel math is float32 (bf16/f16 tiles are upcast on load); f32 dots lower to IEEE
+  precision in Triton, so this first kernel does not use bf16 tensor cores.
+- K and V are zero-padded to powers of two >= 16 (Triton loads need power-of-two sizes and dots
+  need every dimension >= 16); K, V <= 256 (FLA's bound for a register-resident state).
+- No V-split of the grid yet: B*H programs; under-occupied when B*H < #SMs (§6.3).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.gated_delta_rule import _common, _pallas_common
+
+MAX_DIM = 256
+
+
+def _kernel(q_ref, k_ref, v_ref, b_ref, gc_ref, gr_ref, sc_ref, sr_ref, cin_ref, tail_ref, h0_ref,
+            o_ref, hT_ref, st_ref, *, C: int, NT: int, K: int, scale: float, delta: bool):
+  f32 = jnp.float32
+
+  def body(i, S_KV):
+    sl = pl.ds(pl.multiple_of(i * C, C), C)
+    st_ref[pl.ds(pl.multiple_of(i * K, K), K), :] = S_KV
+    o_CV, S_next = _common.chunk_step(
+        q_ref[sl, :].astype(f32), k_ref[sl, :].astype(f32), v_ref[sl, :].astype(f32),
+        b_ref[sl, :], gc_ref[sl, :], gr_ref[:, sl], sc_ref[sl, :], sr_ref[:, sl], cin_ref[sl, :],
+        tail_ref[sl, :], S_KV, scale=scale, delta=delta)
+    o_ref[sl, :] = o_CV.astype(o_ref.dtype)
+    return S_next
+
+  hT_ref[...] = lax.fori_loop(0, NT, body, h0_ref[...])
+
+
+def _forward(cfg, q, k, v, beta, G, h0, seg, cin, tail):
+  """q, k [B, H, Tp, K]; v [B, H, Tp, V]; beta, G [B, H, Tp]; masks [B, Tp]; h0 [B, H, K, V] f32.
+  Returns o [B, H, Tp, V], S_final [B, H, K, V], S_chunks [B, H, NT, K, V] (state entering chunk n)."""
+  B, H, Tp, K = q.shape
+  V = v.shape[-1]
+  C = cfg.chunk
+  NT = Tp // C
+  f32 = jnp.float32
+  col = lambda x: x[..., None]                          # [.., Tp] -> [.., Tp, 1]
+  row = lambda x: x[..., None, :]                       # [.., Tp] -> [.., 1, Tp]
+  bh = lambda *blk: pl.BlockSpec((None, None) + blk, lambda b, h: (b, h) + (0,) * len(blk))
+  b_ = lambda *blk: pl.BlockSpec((None, None) + blk, lambda b, h: (b, 0) + (0,) * len(blk))
+  kernel = functools.partial(_kernel, C=C, NT=NT, K=K, scale=cfg.scale, delta=cfg.delta)
+  o, S, S_chunks = pl.pallas_call(
+      kernel,
+      grid=(B, H),
+      in_specs=[bh(Tp, K), bh(Tp, K), bh(Tp, V), bh(Tp, 1), bh(Tp, 1), bh(1, Tp),
+                b_(Tp, 1), b_(1, Tp), b_(Tp, 1), b_(Tp, 1), bh(K, V)],
+      out_specs=[bh(Tp, V), bh(K, V), bh(NT * K, V)],
+      out_shape=[jax.ShapeDtypeStruct((B, H, Tp, V), q.dtype),
+                 jax.ShapeDtypeStruct((B, H, K, V), f32),
+                 jax.ShapeDtypeStruct((B, H, NT * K, V), f32)],
+      # Triton params select the Triton lowering (jax 0.10 otherwise defaults to Mosaic GPU).
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      interpret=cfg.interpret,
+      name="gated_delta_rule_fwd" if cfg.delta else "linear_attention_fwd",
+  )(q, k, v, col(beta), col(G), row(G), col(seg)[:, None], row(seg)[:, None], col(cin)[:, None],
+    col(tail)[:, None], h0)
+  return o, S, S_chunks.reshape(B, H, NT, K, V)
+
+
+def recurrence_pallas_gpu(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size,
+                          delta, interpret):
+  name = "gated_delta_rule" if delta else "linear_attention"
+  _pallas_common.check_supported(name, q, k, v, chunk_size)
+  K, V = q.shape[-1], v.shape[-1]
+  if max(K, V) > MAX_DIM:
+    raise NotImplementedError(f"{name}: pallas_gpu keeps S in registers; needs K, V <= {MAX_DIM}, "
+                              f"got K={K}, V={V}")
+  pad = lambda n: max(16, _common.next_pow2(n))
+  return _pallas_common.pallas_recurrence(
+      q, k, v, beta, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+      chunk_size=chunk_size, delta=delta, interpret=interpret, kernel=_forward,
+      K_pad=pad(K), V_pad=pad(V))
+
+
+def gated_delta_rule_pallas_gpu(q, k, v, beta, g, *, scale=None, initial_state=None,
+                                segment_ids=None, chunk_size=64, interpret=False):
+  return recurrence_pallas_gpu(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                               segment_ids=segment_ids, chunk_size=chunk_size, delta=True,
+                               interpret=interpret)

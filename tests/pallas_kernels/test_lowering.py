@@ -1,0 +1,90 @@
+"""CPU-only lowering checks of the Pallas kernels for CUDA (Triton) and TPU (Mosaic): forward and
+backward trace and lower without a device, and the lowered module calls the kernel (DESIGN.md §6).
+
+On jax 0.11 the CUDA lowering additionally needs an abstract mesh with a CUDA device kind
+(reference/mom_gdn_pallas.md §4); `_lowering_context` supplies it when the API exists.
+"""
+import contextlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import gated_delta_rule, linear_attention
+
+KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+IMPL = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}
+
+
+def _lowering_context(platform):
+  if platform != "cuda" or not jax.__version__.startswith("0.11"):
+    return contextlib.nullcontext()
+  from jax.sharding import AbstractDevice, AbstractMesh  # jax 0.11 only
+  dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda")
+  return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev))
+
+
+def _lower(fn, specs, platform):
+  with _lowering_context(platform):
+    return jax.jit(fn).trace(*specs).lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("op", ["gated_delta_rule", "linear_attention"])
+@pytest.mark.parametrize("D,dtype", [(64, jnp.bfloat16), (128, jnp.float32)])
+def test_kernel_lowers_forward_and_backward(platform, op, D, dtype):
+  B, T, H = 1, 100, 2           # T not a multiple of the chunk
+  S = jax.ShapeDtypeStruct
+  tok = S((B, T, H, D), dtype)
+  gate = S((B, T, H), jnp.float32)
+  specs = [tok, tok, tok, gate, S((B, H, D, D), jnp.float32), S((B, T), jnp.int32)]
+  if op == "gated_delta_rule":
+    specs.insert(3, gate)
+    f = lambda q, k, v, b, g, h0, seg: gated_delta_rule(
+        q, k, v, b, g, initial_state=h0, segment_ids=seg, implementation=IMPL[platform])
+  else:
+    f = lambda q, k, v, g, h0, seg: linear_attention(
+        q, k, v, g, initial_state=h0, segment_ids=seg, implementation=IMPL[platform])
+  n_diff = len(specs) - 1
+
+  def loss(*a):
+    o, s = f(*a)
+    return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s ** 2)
+
+  fwd = _lower(f, specs, platform)
+  bwd = _lower(jax.grad(loss, argnums=tuple(range(n_diff))), specs, platform)
+  for txt in (fwd, bwd):
+    assert KERNEL_CALL[platform] in set(re.findall(r"custom_call @([\w$.]+)", txt))
+
+
+def test_unsupported_inputs_fall_back():
+  """float64 and odd chunk sizes raise NotImplementedError on the Pallas path; the default
+  dispatch never sees them on CPU (xla), and an explicit request fails loudly."""
+  x = jnp.zeros((1, 8, 1, 16), jnp.float32)
+  gb = jnp.zeros((1, 8, 1), jnp.float32)
+  with pytest.raises(NotImplementedError, match="chunk_size"):
+    gated_delta_rule(x, x, x, gb, gb, chunk_size=24, implementation="pallas_gpu", interpret=True)
+  with pytest.raises(NotImplementedError, match="K, V <= 256"):
+    big = jnp.zeros((1, 8, 1, 512), jnp.float32)
+    gated_delta_rule(big, big, x, gb, gb, implementation="pallas_gpu", interpret=True)
+
+
+def test_default_dispatch_prefers_pallas_and_falls_back(monkeypatch):
+  """With a GPU-like preference order, implementation=None runs the Pallas kernel when it can and
+  falls back to xla on NotImplementedError (here: a chunk size the kernel rejects)."""
+  from pallas_kernels import _dispatch
+  from pallas_kernels.gated_delta_rule import pallas_gpu
+  monkeypatch.setattr(_dispatch, "default_order", lambda backend=None: ("pallas_gpu", "xla"))
+  calls = []
+  real = pallas_gpu.recurrence_pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "recurrence_pallas_gpu",
+                      lambda *a, **kw: calls.append(kw["chunk_size"]) or real(*a, **kw))
+  x = jnp.ones((1, 20, 1, 16), jnp.float32) * 0.1
+  gb = jnp.full((1, 20, 1), -0.1, jnp.float32)
+  o_kernel, _ = gated_delta_rule(x, x, x, gb, gb, chunk_size=16, interpret=True)
+  o_xla, _ = gated_delta_rule(x, x, x, gb, gb, chunk_size=16, implementation="xla")
+  o_fallback, _ = gated_delta_rule(x, x, x, gb, gb, chunk_size=24, interpret=True)
+  assert calls == [16, 24]
+  assert float(jnp.max(jnp.abs(o_kernel - o_xla))) < 1e-6
+  assert float(jnp.max(jnp.abs(o_fallback - o_xla))) < 1e-6
