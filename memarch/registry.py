@@ -24,6 +24,8 @@ SEQUENCE_MIXERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
 
 CHANNEL_MIXERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "swiglu": ("layers.mlp", "SwiGLU", "SwiGLUConfig", {}),
+    "peer": ("layers.peer", "PEER", "PEERConfig", {}),
+    "ultramem": ("layers.ultramem", "UltraMem", "UltraMemConfig", {}),
 }
 
 
