@@ -44,8 +44,8 @@ def attend(q_BTHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array,
            mask_BTS: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(Dh) + mask) v, float32 softmax; rows with no visible key give 0."""
   scale = q_BTHD.shape[-1] ** -0.5
-  logits = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD,
-                      preferred_element_type=jnp.float32) * scale
+  acc = jnp.promote_types(jnp.float32, q_BTHD.dtype)  # float64 stays float64 in exact tests
+  logits = jnp.einsum("bthd,bshd->bhts", q_BTHD, k_BSHD, preferred_element_type=acc) * scale
   logits = jnp.where(mask_BTS[:, None], logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1)
   probs = jnp.where(mask_BTS[:, None], probs, 0.0)

@@ -71,8 +71,9 @@ class Block(nnx.Module):
       self.channel = None
     else:
       self.channel_norm = RMSNorm(cfg.d_model)
+      # Channel mixers get only the width: their own "heads" (e.g. PEER retrieval heads) are
+      # not the attention heads.
       self.channel = registry.build_channel(cname, rngs=rngs, d_model=cfg.d_model,
-                                            num_heads=cfg.num_heads,
                                             **cfg.channel_kwargs.get(cname, {}))
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):

@@ -145,13 +145,17 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   write_config(workdir, config, start_step)
 
   accum = opt_cfg.grad_accum
+  # Only packed sources (several documents per row) need segment ids; mixers that cannot reset
+  # at document boundaries refuse them with a clear error.
+  packed = bool(getattr(data, "pack", False))
   aux_weights = dict(configs_lib.to_dict(tc.aux_loss_weights))
   batch_shard = sharding.batch_sharding(mesh, 3)
 
   def loss_fn(params, rest, mb, collect_stats):
     model = nnx.merge(graphdef_model, params, rest)
     types = (AuxLoss, Stat) if collect_stats else (AuxLoss,)
-    out = nnx.capture(model, *types)(mb["inputs"], segment_ids_BT=mb["segment_ids"])
+    seg = mb["segment_ids"] if packed else None
+    out = nnx.capture(model, *types)(mb["inputs"], segment_ids_BT=seg)
     (logits, _), sown = out[0], out[1:]
     loss, n = cross_entropy(logits, mb["targets"])
     aux = flatten_sown(sown[0])
@@ -205,7 +209,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   @jax.jit
   def predict(state, inputs, segment_ids):
     model, _ = nnx.merge(graphdef, state)
-    logits, _ = model(inputs, segment_ids_BT=segment_ids)
+    logits, _ = model(inputs, segment_ids_BT=segment_ids if packed else None)
     return jnp.argmax(logits, -1), logits
 
   def evaluate(state) -> dict[str, float]:

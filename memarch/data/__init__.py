@@ -29,4 +29,27 @@ def make_source(data_cfg, *, seed: int):
                                data_dir=data_cfg.tfds_data_dir or None, text_key=data_cfg.text_key,
                                seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
                                tokenizer=tok, seed=seed, pack=data_cfg.pack)
-  raise ValueError(f"unknown data.name {name!r}; choose mqar, text or tfds")
+  if name in ("babilong", "passkey", "niah"):
+    from memarch.data import tokenizer
+    tok = tokenizer.get_tokenizer(data_cfg.tokenizer, data_cfg.spm_model or None)
+    if name == "babilong":
+      from memarch.data.babilong import BabilongSource, default_seq_len
+      tasks = tuple(data_cfg.babilong_tasks)
+      length = int(data_cfg.babilong_length)
+      if length <= 0:
+        # 0: the longest context whose rows (context + question + answer) fit data.seq_len.
+        length = data_cfg.seq_len - default_seq_len(tasks, 0, tok)
+        if length < 1:
+          raise ValueError(f"data.seq_len={data_cfg.seq_len} leaves no room for a BABILong context; "
+                           "raise data.seq_len or set data.babilong_length")
+      return BabilongSource(tasks, length, batch_size=data_cfg.batch_size, seed=seed, tokenizer=tok,
+                            seq_len=data_cfg.seq_len)
+    from memarch.data.needle import NIAHSource, PasskeySource
+    depth = None if data_cfg.needle_depth < 0 else float(data_cfg.needle_depth)
+    if name == "passkey":
+      return PasskeySource(data_cfg.seq_len, batch_size=data_cfg.batch_size, seed=seed,
+                           tokenizer=tok, depth=depth)
+    return NIAHSource(data_cfg.seq_len, num_needles=data_cfg.niah_needles,
+                      num_queries=data_cfg.niah_queries, batch_size=data_cfg.batch_size, seed=seed,
+                      tokenizer=tok, depth=depth)
+  raise ValueError(f"unknown data.name {name!r}; choose mqar, text, tfds, babilong, passkey or niah")

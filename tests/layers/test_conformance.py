@@ -13,8 +13,12 @@ from memarch.sharding import mesh_context
 D, H, B, T = 16, 2, 2, 19
 
 # Small per-mixer options so every entry runs in a second or two on CPU.
+_TITANS = {"chunk_size": 4, "segment_len": 8, "window": 6, "num_persistent": 4}
 TINY_KWARGS = {
     "swa": {"window": 5},
+    "gated_deltanet": {"chunk_size": 8},
+    "mom": {"chunk_size": 8, "num_memories": 3, "top_k": 2},
+    "titans_lmm": _TITANS, "titans_mac": _TITANS, "titans_mag": _TITANS, "titans_mal": _TITANS,
 }
 
 

@@ -1,0 +1,34 @@
+"""Titans (Behrouz et al. 2025): MAC (default), MAG, MAL, or the LMM alone, on MQAR.
+
+  python scripts/train.py --config=configs/titans.py
+  python scripts/train.py --config=configs/titans.py:variant=mag,size=tiny --workdir=runs/mag
+
+Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m`, `depth=N` (memory MLP
+depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR task).
+Parameters (size=tiny, MQAR vocab 256): mac 193,408; mag 177,280; mal 185,600; lmm 159,232.
+"""
+from memarch import configs_lib
+
+MIXER = {"mac": "titans_mac", "mag": "titans_mag", "mal": "titans_mal", "lmm": "titans_lmm"}
+
+
+def get_config(arg=None):
+  a = configs_lib.parse_arg(arg, variant="mac", size="tiny", depth=2, chunk=16, seq_len=0, kv=0)
+  if a.variant not in MIXER:
+    raise ValueError(f"titans: unknown variant {a.variant!r}; choose mac, mag, mal or lmm")
+  c = configs_lib.base_config(a.size)
+  name = MIXER[a.variant]
+  cpu = a.size in ("tiny", "small")
+  c.model.layer_pattern = (name,)
+  c.model.mixer = {name: dict(
+      memory_depth=a.depth, expansion=4, chunk_size=a.chunk, theta_max=0.0,  # 0: per-depth default
+      num_persistent=a.chunk if cpu else 128, conv_size=4,
+      segment_len=32 if cpu else 512, window=64 if cpu else 2048, implementation="")}
+  if a.seq_len:
+    c.data.seq_len = a.seq_len
+  if a.kv:
+    c.data.num_kv_pairs = a.kv
+  c.train.num_steps = 2000
+  c.train.stop_at_accuracy = 0.99
+  c.train.stats_every = 100
+  return configs_lib.finalize(c)

@@ -1,0 +1,359 @@
+"""Titans: learning to memorize at test time (Behrouz et al., arXiv 2501.00663 v1; NeurIPS 2025).
+
+Reference: ../shared/reference/titans_miras.md (equation numbers are v1's).
+
+- `NeuralMemory` (registered `titans_lmm`): the long-term memory as a token mixer (section 4):
+    q, k, v = SiLU(CausalConv_4(x W_{q,k,v}));  q, k <- L2-normalised per head
+    theta = theta_max * sigmoid(x W_theta + b_theta)   per token, head and memory layer
+    eta   = sigmoid(x W_eta + b_eta);  log a = log_sigmoid(-(x W_alpha + b_alpha))
+    z = Memory(q, k, v, theta, eta, a)                  Eq. 13-15, chunked (pallas_kernels.titans_memory)
+    o = W_o concat_h(RMSNorm_h(z) * SiLU(x W_g))
+  The memory is an MLP per head, M_W(x) = x + LN(W_2 GELU(W_1 x)) (depth 2, expansion 4), or the
+  linear W x at depth 1. Persistent tokens P (section 5) are consumed first: the state after P is the
+  learned initial state, so `init_state` runs the memory over P [ours: equal to prepending P].
+- `MAG` (Eq. 26-28): sliding-window attention over [P; x] beside the LMM;
+  o = W_o[RMSNorm(y) * sigmoid(RMSNorm(z))].
+- `MAL` (Eq. 29-31): the LMM, then sliding-window attention over its output (prefix P visible).
+- `MAC` (Eq. 21-25): per segment of C tokens, retrieve h = M_{W_prev}(q^r) read-only, attend over
+  [P; h; x_seg] (causal in h and x [ours]), write the memory with the attention output y and read
+  per token z_j = M_{W_j}(q_j) [ours], o = W_o[RMSNorm(y) * sigmoid(RMSNorm(z))].
+
+Chunk size b (default 16) is part of the model (gradients at chunk-start weights); MAC's segment
+length must be a multiple of it. Decoding token by token equals the parallel pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.attention import attend, write_ring
+from layers.base import Stat, reject_segment_ids, sow
+from layers.conv import CausalConv1D
+from layers.norms import RMSNorm, l2_normalize, rms_normalize
+from layers.rotary import apply_rope
+from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
+
+
+@dataclasses.dataclass(frozen=True)
+class TitansConfig:
+  d_model: int
+  num_heads: int
+  memory_depth: int = 2
+  expansion: int = 4
+  chunk_size: int = 16
+  theta_max: float | None = None  # None or 0: 1.0 for the linear memory, 0.1 for the MLP [ours]
+  num_persistent: int = 16
+  conv_size: int = 4
+  segment_len: int = 32  # MAC segment C (paper: 512)
+  window: int = 64  # MAG / MAL sliding window (paper: 2048)
+  implementation: str | None = None  # kernel path of the memory op (None: best available)
+
+  def __post_init__(self):
+    if self.implementation == "":
+      object.__setattr__(self, "implementation", None)
+    if self.d_model % self.num_heads:
+      raise ValueError(f"titans: d_model={self.d_model} is not divisible by num_heads="
+                       f"{self.num_heads}")
+    if self.memory_depth < 1:
+      raise ValueError(f"titans: memory_depth must be >= 1 (1 = linear memory), got "
+                       f"{self.memory_depth}")
+    if self.chunk_size < 1:
+      raise ValueError(f"titans: chunk_size must be >= 1, got {self.chunk_size}")
+    if self.segment_len % self.chunk_size:
+      raise ValueError(f"titans: segment_len={self.segment_len} is not a multiple of chunk_size="
+                       f"{self.chunk_size}; make the MAC segment a whole number of chunks")
+    if self.num_persistent < 0 or self.window < 1 or self.expansion < 1 or self.conv_size < 1:
+      raise ValueError("titans: num_persistent must be >= 0 and window, expansion, conv_size >= 1")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def theta_cap(self) -> float:
+    if self.theta_max:
+      return self.theta_max
+    return 1.0 if self.memory_depth == 1 else 0.1
+
+
+def _dense(rngs, shape, axes, std=None):
+  init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
+
+
+def _const(value, shape, axes):
+  return nnx.Param(nnx.with_partitioning(nnx.initializers.constant(value), axes)(
+      jax.random.PRNGKey(0), shape))
+
+
+class NeuralMemory(nnx.Module):
+  """The Titans LMM layer (section 4 of the reference); see the module docstring."""
+
+  def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs, persistent: bool = True,
+               output: bool = True):
+    self.cfg = cfg
+    d, h, dh, L = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.memory_depth
+    self.wq = _dense(rngs, (d, d), ("embed", "mlp"))
+    self.wk = _dense(rngs, (d, d), ("embed", "mlp"))
+    self.wv = _dense(rngs, (d, d), ("embed", "mlp"))
+    self.conv_q = CausalConv1D(d, cfg.conv_size, rngs=rngs)
+    self.conv_k = CausalConv1D(d, cfg.conv_size, rngs=rngs)
+    self.conv_v = CausalConv1D(d, cfg.conv_size, rngs=rngs)
+    self.w_theta = _dense(rngs, (d, h * L), ("embed", None), std=0.02)
+    self.b_theta = _const(0.0, (h * L,), (None,))
+    self.w_eta = _dense(rngs, (d, h), ("embed", None), std=0.02)
+    self.b_eta = _const(0.0, (h,), (None,))
+    self.w_alpha = _dense(rngs, (d, h), ("embed", None), std=0.02)
+    self.b_alpha = _const(-4.6, (h,), (None,))  # alpha ~ 0.01 at init
+    if output:  # MAC and MAG combine the raw read-out with attention themselves
+      self.w_gate = _dense(rngs, (d, d), ("embed", "mlp"))
+      self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
+      self.out_norm_scale = _const(1.0, (h, dh), ("heads", None))
+    # Learned initial memory W_0 per head (a zero init gives a deep memory zero gradients).
+    if L == 1:
+      shapes = [(h, dh, dh)]
+    else:
+      e = cfg.expansion * dh
+      shapes = [(h, e, dh)] + [(h, e, e)] * (L - 2) + [(h, dh, e)]
+    self.w0 = nnx.List([
+        nnx.Param(nnx.with_partitioning(
+            nnx.initializers.normal(s[-1] ** -0.5), ("heads", None, None))(rngs.params(), s))
+        for s in shapes])
+    self.ln_scale = _const(1.0, (h, dh), ("heads", None))
+    self.ln_bias = _const(0.0, (h, dh), ("heads", None))
+    n_p = cfg.num_persistent if persistent else 0
+    self.persistent = _dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
+
+  # ---- state ----
+  def _fresh_state(self, batch_size: int, dtype=jnp.float32):
+    d = self.cfg.d_model
+    w0 = tuple(w[...] for w in self.w0)
+    return {"mem": init_memory_state(w0, batch_size),
+            "conv_q": self.conv_q.init_state(batch_size, dtype),
+            "conv_k": self.conv_k.init_state(batch_size, dtype),
+            "conv_v": self.conv_v.init_state(batch_size, dtype)}
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
+    del max_len
+    state = self._fresh_state(batch_size, jnp.float32)
+    if self.persistent is not None:
+      p = jnp.broadcast_to(self.persistent[...], (batch_size, *self.persistent.shape))
+      _, state, _ = self.read_write(p, state)
+    return state
+
+  # ---- the memory as a map x -> (z_BTHD, state) ----
+  def read_write(self, x_BTD, state, *, lengths_B=None):
+    """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
+    cfg = self.cfg
+    b, t, d = x_BTD.shape
+    h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth
+    dt = x_BTD.dtype
+    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B)
+    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"], lengths_B=lengths_B)
+    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"], lengths_B=lengths_B)
+    q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, dh))
+    k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, dh))
+    v = jax.nn.silu(v).reshape(b, t, h, dh)
+    x32 = x_BTD.astype(jnp.float32)
+    theta = cfg.theta_cap * jax.nn.sigmoid(x32 @ self.w_theta[...] + self.b_theta[...])
+    theta = theta.reshape(b, t, h, L)
+    eta = jax.nn.sigmoid(x32 @ self.w_eta[...] + self.b_eta[...])
+    log_a = jax.nn.log_sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
+    z, mem = titans_memory(q, k, v, theta, eta, log_a, self.ln_scale[...], self.ln_bias[...],
+                           state=state["mem"], chunk_size=cfg.chunk_size,
+                           implementation=cfg.implementation, lengths=lengths_B)
+    # Memory statistics, dead code unless the trainer captures `Stat` (XLA drops them otherwise):
+    # surprise = ||M_{W_base}(k) - v|| (the inner-loss gradient's output factor), the mean gates
+    # and the memory weight norm per example.
+    err = (memory_apply(state["mem"]["w"], self.ln_scale[...], self.ln_bias[...],
+                        k.astype(jnp.float32)) - v.astype(jnp.float32))
+    stats = {"surprise_norm": jnp.mean(jnp.linalg.norm(err, axis=-1)),
+             "theta_mean": jnp.mean(theta), "eta_mean": jnp.mean(eta),
+             "decay_mean": jnp.mean(-jnp.expm1(log_a)),
+             "memory_weight_norm": jnp.sqrt(sum(jnp.sum(w.astype(jnp.float32) ** 2)
+                                                for w in mem["w"]) / b)}
+    return z, {"mem": mem, "conv_q": tq, "conv_k": tk, "conv_v": tv}, stats
+
+  def sow_stats(self, stats) -> None:
+    for name, value in stats.items():
+      sow(self, Stat, name, jnp.mean(value))
+
+  def output(self, z_BTHD, x_BTD):
+    b, t, _ = x_BTD.shape
+    dt = x_BTD.dtype
+    zn = rms_normalize(z_BTHD.astype(dt)) * self.out_norm_scale[...].astype(dt)
+    gate = jax.nn.silu(x_BTD @ self.w_gate[...].astype(dt))
+    return (zn.reshape(b, t, -1) * gate) @ self.wo[...].astype(dt)
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+    reject_segment_ids("titans_lmm", segment_ids_BT)
+    state = self.init_state(x_BTD.shape[0]) if state is None else state
+    z, state, stats = self.read_write(x_BTD, state)
+    self.sow_stats(stats)
+    return self.output(z, x_BTD), state
+
+
+class _GatedCombine(nnx.Module):
+  """o = W_o[RMSNorm(y) * sigmoid(RMSNorm(z))] (MAC Eq. 25, MAG Eq. 28; the exact form is ours)."""
+
+  def __init__(self, d: int, *, rngs: nnx.Rngs):
+    self.norm_y = RMSNorm(d)
+    self.norm_z = RMSNorm(d)
+    self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
+
+  def __call__(self, y_BTD, z_BTD):
+    dt = y_BTD.dtype
+    g = jax.nn.sigmoid(self.norm_z(z_BTD.astype(dt)))
+    return (self.norm_y(y_BTD) * g) @ self.wo[...].astype(dt)
+
+
+class MAG(nnx.Module):
+  """Memory as a Gate (v1 Eq. 26-28): SWA over [P; x] and the LMM over [P; x], gated."""
+
+  def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+    from layers.attention import Attention, AttentionConfig
+    self.cfg = cfg
+    self.memory = NeuralMemory(cfg, rngs=rngs, persistent=True, output=False)
+    self.attn = Attention(AttentionConfig(cfg.d_model, cfg.num_heads, window=cfg.window),
+                          rngs=rngs)
+    self.combine = _GatedCombine(cfg.d_model, rngs=rngs)
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
+    return {"memory": self.memory.init_state(batch_size),
+            "attn": self.attn.init_state(batch_size, max_len=max_len, dtype=dtype)}
+
+  def _prefix(self):
+    return None if self.memory.persistent is None else self.memory.persistent[...]
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+    reject_segment_ids("titans_mag", segment_ids_BT)
+    b, t, d = x_BTD.shape
+    mem_state = self.memory.init_state(b) if state is None else state["memory"]
+    y, attn_state = self.attn(x_BTD, state=None if state is None else state["attn"],
+                              prefix_PD=self._prefix())
+    z, mem_state, stats = self.memory.read_write(x_BTD, mem_state)
+    self.memory.sow_stats(stats)
+    return self.combine(y, z.reshape(b, t, d)), {"memory": mem_state, "attn": attn_state}
+
+
+class MAL(nnx.Module):
+  """Memory as a Layer (v1 Eq. 29-31): y = LMM([P; x]), o = SWA(y) with the prefix P visible.
+
+  Returned as the sum of both sub-layer outputs so the block's residual stream carries
+  x + LMM(x) + SWA(RMSNorm(x + LMM(x))) [ours: the paper's "Samba-like" stacking inside one mixer].
+  """
+
+  def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+    from layers.attention import Attention, AttentionConfig
+    self.cfg = cfg
+    self.memory = NeuralMemory(cfg, rngs=rngs, persistent=True)
+    self.norm = RMSNorm(cfg.d_model)
+    self.attn = Attention(AttentionConfig(cfg.d_model, cfg.num_heads, window=cfg.window),
+                          rngs=rngs)
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
+    return {"memory": self.memory.init_state(batch_size),
+            "attn": self.attn.init_state(batch_size, max_len=max_len, dtype=dtype)}
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+    reject_segment_ids("titans_mal", segment_ids_BT)
+    z, mem_state = self.memory(x_BTD, state=None if state is None else state["memory"])
+    prefix = None if self.memory.persistent is None else self.memory.persistent[...]
+    y, attn_state = self.attn(self.norm(x_BTD + z), state=None if state is None else state["attn"],
+                              prefix_PD=prefix)
+    return z + y, {"memory": mem_state, "attn": attn_state}
+
+
+class MAC(nnx.Module):
+  """Memory as a Context (v1 Eq. 21-25), segment by segment; see the module docstring.
+
+  A call may start mid-segment (state["pos"] % C != 0): the sequence is placed at that offset in
+  a grid of whole segments and scanned segment by segment; the current segment's attention keys
+  live in the state, and the memory's update runs over each segment's real tokens only.
+  """
+
+  def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+    from layers.attention import Attention, AttentionConfig
+    self.cfg = cfg
+    d = cfg.d_model
+    self.memory = NeuralMemory(cfg, rngs=rngs, persistent=False, output=False)
+    self.w_qr = _dense(rngs, (d, d), ("embed", "mlp"))  # retrieval query, its own projection [ours]
+    self.attn = Attention(AttentionConfig(d, cfg.num_heads), rngs=rngs)
+    n_p = cfg.num_persistent
+    self.persistent = _dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
+    self.combine = _GatedCombine(d, rngs=rngs)
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
+    del max_len
+    c, h, dh = self.cfg.segment_len, self.cfg.num_heads, self.cfg.head_dim
+    mem = self.memory.init_state(batch_size)
+    zeros = jnp.zeros((batch_size, c, h, dh), jnp.float32)
+    return {"memory": mem, "w_seg": mem["mem"]["w"], "kh": zeros, "vh": zeros, "kx": zeros,
+            "vx": zeros, "pos": jnp.zeros((batch_size,), jnp.int32)}
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+    reject_segment_ids("titans_mac", segment_ids_BT)
+    cfg = self.cfg
+    b, t, d = x_BTD.shape
+    c, h, dh = cfg.segment_len, cfg.num_heads, cfg.head_dim
+    dt = x_BTD.dtype
+    if state is None:
+      state = self.init_state(b)
+      p0, n_seg = 0, -(-t // c)  # aligned start: no extra segment
+    else:
+      p0, n_seg = state["pos"][0] % c, -(-(t + c - 1) // c)
+    x_pad = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c, d), dt), x_BTD, (0, p0, 0))
+    xs_SBCD = x_pad.reshape(b, n_seg, c, d).swapaxes(0, 1)
+    positions = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+    causal = jnp.tril(jnp.ones((c, c), bool))
+    mem_params = (self.memory.ln_scale[...], self.memory.ln_bias[...])
+    if self.persistent is not None:
+      pk, pv = self.attn.prefix_kv(self.persistent[...].astype(dt), b)
+    n_p = 0 if self.persistent is None else self.persistent.shape[0]
+    mask = jnp.concatenate([jnp.ones((c, n_p), bool), causal, causal], axis=1)
+    mask = jnp.broadcast_to(mask, (b, c, n_p + 2 * c))
+
+    def body(carry, inp):
+      mem_state, w_seg, cache = carry
+      s_idx, xs = inp
+      start = jnp.where(s_idx == 0, p0, 0)
+      end = jnp.clip(p0 + t - s_idx * c, 0, c)
+      n = jnp.maximum(end - start, 0)
+      # 1. Retrieve (read-only) from the memory as it was at the segment start.
+      qr = l2_normalize(jax.nn.silu(xs @ self.w_qr[...].astype(dt)).reshape(b, c, h, dh))
+      hist = memory_apply(w_seg, *mem_params, qr.astype(jnp.float32)).reshape(b, c, d).astype(dt)
+      # 2. Attend over [P; h; x_seg], causal in h and x; earlier tokens of this segment from cache.
+      qx, kx, vx = self.attn.qkv(xs, positions)
+      _, kh, vh = self.attn.qkv(hist, positions)
+      old = (jnp.arange(c) < start)[None, :, None, None]
+      kh, vh, kx, vx = (jnp.where(old, cache[n_].astype(dt), new)
+                        for n_, new in (("kh", kh), ("vh", vh), ("kx", kx), ("vx", vx)))
+      keys = [kh, kx] if self.persistent is None else [pk, kh, kx]
+      vals = [vh, vx] if self.persistent is None else [pv, vh, vx]
+      y = self.attn.project_out(attend(qx, jnp.concatenate(keys, 1), jnp.concatenate(vals, 1),
+                                       mask))
+      # 3. Write the memory with y (real tokens only), reading after each write.
+      y_shift = jnp.roll(y, -start, axis=1)
+      z, new_mem, stats = self.memory.read_write(y_shift, mem_state,
+                                                 lengths_B=jnp.full((b,), n, jnp.int32))
+      z = jnp.roll(z.reshape(b, c, d), start, axis=1)
+      out = self.combine(y, z)
+      has = n > 0
+      keep = lambda new, old_: jax.tree.map(lambda a, o: jnp.where(has, a, o), new, old_)
+      mem_state = keep(new_mem, mem_state)
+      w_seg = jax.tree.map(lambda a, o: jnp.where(has & (end == c), a, o), new_mem["mem"]["w"], w_seg)
+      cache = keep({"kh": kh.astype(jnp.float32), "vh": vh.astype(jnp.float32),
+                    "kx": kx.astype(jnp.float32), "vx": vx.astype(jnp.float32)}, cache)
+      stats = {k: jnp.where(has, v, jnp.nan) for k, v in stats.items()}
+      return (mem_state, w_seg, cache), (out, stats)
+
+    cache0 = {k: state[k] for k in ("kh", "vh", "kx", "vx")}
+    (mem_state, w_seg, cache), (outs, stats) = jax.lax.scan(
+        body, (state["memory"], state["w_seg"], cache0), (jnp.arange(n_seg), xs_SBCD))
+    self.memory.sow_stats({k: jnp.nanmean(v) for k, v in stats.items()})
+    o = jax.lax.dynamic_slice_in_dim(outs.swapaxes(0, 1).reshape(b, n_seg * c, d), p0, t, axis=1)
+    new_state = {"memory": mem_state, "w_seg": w_seg, **cache, "pos": state["pos"] + t}
+    return o, new_state

@@ -1,0 +1,135 @@
+"""Titans neural long-term memory (Behrouz et al., arXiv 2501.00663 v1, Eq. 13-15; chunked form §3.2).
+
+Per token, head and memory layer, with gradients at the chunk-start weights (frozen base):
+
+    S_t = eta_t S_{t-1} - theta_t grad_W 1/2 ||M_W(k_t) - v_t||^2 |_{W = W_base}
+    W_t = a_t W_{t-1} + S_t,        y_t = M_{W_t}(q_t)   (read after write [ours])
+
+M_W is linear (W x) at depth 1 and x + LN(W_L gelu(... gelu(W_1 x))) at depth L >= 2 (exact erf GELU,
+LayerNorm eps 1e-5, affine outer-loop only). See reference/titans_miras.md §1-3, §9-10.
+
+Implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle) and `xla` (chunked dual
+form, the portable default on every backend; no Pallas kernel yet, so `None` always runs `xla`).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels._dispatch import dispatch
+from pallas_kernels.titans_memory.reference import memory_apply, titans_memory_reference
+from pallas_kernels.titans_memory.xla import titans_memory_xla
+
+__all__ = ["titans_memory", "init_memory_state", "memory_apply", "IMPLEMENTATIONS"]
+
+IMPLEMENTATIONS = {
+    "reference": titans_memory_reference,
+    "xla": titans_memory_xla,
+}
+
+
+def _check_weights(name: str, ws, lead: tuple[int, ...]) -> None:
+  """Per-layer weights [*lead, out, in] chaining D -> E*D -> ... -> D (one-line ValueErrors)."""
+  if len(ws) == 0:
+    raise ValueError(f"{name}: memory depth must be >= 1 (got an empty tuple of weights)")
+  for l, w in enumerate(ws):
+    if w.ndim != len(lead) + 2 or tuple(w.shape[:len(lead)]) != tuple(lead):
+      raise ValueError(f"{name}: layer {l} weight must be [{', '.join(map(str, lead))}, out, in], "
+                       f"got shape {w.shape}")
+  d = ws[0].shape[-1]
+  if ws[-1].shape[-2] != d:
+    raise ValueError(f"{name}: the last layer must map back to D={d}, got shape {ws[-1].shape}")
+  if len(ws) == 1 and ws[0].shape[-2] != d:
+    raise ValueError(f"{name}: a linear memory must be square [D, D], got {ws[0].shape}")
+  for l in range(1, len(ws)):
+    if ws[l].shape[-1] != ws[l - 1].shape[-2]:
+      raise ValueError(f"{name}: layer {l} input {ws[l].shape[-1]} != layer {l - 1} output "
+                       f"{ws[l - 1].shape[-2]}")
+
+
+def init_memory_state(w0, batch_size: int):
+  """The state at the start of a stream: w = w_base = w0 broadcast over the batch, s = 0, phase 0.
+
+  Args:
+    w0: tuple of per-layer (learned) initial weights [H, out, in]: ([H, D, D],) for the linear memory,
+      ([H, E*D, D], [H, E*D, E*D]..., [H, D, E*D]) for an MLP memory.
+    batch_size: B.
+  Returns: {"w", "s", "w_base": tuples of [B, H, out, in] float32 (float64 for float64 w0),
+    "phase": int32 [B]}.
+  """
+  w0 = tuple(w0)
+  if len(w0) == 0:
+    raise ValueError("init_memory_state: memory depth must be >= 1 (got an empty w0)")
+  _check_weights("init_memory_state", w0, (w0[0].shape[0],))
+  dt = jnp.float64 if any(w.dtype == jnp.float64 for w in w0) else jnp.float32
+  w = tuple(jnp.broadcast_to(x.astype(dt), (batch_size,) + x.shape) for x in w0)
+  return {"w": w, "s": tuple(jnp.zeros_like(x) for x in w), "w_base": w,
+          "phase": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size, lengths):
+  name = "titans_memory"
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+  if q.ndim != 4:
+    raise ValueError(f"{name}: q must be [B, T, H, D], got shape {q.shape}")
+  B, T, H, D = q.shape
+  if T < 1:
+    raise ValueError(f"{name}: sequence length must be >= 1, got T={T}")
+  for n, x in (("k", k), ("v", v)):
+    if x.shape != q.shape:
+      raise ValueError(f"{name}: {n} must have q's shape {q.shape}, got {x.shape}")
+  if not isinstance(state, dict) or set(state) != {"w", "s", "w_base", "phase"}:
+    raise ValueError(f"{name}: state must be a dict with keys w, s, w_base, phase "
+                     f"(see init_memory_state), got {type(state).__name__}")
+  ws = tuple(state["w"])
+  _check_weights(name, ws, (B, H))
+  if ws[0].shape[-1] != D:
+    raise ValueError(f"{name}: memory width {ws[0].shape[-1]} != head dim D={D}")
+  for key in ("s", "w_base"):
+    if tuple(x.shape for x in state[key]) != tuple(x.shape for x in ws):
+      raise ValueError(f"{name}: state[{key!r}] shapes {[x.shape for x in state[key]]} != "
+                       f"state['w'] shapes {[x.shape for x in ws]}")
+  if state["phase"].shape != (B,):
+    raise ValueError(f"{name}: state['phase'] must be [B] = ({B},), got {state['phase'].shape}")
+  L = len(ws)
+  if theta.shape != (B, T, H, L):
+    raise ValueError(f"{name}: theta must be [B, T, H, L] = {(B, T, H, L)}, got {theta.shape}")
+  for n, x in (("eta", eta), ("log_a", log_a)):
+    if x.shape != (B, T, H):
+      raise ValueError(f"{name}: {n} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
+  for n, x in (("ln_scale", ln_scale), ("ln_bias", ln_bias)):
+    if x.shape != (H, D):
+      raise ValueError(f"{name}: {n} must be [H, D] = {(H, D)}, got {x.shape}")
+  if lengths is not None and lengths.shape != (B,):
+    raise ValueError(f"{name}: lengths must be [B] = ({B},), got {lengths.shape}")
+
+
+def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,
+                  *, state, chunk_size=16, lengths=None, implementation=None, interpret=False):
+  """Titans memory over a sequence: writes every token, reads after each write.
+
+  Args:
+    q_BTHD, k_BTHD: queries and keys, already L2-normalised by the caller. v_BTHD: values.
+    theta_BTHL: inner step size per token, head and memory layer (L = depth), >= 0.
+    eta_BTH: momentum coefficient in [0, 1). log_a_BTH: log retention a_t = 1 - alpha_t, <= 0.
+    ln_scale_HD, ln_bias_HD: outer-loop LayerNorm affine of the MLP memory (unused at depth 1).
+    state: {"w", "s", "w_base": tuples of [B, H, out, in], "phase": int32 [B]} from
+      `init_memory_state` or a previous call. `phase` counts the tokens of the current chunk already
+      consumed; chunk boundaries are global positions, so any split of a stream into calls gives the
+      same outputs and final state as one call.
+    chunk_size: b, the frozen-base chunk (part of the model: keep it between training and decoding).
+    lengths: optional int [B]; only the first lengths[b] tokens of row b are real (right padding
+      [ours]): later tokens leave the state untouched and read the state at the last real token.
+    implementation: None (best available: xla), "reference" or "xla".
+    interpret: accepted for dispatch parity (no Pallas path yet).
+  Returns:
+    o_BTHD in q's dtype, and the state after the last real token (float32; float64 for float64
+    inputs) with w_base the gradient base of the chunk in progress (== w when phase == 0).
+  """
+  check_inputs(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,
+               state, chunk_size, lengths)
+  state = {"w": tuple(state["w"]), "s": tuple(state["s"]), "w_base": tuple(state["w_base"]),
+           "phase": state["phase"]}
+  return dispatch("titans_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,
+                  v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD, state=state,
+                  chunk_size=chunk_size, lengths=lengths)

@@ -1,0 +1,122 @@
+"""Token-by-token oracle for the Titans neural memory (Behrouz et al., arXiv 2501.00663 v1, Eq. 13-15).
+
+Per head, with the frozen-base rule of reference/titans_miras.md §2:
+
+    u_t = grad_W 1/2 ||M_W(k_t) - v_t||^2  at W = W_base   (W_base: weights at the chunk start)
+    S_t = eta_t S_{t-1} - theta_t u_t           (theta per memory layer)
+    W_t = a_t W_{t-1} + S_t                     (a_t = exp(log_a_t))
+    y_t = M_{W_t}(q_t)                          (read after write [ours], §2)
+
+Chunk boundaries are global: the state carries `phase`, the number of tokens of the current chunk
+already consumed, and `w_base`. After a token that completes a chunk (phase wraps to 0) the base is
+refreshed to the current weights, so a state with phase 0 always has w_base == w [ours: a canonical
+state, which makes "final states are equal" a meaningful test of split invariance].
+
+Memory model M_W (titans_miras.md §1): depth 1 is linear, M_W(x) = W x. Depth L >= 2 is
+M_W(x) = x + LN(W_L gelu(... gelu(W_1 x))) with exact (erf) GELU [ours: the paper says only "GELU";
+erf is smooth to every order we differentiate], LayerNorm over the D features with eps 1e-5 and an
+outer-loop-only affine. The inner gradient is plain `jax.grad` of the per-token loss: no factorisation,
+obviously correct, and it materialises a full weight gradient per token (an oracle, not a training path).
+
+Tokens at positions >= `lengths[b]` (right padding, optional) leave the state untouched; their output
+is the read of the state at the last real token.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LN_EPS = 1e-5
+
+
+def compute_dtype(*xs):
+  """float64 when any input is float64 (exact tests), float32 otherwise."""
+  return jnp.float64 if any(x is not None and x.dtype == jnp.float64
+                            for x in jax.tree.leaves(xs)) else jnp.float32
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def layer_norm(x, scale, bias):
+  """LayerNorm over the last axis (eps 1e-5), affine broadcast from the right."""
+  mu = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mu
+  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+  return xc * lax.rsqrt(var + LN_EPS) * scale + bias
+
+
+def mlp_apply(ws, ln_scale, ln_bias, x):
+  """M_W(x) for weights ws (tuple of [..., out, in]) and rows x [..., N, D]; ln_* [..., D].
+
+  Leading axes of ws, ln_* and x (before N) must match; ln_* get a row axis inserted here.
+  """
+  if len(ws) == 1:
+    return jnp.einsum("...oi,...ni->...no", ws[0], x)
+  h = x
+  for l, w in enumerate(ws):
+    h = jnp.einsum("...oi,...ni->...no", w, h)
+    if l < len(ws) - 1:
+      h = gelu(h)
+  return x + layer_norm(h, ln_scale[..., None, :], ln_bias[..., None, :])
+
+
+def memory_apply(w, ln_scale_HD, ln_bias_HD, x_BTHD):
+  """Reads the memory: M_W(x) per batch row and head.
+
+  Args:
+    w: tuple of per-layer weights [B, H, out, in] (e.g. a state's "w" or "w_base").
+    ln_scale_HD, ln_bias_HD: outer-loop LayerNorm affine [H, D] (ignored at depth 1).
+    x_BTHD: rows to read [B, T, H, D].
+  Returns: [B, T, H, D] in the compute dtype (float32, or float64 for float64 inputs).
+  """
+  dt = compute_dtype(w, x_BTHD, ln_scale_HD, ln_bias_HD)
+  w = tuple(x.astype(dt) for x in w)
+  x = jnp.swapaxes(x_BTHD.astype(dt), 1, 2)                  # [B, H, T, D]
+  y = mlp_apply(w, ln_scale_HD.astype(dt)[None], ln_bias_HD.astype(dt)[None], x)
+  return jnp.swapaxes(y, 1, 2)
+
+
+def inner_loss(ws, ln_scale_D, ln_bias_D, k_D, v_D):
+  """1/2 ||M_W(k) - v||^2, summed over features (titans_miras.md §1 [ours])."""
+  e = mlp_apply(ws, ln_scale_D, ln_bias_D, k_D[None])[0] - v_D
+  return 0.5 * jnp.sum(e * e)
+
+
+def titans_memory_reference(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
+                            chunk_size=16, lengths=None):
+  """The oracle: a lax.scan over tokens. Same signature and semantics as `titans_memory`."""
+  B, T, H, D = q.shape
+  dt = compute_dtype(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state["w"], state["s"],
+                     state["w_base"])
+  cast = lambda xs: tuple(x.astype(dt) for x in xs)
+  carry0 = (cast(state["w"]), cast(state["s"]), cast(state["w_base"]),
+            state["phase"].astype(jnp.int32))
+  n_real = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+  ln_s, ln_b = ln_scale.astype(dt), ln_bias.astype(dt)
+  grad_bh = jax.vmap(jax.vmap(jax.grad(inner_loss), (0, 0, 0, 0, 0)), (0, None, None, 0, 0))
+  read_bh = jax.vmap(jax.vmap(lambda w, s, b, x: mlp_apply(w, s, b, x[None])[0],
+                              (0, 0, 0, 0)), (0, None, None, 0))
+  bcast = lambda x: x[:, :, None, None]
+
+  def step(carry, xs):
+    w, s, wb, phase = carry
+    t, q_BHD, k_BHD, v_BHD, th_BHL, eta_BH, la_BH = xs
+    u = grad_bh(wb, ln_s, ln_b, k_BHD, v_BHD)
+    s_new = tuple(bcast(eta_BH) * s_l - bcast(th_BHL[..., l]) * u_l
+                  for l, (s_l, u_l) in enumerate(zip(s, u)))
+    w_new = tuple(bcast(jnp.exp(la_BH)) * w_l + s_l for w_l, s_l in zip(w, s_new))
+    phase_new = (phase + 1) % chunk_size
+    wb_new = tuple(jnp.where((phase_new == 0)[:, None, None, None], w_l, b_l)
+                   for w_l, b_l in zip(w_new, wb))
+    real = t < n_real
+    keep = lambda new, old: jnp.where(real.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
+    carry = jax.tree.map(keep, (w_new, s_new, wb_new, phase_new), (w, s, wb, phase))
+    return carry, read_bh(carry[0], ln_s, ln_b, q_BHD)
+
+  tok = lambda x: jnp.moveaxis(x.astype(dt), 1, 0)
+  xs = (jnp.arange(T), tok(q), tok(k), tok(v), tok(theta), tok(eta), tok(log_a))
+  (w, s, wb, phase), y_TBHD = lax.scan(step, carry0, xs)
+  return jnp.moveaxis(y_TBHD, 0, 1).astype(q.dtype), {"w": w, "s": s, "w_base": wb, "phase": phase}
