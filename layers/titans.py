@@ -125,6 +125,7 @@ class NeuralMemory(nnx.Module):
     self.ln_scale = _const(1.0, (h, dh), ("heads", None))
     self.ln_bias = _const(0.0, (h, dh), ("heads", None))
     n_p = cfg.num_persistent if persistent else 0
+    self.n_persistent = n_p
     self.persistent = _dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
 
   # ---- state ----
@@ -141,11 +142,11 @@ class NeuralMemory(nnx.Module):
     state = self._fresh_state(batch_size, jnp.float32)
     if self.persistent is not None:
       p = jnp.broadcast_to(self.persistent[...], (batch_size, *self.persistent.shape))
-      _, state, _ = self.read_write(p, state)
+      _, state, _ = self.read_write(p, state, aligned=True)
     return state
 
   # ---- the memory as a map x -> (z_BTHD, state) ----
-  def read_write(self, x_BTD, state, *, lengths_B=None):
+  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
     """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
     cfg = self.cfg
     b, t, d = x_BTD.shape
@@ -164,7 +165,8 @@ class NeuralMemory(nnx.Module):
     log_a = jax.nn.log_sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
     z, mem = titans_memory(q, k, v, theta, eta, log_a, self.ln_scale[...], self.ln_bias[...],
                            state=state["mem"], chunk_size=cfg.chunk_size,
-                           implementation=cfg.implementation, lengths=lengths_B)
+                           implementation=cfg.implementation, lengths=lengths_B,
+                           assume_aligned=aligned)
     # Memory statistics, dead code unless the trainer captures `Stat` (XLA drops them otherwise):
     # surprise = ||M_{W_base}(k) - v|| (the inner-loss gradient's output factor), the mean gates
     # and the memory weight norm per example.
@@ -190,8 +192,9 @@ class NeuralMemory(nnx.Module):
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
     reject_segment_ids("titans_lmm", segment_ids_BT)
+    aligned = state is None and self.n_persistent % self.cfg.chunk_size == 0
     state = self.init_state(x_BTD.shape[0]) if state is None else state
-    z, state, stats = self.read_write(x_BTD, state)
+    z, state, stats = self.read_write(x_BTD, state, aligned=aligned)
     self.sow_stats(stats)
     return self.output(z, x_BTD), state
 
@@ -231,10 +234,11 @@ class MAG(nnx.Module):
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
     reject_segment_ids("titans_mag", segment_ids_BT)
     b, t, d = x_BTD.shape
+    aligned = state is None and self.memory.n_persistent % self.cfg.chunk_size == 0
     mem_state = self.memory.init_state(b) if state is None else state["memory"]
     y, attn_state = self.attn(x_BTD, state=None if state is None else state["attn"],
                               prefix_PD=self._prefix())
-    z, mem_state, stats = self.memory.read_write(x_BTD, mem_state)
+    z, mem_state, stats = self.memory.read_write(x_BTD, mem_state, aligned=aligned)
     self.memory.sow_stats(stats)
     return self.combine(y, z.reshape(b, t, d)), {"memory": mem_state, "attn": attn_state}
 
@@ -300,9 +304,12 @@ class MAC(nnx.Module):
     b, t, d = x_BTD.shape
     c, h, dh = cfg.segment_len, cfg.num_heads, cfg.head_dim
     dt = x_BTD.dtype
+    # A fresh sequence starts at a segment (and chunk) boundary: no extra segment, and when every
+    # segment is full the memory op can skip its phase handling.
+    aligned = state is None and t % c == 0
     if state is None:
       state = self.init_state(b)
-      p0, n_seg = 0, -(-t // c)  # aligned start: no extra segment
+      p0, n_seg = 0, -(-t // c)
     else:
       p0, n_seg = state["pos"][0] % c, -(-(t + c - 1) // c)
     x_pad = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c, d), dt), x_BTD, (0, p0, 0))
@@ -336,9 +343,12 @@ class MAC(nnx.Module):
       y = self.attn.project_out(attend(qx, jnp.concatenate(keys, 1), jnp.concatenate(vals, 1),
                                        mask))
       # 3. Write the memory with y (real tokens only), reading after each write.
-      y_shift = jnp.roll(y, -start, axis=1)
-      z, new_mem, stats = self.memory.read_write(y_shift, mem_state,
-                                                 lengths_B=jnp.full((b,), n, jnp.int32))
+      if aligned:
+        z, new_mem, stats = self.memory.read_write(y, mem_state, aligned=True)
+      else:
+        y_shift = jnp.roll(y, -start, axis=1)
+        z, new_mem, stats = self.memory.read_write(y_shift, mem_state,
+                                                   lengths_B=jnp.full((b,), n, jnp.int32))
       z = jnp.roll(z.reshape(b, c, d), start, axis=1)
       out = self.combine(y, z)
       has = n > 0

@@ -16,6 +16,8 @@ SEQUENCE_MIXERS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "swa": ("layers.attention", "Attention", "SlidingWindowConfig", {}),
     "gated_deltanet": ("layers.deltanet", "GatedDeltaNet", "GatedDeltaNetConfig", {}),
     "mom": ("layers.mom", "MoM", "MoMConfig", {}),
+    "landmark": ("layers.landmark", "LandmarkAttention", "LandmarkConfig", {}),
+    "hcam": ("layers.hcam", "HCAM", "HCAMConfig", {}),
     "titans_lmm": ("layers.titans", "NeuralMemory", "TitansConfig", {}),
     "titans_mac": ("layers.titans", "MAC", "TitansConfig", {}),
     "titans_mag": ("layers.titans", "MAG", "TitansConfig", {}),

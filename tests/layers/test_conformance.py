@@ -18,6 +18,10 @@ TINY_KWARGS = {
     "swa": {"window": 5},
     "gated_deltanet": {"chunk_size": 8},
     "mom": {"chunk_size": 8, "num_memories": 3, "top_k": 2},
+    "landmark": {"block_size": 4},
+    # zero_init_out=False: otherwise HCAM's memory path outputs zero at init and only its local
+    # attention would be tested.
+    "hcam": {"chunk_size": 4, "segment_len": 8, "zero_init_out": False},
     "titans_lmm": _TITANS, "titans_mac": _TITANS, "titans_mag": _TITANS, "titans_mal": _TITANS,
 }
 

@@ -1,0 +1,34 @@
+"""HCAM (Lampinen et al. 2021, arXiv 2105.14039) in a language model on MQAR: causal attention
+inside segments of S tokens plus a top-k read of the C-token chunks of earlier segments
+(layers/hcam.py; reference/landmark_hcam.md section 2.2).
+
+  python scripts/train.py --config=configs/hcam.py
+  python scripts/train.py --config=configs/hcam.py:chunk=8,segment=16,k=2 --workdir=runs/hcam
+
+Variants: `size=tiny|small|base|170m|...`; `chunk=C`, `segment=S` (a multiple of C), `k=N` (chunks
+read per query, 0 = all), `max_chunks=M` (memory size in chunks); CPU sizes default to C=8, S=16,
+k=2, M=64, the others to C=64, S=512, k=4, M=512. `seq_len=L,kv=K` set the MQAR task; a short
+segment makes recall depend on the memory rather than on the local attention.
+Parameters (size=tiny, MQAR vocab 256): 158,016.
+"""
+from memarch import configs_lib
+
+
+def get_config(arg=None):
+  a = configs_lib.parse_arg(arg, size="tiny", chunk=0, segment=0, k=-1, max_chunks=0, seq_len=0,
+                            kv=0)
+  c = configs_lib.base_config(a.size)
+  cpu = a.size in ("tiny", "small")
+  c.model.layer_pattern = ("hcam",)
+  c.model.mixer = {"hcam": dict(
+      chunk_size=a.chunk or (8 if cpu else 64),
+      segment_len=a.segment or (16 if cpu else 512),
+      top_k=a.k if a.k >= 0 else (2 if cpu else 4),
+      max_chunks=a.max_chunks or (64 if cpu else 512), implementation="")}
+  if a.seq_len:
+    c.data.seq_len = a.seq_len
+  if a.kv:
+    c.data.num_kv_pairs = a.kv
+  c.train.num_steps = 1500
+  c.train.stop_at_accuracy = 0.99
+  return configs_lib.finalize(c)

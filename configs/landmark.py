@@ -1,0 +1,35 @@
+"""Landmark attention (Mohtashami & Jaggi 2023, arXiv 2305.16300) on MQAR: grouped-softmax attention
+over the own block, the W most recent blocks and the top-k older blocks (layers/landmark.py).
+
+  python scripts/train.py --config=configs/landmark.py
+  python scripts/train.py --config=configs/landmark.py:block=8,k=1,size=tiny --workdir=runs/landmark
+
+Variants: `size=tiny|small|base|170m|...`; `block=L` (block length, landmark included; CPU sizes
+16, else 64), `k=N` (older blocks retrieved per query; 0 = all, the paper's training form),
+`recent=W` (always-visible recent blocks), `share=token_head|token`, `positions=exact|none`,
+`seq_len=L,kv=K` (MQAR task). Every L-th stream position acts as the block's landmark; the default
+MQAR stream has no landmark token, so there it is an ordinary token with its own loss [ours]. For
+the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
+Parameters (size=tiny, MQAR vocab 256): 117,056.
+"""
+from memarch import configs_lib
+
+
+def get_config(arg=None):
+  a = configs_lib.parse_arg(arg, size="tiny", block=0, k=-1, recent=-1, share="token_head",
+                            positions="exact", seq_len=0, kv=0)
+  c = configs_lib.base_config(a.size)
+  cpu = a.size in ("tiny", "small")
+  c.model.layer_pattern = ("landmark",)
+  c.model.mixer = {"landmark": dict(
+      block_size=a.block or (16 if cpu else 64),
+      top_k=a.k if a.k >= 0 else (2 if cpu else 4),
+      recent_blocks=a.recent if a.recent >= 0 else (1 if cpu else 3),
+      share=a.share, positions=a.positions, implementation="")}
+  if a.seq_len:
+    c.data.seq_len = a.seq_len
+  if a.kv:
+    c.data.num_kv_pairs = a.kv
+  c.train.num_steps = 1500
+  c.train.stop_at_accuracy = 0.99
+  return configs_lib.finalize(c)

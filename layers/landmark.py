@@ -1,0 +1,265 @@
+"""Landmark attention (Mohtashami & Jaggi, "Random-Access Infinite Context Length for Transformers",
+NeurIPS 2023, arXiv 2305.16300). Reference: ../shared/reference/landmark_hcam.md, section 1.
+
+Tokens come in blocks of L = `block_size` positions whose last one is a landmark token: position p
+(counted over the whole stream, landmarks included) is a landmark iff p mod L = L - 1, and belongs
+to block c(p) = p // L. `insert_landmarks` below prepares data in that layout (loss masked at
+landmarks). Query i in block c reads, through one softmax (the grouped softmax, section 1.2, Eq. 1-4
+of the paper, in its single-softmax form):
+
+  own block     J_c(i) = {j in c, j <= i, j not a landmark}     logits s_ij
+  past block b  content keys J_b, gated by its landmark          e_ij = s_{i,lambda(b)} + s_ij
+                                                                       - LSE_{j' in J_b} s_ij'
+so block b receives total probability exp(s_{i,lambda(b)}) / Z_i and a landmark never passes its own
+value on (a_{i,lambda(b)} = 0). Which past blocks a query reads [ours: the memarch semantics of
+section 1.4, split-invariant, unlike the paper's chunked inference]:
+
+  - the W = `recent_blocks` most recent complete blocks, always (gated);
+  - the top-k (k = `top_k`) of the older complete blocks by landmark score s_{i,lambda(b)}, per
+    query and head (`share='token_head'`, the paper's default) or shared by the heads of a query
+    (`share='token'`, the paper's max_over_heads); `top_k=None` (or 0) reads every block, which is
+    the paper's training form (dense grouped softmax).
+  The paper trains with every block visible and retrieves the top-k only at inference; train with
+  top_k=None and evaluate the same weights with top_k=k, or train with top_k=k (which is exact
+  whenever a sequence has at most W + k complete blocks).
+
+The same code serves training and streaming: one call assembles the cached blocks and the blocks
+touched by the new tokens and runs `pallas_kernels.block_retrieval_attention`, so running a sequence
+at once, in pieces or token by token gives the same outputs (the section 3 invariant).
+
+Positions [ours, section 1.4 "position modes"]: `positions='exact'` applies RoPE at the true stream
+positions (landmarks included), cached keys are stored rotated; `'none'` uses no positional encoding.
+The paper's "stingy" positions (retrieved blocks re-positioned into (k+1)*L slots) are not
+implemented, nor are the `paper_chunked` inference mode or the `pos_jump_on_mem` augmentation.
+
+State (growing cache, DESIGN.md section 2), n_max = max_len // L blocks (or `cache_blocks`):
+  blk_k, blk_v [B, n_max, L-1, H, Dh]  content keys/values of completed blocks (ring, slot c mod n_max)
+  lmk_k        [B, n_max, H, Dh]       their landmark keys
+  blk_id       [B, n_max]              block index held by a slot (-1 = empty)
+  cur_k, cur_v [B, L-1, H, Dh]         content of the incomplete block
+  pos          [B]                     tokens consumed (landmarks included)
+A cache that overflows forgets the oldest blocks: create it with `init_state(B, max_len=total)` for
+exact continuation. Packed documents (segment_ids_BT) are not supported.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.base import reject_segment_ids
+from layers.rotary import apply_rope
+from pallas_kernels.block_retrieval_attention import block_retrieval_attention
+
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkConfig:
+  d_model: int
+  num_heads: int
+  block_size: int = 64  # L, the landmark included (last position of each block)
+  top_k: int | None = 4  # older blocks retrieved per query; None or 0 = all (training form)
+  recent_blocks: int = 3  # W most recent complete blocks, always visible
+  share: str = "token_head"  # 'token_head' (per query and head) | 'token' (shared by the heads)
+  positions: str = "exact"  # 'exact' (RoPE at stream positions) | 'none'
+  rope_base: float = 10000.0
+  cache_blocks: int = 256  # cache size in blocks when init_state gets no max_len
+  chunk_size: int = 128  # query tile of the xla kernel path
+  implementation: str | None = None  # kernel path (None: best available)
+
+  def __post_init__(self):
+    if self.implementation == "":
+      object.__setattr__(self, "implementation", None)
+    if self.top_k == 0:
+      object.__setattr__(self, "top_k", None)
+    if self.d_model % self.num_heads:
+      raise ValueError(f"landmark: d_model={self.d_model} is not divisible by num_heads="
+                       f"{self.num_heads}")
+    if self.block_size < 2:
+      raise ValueError(f"landmark: block_size must be >= 2 (content tokens + the landmark), got "
+                       f"{self.block_size}")
+    if self.top_k is not None and self.top_k < 0:
+      raise ValueError(f"landmark: top_k must be >= 0 (0 or None = all blocks), got {self.top_k}")
+    if self.recent_blocks < 0 or self.cache_blocks < 1 or self.chunk_size < 1:
+      raise ValueError("landmark: recent_blocks must be >= 0, cache_blocks and chunk_size >= 1")
+    if self.share not in ("token_head", "token"):
+      raise ValueError(f"landmark: share must be 'token_head' or 'token', got {self.share!r}")
+    if self.positions not in ("exact", "none"):
+      raise ValueError(f"landmark: positions must be 'exact' or 'none', got {self.positions!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def insert_landmarks(inputs_BL, targets_BL, *, block_size: int, landmark_id: int):
+  """Inserts `landmark_id` after every block_size - 1 tokens; landmark targets become -100.
+
+  Returns (inputs, targets) of length L + L // (block_size - 1) (numpy in, numpy out; jax arrays
+  work too), so position p is a landmark iff p mod block_size = block_size - 1, the layout
+  `LandmarkAttention` expects when the row starts at stream position 0. Content targets are kept:
+  the last content token of a block still predicts the next content token, skipping the landmark,
+  and landmarks are never predicted (section 1.1, as `lm_benchmark/optim/utils.py`). The landmark id
+  must be a vocabulary entry of its own (e.g. the data vocabulary size, with the model's vocab one
+  larger).
+  """
+  xp = jnp if isinstance(inputs_BL, jax.Array) else np
+  ell = block_size - 1
+  if ell < 1:
+    raise ValueError(f"insert_landmarks: block_size must be >= 2, got {block_size}")
+  b, length = inputs_BL.shape
+  n_lmk = length // ell
+  out_len = length + n_lmk
+  src = np.arange(length)
+  dst = src + src // ell  # content token i moves past the i // ell landmarks before it
+  lmk_pos = np.arange(n_lmk) * block_size + ell
+  inputs = xp.zeros((b, out_len), inputs_BL.dtype)
+  targets = xp.full((b, out_len), IGNORE, targets_BL.dtype)
+  if xp is np:
+    inputs[:, dst] = inputs_BL
+    inputs[:, lmk_pos] = landmark_id
+    targets[:, dst] = targets_BL
+  else:
+    inputs = inputs.at[:, dst].set(inputs_BL).at[:, lmk_pos].set(landmark_id)
+    targets = targets.at[:, dst].set(targets_BL)
+  return inputs, targets
+
+
+def _scatter_rows(buf_BS, idx_BT, val_BT):
+  """buf[b, idx[b, t]] = val[b, t]; out-of-range indices are dropped."""
+  return jax.vmap(lambda buf, i, v: buf.at[i].set(v, mode="drop"))(buf_BS, idx_BT, val_BT)
+
+
+def stream_blocks(cur_BCX, new_BTX, pos0_B, block: int, num_blocks: int):
+  """The `num_blocks` blocks of `block` positions starting at block pos0 // block, filled with the
+  incomplete block's cached entries (offsets < pos0 mod block) and the new tokens; zeros elsewhere.
+
+  cur_BCX holds the first `cur_BCX.shape[1]` offsets of the incomplete block. Returns
+  [B, num_blocks, block, ...].
+  """
+  b, t = new_BTX.shape[:2]
+  tail = new_BTX.shape[2:]
+  off0 = pos0_B % block
+  buf = jnp.zeros((b, num_blocks * block, *tail), new_BTX.dtype)
+  n_cur = cur_BCX.shape[1]
+  cur_idx = jnp.arange(n_cur)[None, :]
+  cur_idx = jnp.where(cur_idx < off0[:, None], cur_idx, num_blocks * block)
+  buf = _scatter_rows(buf, cur_idx, cur_BCX.astype(new_BTX.dtype))
+  buf = _scatter_rows(buf, off0[:, None] + jnp.arange(t)[None, :], new_BTX)
+  return buf.reshape(b, num_blocks, block, *tail)
+
+
+def write_blocks(cache_BN, blocks_BW, block_ids_BW, num_done_B):
+  """Writes the completed blocks (id < num_done) into ring slots id mod n; only the last n of them,
+  so that no two writes share a slot."""
+  n = cache_BN.shape[1]
+  ok = (block_ids_BW < num_done_B[:, None]) & (block_ids_BW >= num_done_B[:, None] - n)
+  slot = jnp.where(ok, block_ids_BW % n, n)
+  return _scatter_rows(cache_BN, slot, blocks_BW.astype(cache_BN.dtype))
+
+
+class LandmarkAttention(nnx.Module):
+  """Multi-head landmark attention (see the module docstring); registered as `landmark`."""
+
+  def __init__(self, cfg: LandmarkConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    h, d = cfg.num_heads, cfg.head_dim
+    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    mk = lambda: nnx.Param(nnx.with_partitioning(init, ("embed", "heads", "kv"))(
+        rngs.params(), (cfg.d_model, h, d)))
+    self.wq, self.wk, self.wv = mk(), mk(), mk()
+    out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    self.wo = nnx.Param(nnx.with_partitioning(out_init, ("heads", "kv", "embed"))(
+        rngs.params(), (h, d, cfg.d_model)))
+
+  def num_cache_blocks(self, max_len: int | None) -> int:
+    return self.cfg.cache_blocks if max_len is None else max(1, max_len // self.cfg.block_size)
+
+  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
+    n, c = self.num_cache_blocks(max_len), self.cfg.block_size - 1
+    h, d = self.cfg.num_heads, self.cfg.head_dim
+    return {
+        "blk_k": jnp.zeros((batch_size, n, c, h, d), dtype),
+        "blk_v": jnp.zeros((batch_size, n, c, h, d), dtype),
+        "lmk_k": jnp.zeros((batch_size, n, h, d), dtype),
+        "blk_id": jnp.full((batch_size, n), -1, jnp.int32),
+        "cur_k": jnp.zeros((batch_size, c, h, d), dtype),
+        "cur_v": jnp.zeros((batch_size, c, h, d), dtype),
+        "pos": jnp.zeros((batch_size,), jnp.int32),
+    }
+
+  def qkv(self, x_BTD, positions_BT):
+    dt = x_BTD.dtype
+    q = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x_BTD, self.wv[...].astype(dt))
+    if self.cfg.positions == "exact":
+      q = apply_rope(q, positions_BT, base=self.cfg.rope_base)
+      k = apply_rope(k, positions_BT, base=self.cfg.rope_base)
+    return q, k, v
+
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
+    reject_segment_ids("landmark attention", segment_ids_BT)
+    cfg = self.cfg
+    b, t, _ = x_BTD.shape
+    big_l, c, w = cfg.block_size, cfg.block_size - 1, cfg.recent_blocks
+    fresh = state is None
+    if fresh:
+      state = self.init_state(b, max_len=t, dtype=x_BTD.dtype)
+    pos0 = state["pos"]
+    positions = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    q, k, v = self.qkv(x_BTD, positions)
+
+    # The blocks this call touches: the cached incomplete one, then those of the new tokens.
+    nb = (t + big_l - 1) // big_l + 1
+    c0 = pos0 // big_l
+    win_k = stream_blocks(state["cur_k"], k, pos0, big_l, nb)  # [B, nb, L, H, Dh]
+    win_v = stream_blocks(state["cur_v"], v, pos0, big_l, nb)
+    win_id = c0[:, None] + jnp.arange(nb, dtype=jnp.int32)[None]
+    win_pos = c0[:, None] * big_l + jnp.arange(nb * big_l, dtype=jnp.int32)[None]
+
+    # Candidate past blocks: cached ones plus the call's own (only complete ones are ever read:
+    # a block b < c(i) has seen its landmark before query i).
+    if fresh:  # an empty cache adds nothing
+      blk_k, blk_v, lmk_k, blk_id = win_k[:, :, :c], win_v[:, :, :c], win_k[:, :, c], win_id
+    else:
+      cat = lambda a, w_: jnp.concatenate([a.astype(w_.dtype), w_], axis=1)
+      blk_k, blk_v = cat(state["blk_k"], win_k[:, :, :c]), cat(state["blk_v"], win_v[:, :, :c])
+      lmk_k, blk_id = cat(state["lmk_k"], win_k[:, :, c]), cat(state["blk_id"], win_id)
+    q_blk = positions // big_l
+    bid, qb = blk_id[:, None, :], q_blk[:, :, None]
+    past = (bid >= 0) & (bid < qb)
+    always = past & (bid >= qb - w)
+    allowed = past & (bid < qb - w)
+    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    gate = jnp.einsum("bthd,bnhd->bthn", q, lmk_k.astype(q.dtype),
+                      preferred_element_type=acc) * cfg.head_dim ** -0.5
+
+    # Own block: same block, not in the future, not a landmark, already written.
+    kp, qp = win_pos[:, None, :], positions[:, :, None]
+    own = ((kp // big_l) == (qp // big_l)) & (kp <= qp) & (kp % big_l != c)
+    own = own & (kp < (pos0 + t)[:, None, None])
+    local = (win_k.reshape(b, nb * big_l, *k.shape[2:]), win_v.reshape(b, nb * big_l, *v.shape[2:]),
+             own)
+    o = block_retrieval_attention(q, blk_k, blk_v, gate, allowed, always=always, k=cfg.top_k,
+                                  share=cfg.share, local=local, chunk_size=cfg.chunk_size,
+                                  implementation=cfg.implementation)
+    y = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
+
+    done = (pos0 + t) // big_l  # blocks completed after this call
+    cur = jnp.clip(done - c0, 0, nb - 1)
+    take = lambda a: jnp.take_along_axis(a, cur[:, None, None, None, None], axis=1)[:, 0, :c]
+    new_state = {
+        "blk_k": write_blocks(state["blk_k"], win_k[:, :, :c], win_id, done),
+        "blk_v": write_blocks(state["blk_v"], win_v[:, :, :c], win_id, done),
+        "lmk_k": write_blocks(state["lmk_k"], win_k[:, :, c], win_id, done),
+        "blk_id": write_blocks(state["blk_id"], win_id, win_id, done),
+        "cur_k": take(win_k).astype(state["cur_k"].dtype),
+        "cur_v": take(win_v).astype(state["cur_v"].dtype),
+        "pos": pos0 + t,
+    }
+    return y, new_state

@@ -1,0 +1,162 @@
+"""Landmark attention: grouped softmax vs a float64 per-query brute force, top-k = all blocks vs the
+training form, split invariance with a small k, landmark insertion (reference/landmark_hcam.md
+sections 1 and 4)."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers.landmark import IGNORE, LandmarkAttention, LandmarkConfig, insert_landmarks
+from memarch.sharding import mesh_context
+from pallas_kernels.testing import rel_rms
+
+D, H, B = 16, 2, 2
+
+
+@pytest.fixture
+def x64():
+  old = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", old)
+
+
+def build(**kw):
+  with mesh_context():
+    return LandmarkAttention(LandmarkConfig(d_model=D, num_heads=H, **kw), rngs=nnx.Rngs(0))
+
+
+def inputs(seed, t, dtype=jnp.float32):
+  return jax.random.normal(jax.random.PRNGKey(seed), (B, t, D), jnp.float32).astype(dtype)
+
+
+# Eager first calls compile every primitive separately (seconds each on a busy CPU): always jit.
+step = jax.jit(lambda m, x, s: m(x, state=s))
+fresh = jax.jit(lambda m, x: m(x))
+
+
+def run_pieces(m, x, cuts, max_len=None):
+  t = x.shape[1]
+  state = m.init_state(B, max_len=max_len or t, dtype=x.dtype)
+  outs, prev = [], 0
+  for c in list(cuts) + [t]:
+    y, state = step(m, x[:, prev:c], state)
+    outs.append(y)
+    prev = c
+  return jnp.concatenate(outs, axis=1), state
+
+
+def brute_force(m, x, block):
+  """Section 1.2 literally, per query and head, in float64: Z_i sums the own-block content keys
+  j <= i and the landmarks of all past blocks; a past block's content shares its landmark's mass."""
+  t = x.shape[1]
+  q, k, v = (np.asarray(a, np.float64) for a in m.qkv(x, jnp.arange(t)[None].repeat(B, 0)))
+  d = q.shape[-1]
+  ell = block - 1
+  o = np.zeros(q.shape)
+  for b, i, h in itertools.product(range(B), range(t), range(H)):
+    c = i // block
+    s = lambda j: q[b, i, h] @ k[b, j, h] / np.sqrt(d)
+    own = [j for j in range(c * block, i + 1) if j % block != ell]
+    past = range(c)
+    z = sum(np.exp(s(j)) for j in own) + sum(np.exp(s(bb * block + ell)) for bb in past)
+    a = np.zeros(t)
+    for j in own:
+      a[j] = np.exp(s(j)) / z
+    for bb in past:
+      js = range(bb * block, bb * block + ell)
+      inner = np.array([np.exp(s(j)) for j in js])
+      a[list(js)] = np.exp(s(bb * block + ell)) / z * inner / inner.sum()
+    assert abs(a.sum() - 1) < 1e-12 and all(a[j] == 0 for j in range(ell, t, block))
+    o[b, i, h] = a @ v[b, :, h]
+  return np.einsum("bthk,hkd->btd", o, np.asarray(m.wo[...], np.float64))
+
+
+@pytest.mark.parametrize("positions", ["exact", "none"])
+def test_grouped_softmax_matches_brute_force(x64, positions):
+  block, t = 4, 14  # three complete blocks and a trailing block without its landmark
+  m = build(block_size=block, top_k=None, positions=positions)
+  x = inputs(0, t, jnp.float64)
+  ref = brute_force(m, x, block)
+  y, _ = fresh(m, x)
+  assert y.dtype == jnp.float64
+  # RoPE computes its rotation in float32 (layers/rotary.py), whose sin/cos may round differently
+  # in and out of jit: exact positions get a float32-level tolerance, 'none' the float64 one.
+  tol = 1e-9 if positions == "none" else 2e-5
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=tol, atol=tol)
+  # a history prefix (the second piece starts mid-block) and a one-token step
+  y2, _ = run_pieces(m, x, [5, 6])
+  np.testing.assert_allclose(np.asarray(y2), ref, rtol=tol, atol=tol)
+
+
+def test_topk_covering_all_blocks_equals_training_form():
+  block, t = 4, 22
+  x = inputs(1, t)
+  train = build(block_size=block, top_k=None)
+  full, _ = fresh(train, x)
+  for kw in (dict(top_k=6, recent_blocks=0, share="token"), dict(top_k=2, recent_blocks=3)):
+    stream = build(block_size=block, **kw)
+    y, _ = run_pieces(stream, x, range(1, t))  # token by token
+    assert rel_rms(y, full) < 2e-5, kw
+
+
+def test_small_k_is_split_invariant_and_retrieves():
+  block, t = 4, 30
+  x = inputs(2, t)
+  m = build(block_size=block, top_k=1, recent_blocks=1)
+  full, full_state = step(m, x, m.init_state(B, max_len=t))
+  none_y, _ = fresh(m, x)
+  assert rel_rms(none_y, full) < 1e-6
+  for cuts in ([1, 2, 3], [9]):
+    y, state = run_pieces(m, x, cuts)
+    assert rel_rms(y, full) < 2e-5, cuts
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(full_state)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  dense, _ = fresh(build(block_size=block, top_k=None), x)
+  early = block * 3  # queries in blocks 0-2 see at most W + k = 2 past blocks: identical
+  assert rel_rms(full[:, :early], dense[:, :early]) < 1e-6
+  assert rel_rms(full[:, early:], dense[:, early:]) > 1e-3, "top_k=1 should drop blocks"
+
+
+def test_causality_with_retrieval():
+  m = build(block_size=4, top_k=1, recent_blocks=1)
+  x = inputs(3, 23)
+  j = 13
+  y0, _ = fresh(m, x)
+  y1, _ = fresh(m, x.at[:, j].add(3.0))
+  np.testing.assert_allclose(y0[:, :j], y1[:, :j], atol=1e-5)
+  assert float(jnp.abs(y0[:, j:] - y1[:, j:]).max()) > 1e-3
+
+
+def test_bfloat16_and_grads():
+  m = build(block_size=4, top_k=2, recent_blocks=1)
+  x = inputs(4, 21)
+  y16, _ = fresh(m, x.astype(jnp.bfloat16))
+  y32, _ = fresh(m, x)
+  assert y16.dtype == jnp.bfloat16 and rel_rms(y16.astype(jnp.float32), y32) < 3e-2
+  g = jax.jit(jax.grad(lambda x, m: jnp.sum(jnp.sin(m(x)[0]))))(x, m)
+  assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+
+
+def test_segment_ids_rejected():
+  m = build(block_size=4)
+  with pytest.raises(NotImplementedError, match="segment_ids_BT"):
+    m(inputs(0, 8), segment_ids_BT=jnp.ones((B, 8), jnp.int32))
+
+
+def test_insert_landmarks():
+  inp = np.arange(1, 8)[None].repeat(2, 0).astype(np.int32)
+  tgt = np.arange(2, 9)[None].repeat(2, 0).astype(np.int32)
+  tgt[1, 2] = IGNORE
+  x, y = insert_landmarks(inp, tgt, block_size=4, landmark_id=99)
+  np.testing.assert_array_equal(x[0], [1, 2, 3, 99, 4, 5, 6, 99, 7])
+  np.testing.assert_array_equal(y[0], [2, 3, 4, IGNORE, 5, 6, 7, IGNORE, 8])
+  np.testing.assert_array_equal(y[1], [2, 3, IGNORE, IGNORE, 5, 6, 7, IGNORE, 8])
+  xj, yj = insert_landmarks(jnp.asarray(inp), jnp.asarray(tgt), block_size=4, landmark_id=99)
+  np.testing.assert_array_equal(np.asarray(xj), x)
+  np.testing.assert_array_equal(np.asarray(yj), y)
+  # every landmark lands where the layer expects it: p mod L = L - 1
+  assert set(np.flatnonzero(x[0] == 99) % 4) == {3}
