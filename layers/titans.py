@@ -361,8 +361,21 @@ class MAC(nnx.Module):
       return (mem_state, w_seg, cache), (out, stats)
 
     cache0 = {k: state[k] for k in ("kh", "vh", "kx", "vx")}
-    (mem_state, w_seg, cache), (outs, stats) = jax.lax.scan(
-        body, (state["memory"], state["w_seg"], cache0), (jnp.arange(n_seg), xs_SBCD))
+    carry = (state["memory"], state["w_seg"], cache0)
+    if n_seg <= 8:
+      # Few segments (training at CPU sizes, decode steps): unrolled, so XLA optimises across
+      # segments and skips the while-loop bookkeeping (measured 1.7x faster fwd+bwd at T=64).
+      outs, stats = [], []
+      for i in range(n_seg):
+        carry, (o_i, st_i) = body(carry, (jnp.int32(i), xs_SBCD[i]))
+        outs.append(o_i)
+        stats.append(st_i)
+      outs = jnp.stack(outs)
+      stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+      mem_state, w_seg, cache = carry
+    else:
+      (mem_state, w_seg, cache), (outs, stats) = jax.lax.scan(
+          body, carry, (jnp.arange(n_seg), xs_SBCD))
     self.memory.sow_stats({k: jnp.nanmean(v) for k, v in stats.items()})
     o = jax.lax.dynamic_slice_in_dim(outs.swapaxes(0, 1).reshape(b, n_seg * c, d), p0, t, axis=1)
     new_state = {"memory": mem_state, "w_seg": w_seg, **cache, "pos": state["pos"] + t}

@@ -169,7 +169,10 @@ def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, c
     sel = tuple(x * h + o * (1 - h) for x, o in zip(base, sel))
     return (w_new, s_new, sel), y
 
-  (w_end, s_end, sel), y = lax.scan(body, (w0, s0, wb0), (jnp.arange(nc), xs))
+  # Short sequences (a few chunks: CPU-sized training, MAC segments, decode steps) are unrolled:
+  # the while loop's per-iteration overhead dominates there.
+  (w_end, s_end, sel), y = lax.scan(body, (w0, s0, wb0), (jnp.arange(nc), xs),
+                                    unroll=nc if nc <= 4 else 1)
   y = jnp.moveaxis(y, (0, 2), (1, 3)).reshape(B, tp, H, D)    # [nc, B, H, b, D] -> [B, tp, H, D]
   if assume_aligned:
     o = y[:, :T]
