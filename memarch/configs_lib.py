@@ -83,7 +83,10 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       # BABILong-style qa1-qa5 (data.name = 'babilong'); length 0 = fit the context to data.seq_len:
       babilong_tasks=("qa1", "qa2", "qa3", "qa4", "qa5"), babilong_length=0,
       # Passkey / S-NIAH-1 (data.name = 'passkey' | 'niah'); depth < 0 = uniform per example:
-      needle_depth=-1.0, niah_needles=1, niah_queries=1))
+      needle_depth=-1.0, niah_needles=1, niah_queries=1,
+      # MAD memorization (data.name = 'memorization'; uses seq_len, vocab_size, batch_size): the
+      # number of stored facts M, 0 = all (vocab_size - 1) // 2:
+      num_facts=0))
   c.opt = ml_collections.ConfigDict(dict(
       lr=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, schedule="cosine",
       warmup_steps=50, decay_fraction=0.2, min_lr_ratio=0.0, grad_accum=1))

@@ -52,4 +52,10 @@ def make_source(data_cfg, *, seed: int):
     return NIAHSource(data_cfg.seq_len, num_needles=data_cfg.niah_needles,
                       num_queries=data_cfg.niah_queries, batch_size=data_cfg.batch_size, seed=seed,
                       tokenizer=tok, depth=depth)
-  raise ValueError(f"unknown data.name {name!r}; choose mqar, text, tfds, babilong, passkey or niah")
+  if name == "memorization":
+    from memarch.data.memorization import MemorizationSource
+    return MemorizationSource(seq_len=data_cfg.seq_len, vocab_size=data_cfg.vocab_size,
+                              batch_size=data_cfg.batch_size, seed=seed,
+                              num_facts=data_cfg.num_facts or None)
+  raise ValueError(f"unknown data.name {name!r}; choose mqar, text, tfds, babilong, passkey, niah "
+                   "or memorization")
