@@ -61,8 +61,9 @@ def state_bytes_per_layer(cfg, seq_len: int) -> list[int]:
   data = make_source(cfg.data, seed=0)
   lm_cfg = configs_lib.lm_config(cfg, data.vocab_size)
   with sharding.mesh_context():
-    model = nnx.eval_shape(lambda: LM(lm_cfg, rngs=nnx.Rngs(0)))
-    states = jax.eval_shape(lambda: model.init_state(1, max_len=seq_len))
+    # Build inside eval_shape too: some initial states come from parameters (Titans' W_0).
+    states = jax.eval_shape(
+        lambda: LM(lm_cfg, rngs=nnx.Rngs(0)).init_state(1, max_len=seq_len))
   return [int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(s)))
           for s in states]
 

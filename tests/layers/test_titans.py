@@ -33,7 +33,7 @@ def rel(a, b):
 @pytest.mark.parametrize("variant", ["lmm", "mac", "mag", "mal"])
 @pytest.mark.parametrize("chunk,t", [(1, 5), (4, 11), (16, 21)])
 def test_reference_equals_chunked_float64(variant, chunk, t):
-  with jax.experimental.enable_x64():
+  with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(1), (B, t, D), jnp.float64)
     outs, grads = {}, {}
     for impl in ("reference", "xla"):
@@ -62,7 +62,7 @@ def test_reference_equals_chunked_float64(variant, chunk, t):
 @pytest.mark.parametrize("variant", ["lmm", "mac"])
 def test_given_initial_state_float64(variant):
   """Continuing from a mid-chunk, mid-segment state: reference == chunked."""
-  with jax.experimental.enable_x64():
+  with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(2), (B, 13, D), jnp.float64)
     ys = {}
     for impl in ("reference", "xla"):
@@ -73,7 +73,7 @@ def test_given_initial_state_float64(variant):
 
 
 def test_linear_memory_depth1_runs_closed_form_and_learns_per_token():
-  with jax.experimental.enable_x64():
+  with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(3), (B, 9, D), jnp.float64)
     y1 = build("lmm", "xla", 1, depth=1)(x)[0]
     y4 = build("lmm", "xla", 4, depth=1)(x)[0]
