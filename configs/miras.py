@@ -1,0 +1,40 @@
+"""Miras (Behrouz et al., arXiv 2504.13173): Moneta (default), Yaad or Memora on MQAR.
+
+  python scripts/train.py --config=configs/miras.py
+  python scripts/train.py --config=configs/miras.py:variant=yaad,hybrid=True --workdir=runs/yaad_h
+
+Variants: `variant=moneta|yaad|memora`, `hybrid=True` (the "-H" models: memory layers interleaved
+with sliding-window attention, Titans' MAL layout), `size=tiny|small|base|170m|340m|760m`,
+`depth=N` (memory MLP depth, 1 = linear memory), `chunk=N` (inner mini-batch b; the paper uses 16 or
+64), `seq_len=L,kv=K` (MQAR task).
+Parameters (size=tiny, MQAR vocab 256): moneta 160,984; yaad 160,984; memora 160,984
+(hybrid=True: 139,020 each). The three share one parameter set (Memora's scale c is kept, unused,
+by the others).
+"""
+from memarch import configs_lib
+
+VARIANTS = ("moneta", "yaad", "memora")
+
+
+def get_config(arg=None):
+  a = configs_lib.parse_arg(arg, variant="moneta", size="tiny", depth=2, chunk=16, hybrid=False,
+                            seq_len=0, kv=0)
+  if a.variant not in VARIANTS:
+    raise ValueError(f"miras: unknown variant {a.variant!r}; choose moneta, yaad or memora")
+  c = configs_lib.base_config(a.size)
+  cpu = a.size in ("tiny", "small")
+  name = a.variant
+  c.model.layer_pattern = (name, "swa") if a.hybrid else (name,)
+  c.model.mixer = {name: dict(memory_depth=a.depth, expansion=4, chunk_size=a.chunk,
+                              theta_max=0.0,  # 0: the per-depth default
+                              num_persistent=0, conv_size=4, implementation="")}
+  if a.hybrid:
+    c.model.mixer["swa"] = dict(window=64 if cpu else 2048)
+  if a.seq_len:
+    c.data.seq_len = a.seq_len
+  if a.kv:
+    c.data.num_kv_pairs = a.kv
+  c.train.num_steps = 2000
+  c.train.stop_at_accuracy = 0.99
+  c.train.stats_every = 100
+  return configs_lib.finalize(c)

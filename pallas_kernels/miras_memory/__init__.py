@@ -1,0 +1,146 @@
+"""Miras memories: Moneta, Yaad, Memora (Behrouz et al., "It's All Connected", arXiv 2504.13173 §5).
+
+One op with a pluggable attentional bias and retention over the Titans MLP memory, plain GD, chunked
+with gradients at the chunk base (reference/titans_miras.md §7; see `reference.py` for the equations):
+
+    Moneta: bias="lp", p=3, retention="lq", q_norm=4      (Eq. 24-25, rescaled mirror map [ours])
+    Yaad:   bias="huber", retention="l2"                  (Eq. 26)
+    Memora: bias="l2", retention="kl"                     (Eq. 21, 27; lag_token=True)
+
+Implementations (DESIGN.md §2): `reference` (token lax.scan, the oracle) and `xla` (chunked; the
+default on every backend: no Pallas kernel yet).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels._dispatch import dispatch
+from pallas_kernels.miras_memory.reference import (BIASES, RETENTIONS, STATE_KEY,
+                                                   miras_memory_reference, phi)
+from pallas_kernels.miras_memory.xla import miras_memory_xla
+from pallas_kernels.titans_memory import _check_weights
+from pallas_kernels.titans_memory.reference import compute_dtype, memory_apply
+
+__all__ = ["miras_memory", "init_miras_state", "miras_weights", "MODELS", "IMPLEMENTATIONS",
+           "STATE_KEY"]
+
+IMPLEMENTATIONS = {"reference": miras_memory_reference, "xla": miras_memory_xla}
+
+# The paper's three models as (bias, retention) pairs; Memora also takes lag_token=True.
+MODELS = {"moneta": ("lp", "lq"), "yaad": ("huber", "l2"), "memora": ("l2", "kl")}
+
+
+def init_miras_state(x0, batch_size: int, retention: str = "l2"):
+  """The state at the start of a stream: the (learned) initial state x0 broadcast over the batch.
+
+  Args:
+    x0: tuple of per-layer initial states [H, out, in]: W_0 (l2), the dual A_0 (lq) or the logits
+      Z_0 (kl); shapes as `titans_memory.init_memory_state`.
+    batch_size: B. retention: "l2" | "lq" | "kl" (names the state key "w" | "a" | "z").
+  Returns: {key: tuple of [B, H, out, in], "base": the same tuple, "phase": int32 [B] zeros};
+    float32 (float64 for float64 x0).
+  """
+  if retention not in STATE_KEY:
+    raise ValueError(f"init_miras_state: unknown retention {retention!r}; choose one of {RETENTIONS}")
+  x0 = tuple(x0)
+  if len(x0) == 0:
+    raise ValueError("init_miras_state: memory depth must be >= 1 (got an empty x0)")
+  _check_weights("init_miras_state", x0, (x0[0].shape[0],))
+  dt = jnp.float64 if any(w.dtype == jnp.float64 for w in x0) else jnp.float32
+  x = tuple(jnp.broadcast_to(w.astype(dt), (batch_size,) + w.shape) for w in x0)
+  return {STATE_KEY[retention]: x, "base": x, "phase": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def miras_weights(state, retention: str, *, q_norm=4.0, kl_scale_HL=None):
+  """The memory weights phi(state) (tuple of [B, H, out, in]) of a state, e.g. for `memory_apply`."""
+  xs = tuple(state[STATE_KEY[retention]])
+  if kl_scale_HL is None:
+    kl_scale_HL = jnp.ones((xs[0].shape[1], len(xs)), xs[0].dtype)
+  return phi(xs, retention, q_norm, kl_scale_HL[None])
+
+
+def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, retention,
+           chunk_size, lengths):
+  name = "miras_memory"
+  if bias not in BIASES:
+    raise ValueError(f"{name}: unknown bias {bias!r}; choose one of {BIASES}")
+  if retention not in STATE_KEY:
+    raise ValueError(f"{name}: unknown retention {retention!r}; choose one of {RETENTIONS}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+  if q.ndim != 4:
+    raise ValueError(f"{name}: q must be [B, T, H, D], got shape {q.shape}")
+  B, T, H, D = q.shape
+  if T < 1:
+    raise ValueError(f"{name}: sequence length must be >= 1, got T={T}")
+  for n, x in (("k", k), ("v", v)):
+    if x.shape != q.shape:
+      raise ValueError(f"{name}: {n} must have q's shape {q.shape}, got {x.shape}")
+  key = STATE_KEY[retention]
+  if not isinstance(state, dict) or set(state) != {key, "base", "phase"}:
+    raise ValueError(f"{name}: with retention={retention!r} state must be a dict with keys "
+                     f"{key}, base, phase (see init_miras_state), got "
+                     f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+  xs = tuple(state[key])
+  _check_weights(name, xs, (B, H))
+  if xs[0].shape[-1] != D:
+    raise ValueError(f"{name}: memory width {xs[0].shape[-1]} != head dim D={D}")
+  if tuple(x.shape for x in state["base"]) != tuple(x.shape for x in xs):
+    raise ValueError(f"{name}: state['base'] shapes {[x.shape for x in state['base']]} != "
+                     f"state[{key!r}] shapes {[x.shape for x in xs]}")
+  if state["phase"].shape != (B,):
+    raise ValueError(f"{name}: state['phase'] must be [B] = ({B},), got {state['phase'].shape}")
+  L = len(xs)
+  if theta.shape != (B, T, H, L):
+    raise ValueError(f"{name}: theta must be [B, T, H, L] = {(B, T, H, L)}, got {theta.shape}")
+  for n, x in (("a", a), ("delta", delta)):
+    if x.shape != (B, T, H):
+      raise ValueError(f"{name}: {n} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
+  for n, x in (("ln_scale", ln_scale), ("ln_bias", ln_bias)):
+    if x.shape != (H, D):
+      raise ValueError(f"{name}: {n} must be [H, D] = {(H, D)}, got {x.shape}")
+  if kl_scale.shape != (H, L):
+    raise ValueError(f"{name}: kl_scale must be [H, L] = {(H, L)}, got {kl_scale.shape}")
+  if lengths is not None and lengths.shape != (B,):
+    raise ValueError(f"{name}: lengths must be [B] = ({B},), got {lengths.shape}")
+
+
+def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD, *,
+                 state, bias="l2", p=3.0, retention="l2", q_norm=4.0, kl_scale_HL=None,
+                 lag_token=False, chunk_size=16, lengths=None, assume_aligned=False, implementation=None,
+                 interpret=False):
+  """A Miras memory over a sequence: writes every token, reads after each write.
+
+  Args:
+    q_BTHD, k_BTHD: queries and keys (L2-normalised by the caller). v_BTHD: values.
+    theta_BTHL: inner step size per token, head and memory layer (L = depth), >= 0.
+    a_BTH: retention factor a_t in [0, 1] (Miras' alpha_t). delta_BTH: Huber threshold (> 0; used
+      by bias="huber" only, pass anything otherwise).
+    ln_scale_HD, ln_bias_HD: outer-loop LayerNorm affine of the MLP memory (unused at depth 1).
+    state: {"w" | "a" | "z" (by retention): tuple of [B, H, out, in], "base": the gradient-base state
+      of the chunk in progress, "phase": int32 [B]} from `init_miras_state` or a previous call; chunk
+      boundaries are global, so any split of a stream gives the same outputs and final state.
+    bias: "l2" | "lp" | "huber" | "dot"; p: the l_p exponent. retention: "l2" | "lq" | "kl";
+      q_norm: the l_q exponent; kl_scale_HL: Memora's per-matrix scale c (default ones).
+    lag_token: Memora's lag token (§7.3): the first token of each chunk takes its own exact step
+      (chunks of {1, b-1} tokens on the global grid).
+    chunk_size: b (part of the model). lengths: optional int [B] right-padding lengths.
+    assume_aligned: static promise that every row starts at phase 0 (skips the phase shift).
+    implementation: None (xla), "reference" or "xla". interpret: dispatch parity (no Pallas path).
+  Returns:
+    o_BTHD in q's dtype and the state after the last real token (float32; float64 for float64).
+  """
+  key = STATE_KEY.get(retention)
+  L = len(state[key]) if isinstance(state, dict) and key in state else 1
+  H = q_BTHD.shape[2] if q_BTHD.ndim == 4 else 0
+  if kl_scale_HL is None:
+    kl_scale_HL = jnp.ones((H, L), compute_dtype(q_BTHD))
+  _check(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD,
+         kl_scale_HL, state, bias, retention, chunk_size, lengths)
+  state = {key: tuple(state[key]), "base": tuple(state["base"]), "phase": state["phase"]}
+  kw = dict(state=state, bias=bias, p=float(p), retention=retention, q_norm=float(q_norm),
+            chunk_size=chunk_size, lengths=lengths, lag_token=bool(lag_token))
+  if assume_aligned and implementation != "reference":
+    kw["assume_aligned"] = True
+  return dispatch("miras_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,
+                  v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD, kl_scale_HL, **kw)

@@ -1,0 +1,225 @@
+"""Miras memory op (Moneta, Yaad, Memora): chunked xla path vs the token-loop oracle, and the
+reductions of reference/titans_miras.md §9.7 (Yaad with delta -> inf and Moneta with p = q = 2 are the
+l2 memory; Memora rows sum to c), split invariance and right padding, all in float64."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory, miras_weights
+from pallas_kernels.testing import assert_close, assert_tree_close, rel_rms
+from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
+
+TOL = 1e-9
+
+
+@pytest.fixture
+def x64():
+  old = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", old)
+
+
+@pytest.fixture(autouse=True)
+def fast_compile():
+  """Tiny shapes: XLA's optimisation passes cost more than they save here."""
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def make_inputs(seed, B=2, T=7, H=2, D=3, E=2, L=2):
+  """(q, k, v, theta, a, delta, ln_scale, ln_bias), x0 (per-layer [H, out, in]) and kl scale [H, L]
+  in float64; numpy RNG (no per-call compiles). delta spans both Huber branches."""
+  rng = np.random.default_rng(seed)
+  l2 = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  q = l2(rng.standard_normal((B, T, H, D)))
+  k = l2(rng.standard_normal((B, T, H, D)))
+  v = rng.standard_normal((B, T, H, D))
+  theta = 0.4 * rng.uniform(size=(B, T, H, L))
+  a = 1.0 - 0.2 * rng.uniform(size=(B, T, H))
+  delta = rng.uniform(0.3, 2.5, size=(B, T, H))
+  ln_s = 1.0 + 0.2 * rng.standard_normal((H, D))
+  ln_b = 0.2 * rng.standard_normal((H, D))
+  shapes = [(H, D, D)] if L == 1 else [(H, E * D, D), (H, D, E * D)]
+  x0 = tuple(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-1])) for s in shapes)
+  c = jnp.asarray(rng.uniform(0.5, 2.0, size=(H, L)))
+  args = tuple(jnp.asarray(x) for x in (q, k, v, theta, a, delta, ln_s, ln_b))
+  return args, x0, c
+
+
+@functools.partial(jax.jit, static_argnames=("model", "chunk", "impl", "lag"))
+def run(model, args, x0, c, *, chunk, impl, state=None, lengths=None, lag=None):
+  """One jitted call (a single compile is much cheaper than eager op-by-op dispatch).
+
+  Memora runs with its lag token unless lag=False."""
+  bias, ret = MODELS[model]
+  lag = model == "memora" if lag is None else lag
+  state = init_miras_state(x0, args[0].shape[0], ret) if state is None else state
+  return miras_memory(*args, state=state, bias=bias, retention=ret, kl_scale_HL=c, lag_token=lag,
+                      chunk_size=chunk, implementation=impl, lengths=lengths)
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_xla_matches_reference(x64, model, chunk):
+  args, x0, c = make_inputs(0)
+  outs = {impl: run(model, args, x0, c, chunk=chunk, impl=impl) for impl in ("reference", "xla")}
+  assert_close(outs["xla"][0], outs["reference"][0], TOL, "o")
+  assert_tree_close(outs["xla"][1], outs["reference"][1], TOL, "state")
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=SLOW), 4])
+def test_grads_match_reference(x64, model, chunk):
+  """Outer gradients (through the inner gradient: second order) w.r.t. every input, x0 and c."""
+  args, x0, c = make_inputs(0)
+
+  def loss(impl):
+    def f(args, x0, c):
+      y, st = run(model, args, x0, c, chunk=chunk, impl=impl)
+      return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(x)) for x in jax.tree.leaves(st)
+                                       if x.dtype == jnp.float64)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+  g_ref = loss("reference")(args, x0, c)
+  g_xla = loss("xla")(args, x0, c)
+  assert_tree_close(g_xla, g_ref, TOL, "grads")
+  if model == "yaad":  # delta is used: its gradient is non-zero (only through the clipped branch)
+    assert float(jnp.abs(g_ref[0][5]).sum()) > 1e-6
+  if model == "memora":  # the KL scale c reaches the outputs
+    assert float(jnp.abs(g_ref[2]).sum()) > 1e-6
+
+
+def test_chunk_size_changes_the_model(x64):
+  """b = 1 (exact recurrence) and b = 4 (frozen base) must differ (§9.2)."""
+  args, x0, c = make_inputs(1)
+  for model in MODELS:
+    y1, _ = run(model, args, x0, c, chunk=1, impl="xla")
+    y4, _ = run(model, args, x0, c, chunk=4, impl="xla")
+    assert rel_rms(y4, y1) > 1e-4, model
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_yaad_infinite_delta_is_the_l2_memory(x64, chunk):
+  """Huber with delta -> inf is the l2 bias; with l2 retention that is Titans with eta = 0."""
+  args, x0, c = make_inputs(2)
+  q, k, v, theta, a, delta, ln_s, ln_b = args
+  big = args[:5] + (jnp.full_like(delta, 1e9),) + args[6:]
+  y, st = run("yaad", big, x0, c, chunk=chunk, impl="xla")
+  y_l2, st_l2 = miras_memory(*args, state=init_miras_state(x0, 2, "l2"), bias="l2",
+                             retention="l2", chunk_size=chunk, implementation="xla")
+  assert_close(y, y_l2, TOL, "o")
+  y_t, st_t = titans_memory(q, k, v, theta, jnp.zeros_like(a), jnp.log(a), ln_s, ln_b,
+                            state=init_memory_state(x0, 2), chunk_size=chunk, implementation="xla")
+  assert_close(y, y_t, TOL, "o vs titans")
+  assert_tree_close(st["w"], st_t["w"], TOL, "w vs titans")
+  # and a finite delta actually clips (the test above is not vacuous)
+  y_clip, _ = run("yaad", args, x0, c, chunk=chunk, impl="xla")
+  assert rel_rms(y_clip, y) > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_moneta_p2_q2_is_the_l2_memory(x64, chunk):
+  """||e||_2^2 has output gradient 2e, and phi_2(A) = A: Moneta(p=2, q=2) is the l2 memory at 2 theta."""
+  args, x0, c = make_inputs(3)
+  y, st = miras_memory(*args, state=init_miras_state(x0, 2, "lq"), bias="lp", p=2.0,
+                       retention="lq", q_norm=2.0, chunk_size=chunk, implementation="xla")
+  args2 = args[:3] + (2 * args[3],) + args[4:]
+  y_l2, st_l2 = miras_memory(*args2, state=init_miras_state(x0, 2, "l2"), bias="l2",
+                             retention="l2", chunk_size=chunk, implementation="xla")
+  assert_close(y, y_l2, TOL, "o")
+  assert_tree_close(st["a"], st_l2["w"], TOL, "state")
+  y3, _ = run("moneta", args, x0, c, chunk=chunk, impl="xla")     # p = 3, q = 4 is different
+  assert rel_rms(y3, y) > 1e-3
+
+
+def test_memora_lag_token(x64):
+  """The lag token makes chunks {1, b-1}: at b = 2 every chunk is one token (== b = 1), at b = 4 it
+  changes the model, and the xla path matches the oracle without it too."""
+  args, x0, c = make_inputs(8)
+  y1, s1 = run("memora", args, x0, c, chunk=1, impl="xla", lag=False)
+  y2, s2 = run("memora", args, x0, c, chunk=2, impl="xla", lag=True)
+  assert_close(y2, y1, TOL, "b=2 with lag == b=1")
+  assert_tree_close(s2["z"], s1["z"], TOL, "state")
+  y4, _ = run("memora", args, x0, c, chunk=4, impl="xla", lag=True)
+  y4n, _ = run("memora", args, x0, c, chunk=4, impl="xla", lag=False)
+  y4r, _ = run("memora", args, x0, c, chunk=4, impl="reference", lag=False)
+  assert rel_rms(y4, y4n) > 1e-4
+  assert_close(y4n, y4r, TOL, "no lag vs reference")
+
+
+def test_memora_rows_sum_to_c(x64):
+  args, x0, c = make_inputs(4)
+  _, st = run("memora", args, x0, c, chunk=4, impl="xla")
+  ws = miras_weights(st, "kl", kl_scale_HL=c)
+  for l, w in enumerate(ws):
+    assert bool(jnp.all(w > 0))
+    np.testing.assert_allclose(np.asarray(w.sum(-1)),
+                               np.broadcast_to(np.asarray(c[:, l])[None, :, None], w.shape[:-1]),
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("model", ["moneta", pytest.param("yaad", marks=SLOW),
+                                   pytest.param("memora", marks=SLOW)])
+def test_split_invariance_and_padding(x64, model):
+  """Prefix then suffix with the carried state equals one call, for cuts on and off chunk
+  boundaries (§9.6); right padding with `lengths` equals the truncated sequence (§9.9)."""
+  T, chunk = 11, 4
+  args, x0, c = make_inputs(5, T=T)
+  y, st = run(model, args, x0, c, chunk=chunk, impl="xla")
+  for cuts in ([1, 6],):  # a one-token step, then a cut off the chunk grid
+    state, outs, prev = None, [], 0
+    for cut in cuts + [T]:
+      part = tuple(x[:, prev:cut] for x in args[:6]) + args[6:]
+      y_p, state = run(model, part, x0, c, chunk=chunk, impl="xla", state=state)
+      outs.append(y_p)
+      prev = cut
+    assert_close(jnp.concatenate(outs, 1), y, TOL, f"o {cuts}")
+    assert_tree_close(state, st, TOL, f"state {cuts}")
+  lengths = jnp.array([T, 6])
+  y_pad, st_pad = run(model, args, x0, c, chunk=chunk, impl="xla", lengths=lengths)
+  y_ref, st_ref = run(model, args, x0, c, chunk=chunk, impl="reference", lengths=lengths)
+  assert_close(y_pad, y_ref, TOL, "padded o vs reference")
+  assert_tree_close(st_pad, st_ref, TOL, "padded state vs reference")
+  short = tuple(x[:, :6] for x in args[:6]) + args[6:]
+  y_s, st_s = run(model, short, x0, c, chunk=chunk, impl="xla")
+  assert_close(y_pad[1, :6], y_s[1], TOL, "padded row")
+  # padding tokens read the state at the last real token
+  w_last = miras_weights(st_s, MODELS[model][1], kl_scale_HL=c)
+  read = memory_apply(w_last, args[6], args[7], args[0][:, 6:])
+  assert_close(y_pad[1, 6:], read[1], TOL, "padded reads")
+  assert_tree_close(jax.tree.map(lambda x: x[1], st_pad), jax.tree.map(lambda x: x[1], st_s), TOL,
+                    "padded state")
+
+
+def test_linear_memory_and_dot_bias(x64):
+  """Depth 1 (linear memory) and the dot-product bias also match the oracle."""
+  args, x0, c = make_inputs(6, L=1)
+  for bias, ret in (("dot", "l2"), ("lp", "lq"), ("huber", "kl")):
+    st = init_miras_state(x0, 2, ret)
+    outs = [miras_memory(*args, state=st, bias=bias, retention=ret, kl_scale_HL=c, chunk_size=3,
+                         implementation=impl) for impl in ("reference", "xla")]
+    assert_close(outs[1][0], outs[0][0], TOL, f"{bias}/{ret}")
+    assert_tree_close(outs[1][1], outs[0][1], TOL, f"{bias}/{ret} state")
+
+
+def test_float32_and_errors():
+  args, x0, c = make_inputs(7)
+  args32 = tuple(x.astype(jnp.float32) for x in args)
+  x32 = tuple(x.astype(jnp.float32) for x in x0)
+  y, st = run("moneta", args32, x32, c.astype(jnp.float32), chunk=4, impl=None)
+  assert y.dtype == jnp.float32 and st["a"][0].dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(y)))
+  with pytest.raises(ValueError, match="unknown bias"):
+    miras_memory(*args32, state=init_miras_state(x32, 2), bias="l1")
+  with pytest.raises(ValueError, match="keys a, base, phase"):
+    miras_memory(*args32, state=init_miras_state(x32, 2, "l2"), retention="lq")
+  with pytest.raises(ValueError, match="theta must be"):
+    miras_memory(*args32[:3], args32[3][..., :1], *args32[4:], state=init_miras_state(x32, 2))
