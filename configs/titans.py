@@ -28,7 +28,8 @@ def get_config(arg=None):
     c.data.seq_len = a.seq_len
   if a.kv:
     c.data.num_kv_pairs = a.kv
-  c.train.num_steps = 2000
+  # ~8 minutes on a 2-core CPU; MQAR runs stop early once eval accuracy reaches 0.99.
+  c.train.num_steps = 1200
   c.train.stop_at_accuracy = 0.99
   c.train.stats_every = 100
   return configs_lib.finalize(c)

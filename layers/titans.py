@@ -312,7 +312,9 @@ class MAC(nnx.Module):
       p0, n_seg = 0, -(-t // c)
     else:
       p0, n_seg = state["pos"][0] % c, -(-(t + c - 1) // c)
-    x_pad = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c, d), dt), x_BTD, (0, p0, 0))
+    zero = jnp.zeros((), jnp.int32)
+    x_pad = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c, d), dt), x_BTD,
+                                         (zero, jnp.asarray(p0, jnp.int32), zero))
     xs_SBCD = x_pad.reshape(b, n_seg, c, d).swapaxes(0, 1)
     positions = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
     causal = jnp.tril(jnp.ones((c, c), bool))

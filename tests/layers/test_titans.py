@@ -45,7 +45,7 @@ def test_reference_equals_chunked_float64(variant, chunk, t):
         y, s = mod(x)
         return jnp.sum(jnp.sin(y)), (y, s)
 
-      (l, (y, s)), g = jax.value_and_grad(loss, has_aux=True)(params, x)
+      (l, (y, s)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, x)
       outs[impl], grads[impl] = (y, s), g
     assert rel(outs["xla"][0], outs["reference"][0]) < 1e-9
     for a, b in zip(jax.tree.leaves(outs["xla"][1]), jax.tree.leaves(outs["reference"][1])):
@@ -67,16 +67,18 @@ def test_given_initial_state_float64(variant):
     ys = {}
     for impl in ("reference", "xla"):
       m = build(variant, impl, 4)
-      _, s = m(x[:, :6])
-      ys[impl] = m(x[:, 6:], state=s)[0]
+      call = jax.jit(lambda m, x, s: m(x, state=s))
+      _, s = call(m, x[:, :6], None)
+      ys[impl] = call(m, x[:, 6:], s)[0]
     assert rel(ys["xla"], ys["reference"]) < 1e-9
 
 
 def test_linear_memory_depth1_runs_closed_form_and_learns_per_token():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(3), (B, 9, D), jnp.float64)
-    y1 = build("lmm", "xla", 1, depth=1)(x)[0]
-    y4 = build("lmm", "xla", 4, depth=1)(x)[0]
+    call = jax.jit(lambda m, x: m(x)[0])
+    y1 = call(build("lmm", "xla", 1, depth=1), x)
+    y4 = call(build("lmm", "xla", 4, depth=1), x)
     # chunk size is part of the model: 1 (exact recurrence) and 4 (mini-batch) must differ
     assert rel(y4, y1) > 1e-6
 
@@ -85,7 +87,7 @@ def test_short_sequence_still_updates_memory():
   m = build("lmm", None, 16, dtype=jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(0), (B, 3, D))
   s0 = m.init_state(B)
-  _, s1 = m(x, state=s0)
+  _, s1 = jax.jit(lambda m, x, s: m(x, state=s))(m, x, s0)
   dw = sum(float(jnp.abs(a - b).sum()) for a, b in zip(s1["mem"]["w"], s0["mem"]["w"]))
   assert dw > 1e-6
   assert int(s1["mem"]["phase"][0]) == (16 + 3) % 16  # persistent prefix (16) + 3 tokens
@@ -96,7 +98,7 @@ def test_extreme_inputs_stay_finite():
   for variant in ("lmm", "mac"):
     m = build(variant, None, 4, dtype=jnp.float32)
     x = 1e4 * jax.random.normal(jax.random.PRNGKey(0), (B, 40, D))
-    y, s = m(x)
+    y, s = jax.jit(lambda m, x: m(x))(m, x)
     assert bool(jnp.all(jnp.isfinite(y)))
     assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(s))
 
@@ -118,7 +120,7 @@ def test_memory_statistics_are_sown():
   m = build("mac", None, 4, dtype=jnp.float32)
   x = jax.random.normal(jax.random.PRNGKey(0), (B, 12, D))
   from layers.base import Stat
-  (_, _), stats = nnx.capture(m, Stat)(x)
+  (_, _), stats = jax.jit(lambda m, x: nnx.capture(m, Stat)(x))(m, x)
   names = {str(p[-3].key) if hasattr(p[-3], "key") else "" for p, _ in
            jax.tree_util.tree_flatten_with_path(stats)[0]}
   flat = {"/".join(str(getattr(k, "key", "")) for k in p): v
