@@ -5,6 +5,7 @@ measured in the same run. Prints a table and writes JSON.
   python scripts/bench.py --suite=arch            # every architecture, tiny LM, MQAR shapes
   python scripts/bench.py --suite=titans          # Titans at T = 1k, 4k, 16k: memory grows linearly
   python scripts/bench.py --suite=kernels         # ops: reference vs xla (vs pallas on GPU)
+  python scripts/bench.py --suite=experts         # PEER expert reads at N = 256^2 and 1024^2
   python scripts/bench.py --suite=all --json=bench.json
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries of the jitted step), the
@@ -165,6 +166,21 @@ def suite_kernels(args):
   return rows
 
 
+def suite_experts(args):
+  """PEER/UltraMem expert reads: custom-VJP (sorted segment-sum backward) vs naive take + einsum,
+  at N = 256^2 and 1024^2 experts (d 256, k 128 rows per token)."""
+  from pallas_kernels.expert_gather.bench import bench_expert_gather
+  rows = []
+  for n in (256 ** 2, 1024 ** 2):
+    r = bench_expert_gather(n, 256, args.expert_tokens, 128, op="mlp", iters=max(2, args.iters // 2))
+    for path in ("naive", "custom_vjp"):
+      rows.append(dict(name="expert_mlp", n_experts=n, tokens=args.expert_tokens, impl=path,
+                       step_s=r[path]["step_s"], peak_bytes=r[path]["bytes"],
+                       temp_bytes=r[path]["temp_bytes"]))
+    rows[-1]["speedup_vs_naive"] = r["speedup"]
+  return rows
+
+
 def print_table(title, rows):
   print(f"\n== {title} ({jax.devices()[0].device_kind}, jax {jax.__version__}) ==")
   keys = []
@@ -181,16 +197,19 @@ def print_table(title, rows):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--suite", default="arch", choices=["arch", "titans", "kernels", "all"])
+  p.add_argument("--suite", default="arch",
+                 choices=["arch", "titans", "kernels", "experts", "all"])
+  p.add_argument("--expert_tokens", type=int, default=1024)
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq_len", type=int, default=64)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--json", default="bench.json")
   args = p.parse_args()
   out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
-  suites = ["arch", "titans", "kernels"] if args.suite == "all" else [args.suite]
+  suites = ["arch", "titans", "kernels", "experts"] if args.suite == "all" else [args.suite]
   for s in suites:
-    rows = {"arch": suite_arch, "titans": suite_titans, "kernels": suite_kernels}[s](args)
+    rows = {"arch": suite_arch, "titans": suite_titans, "kernels": suite_kernels,
+            "experts": suite_experts}[s](args)
     print_table(s, rows)
     out[s] = rows
   with open(args.json, "w") as f:
