@@ -18,3 +18,12 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords and not has_gpu:
       item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def x64():
+  """float64 for tests where an equivalence must be exact."""
+  old = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", old)

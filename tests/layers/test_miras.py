@@ -17,22 +17,6 @@ from pallas_kernels.testing import assert_close, assert_tree_close, rel_rms
 D, H, B, T = 8, 2, 2, 7
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(autouse=True)
-def fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def build(model, **kw):
   kw = {"chunk_size": 4, "expansion": 2, **kw}
   with mesh_context():

@@ -15,23 +15,6 @@ from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans
 TOL = 1e-9
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(autouse=True)
-def fast_compile():
-  """Tiny shapes: XLA's optimisation passes cost more than they save here."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def make_inputs(seed, B=2, T=7, H=2, D=3, E=2, L=2):
   """(q, k, v, theta, a, delta, ln_scale, ln_bias), x0 (per-layer [H, out, in]) and kl scale [H, L]
   in float64; numpy RNG (no per-call compiles). delta spans both Huber branches."""

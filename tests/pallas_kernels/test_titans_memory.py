@@ -15,23 +15,6 @@ from pallas_kernels.titans_memory.reference import inner_loss, mlp_apply
 ARG_NAMES = ("q", "k", "v", "theta", "eta", "log_a", "ln_scale", "ln_bias")
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
-@pytest.fixture(autouse=True)
-def fast_compile():
-  """Tiny shapes: XLA's optimisation passes cost more than they save here (halves compile time)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
-
-
 def weight_shapes(H, D, L, E=2):
   if L == 1:
     return [(H, D, D)]
