@@ -18,7 +18,7 @@ from pallas_kernels._dispatch import dispatch
 from pallas_kernels.miras_memory.reference import (BIASES, RETENTIONS, STATE_KEY,
                                                    miras_memory_reference, phi)
 from pallas_kernels.miras_memory.xla import miras_memory_xla
-from pallas_kernels.titans_memory import _check_weights
+from pallas_kernels.titans_memory import _check_weights, check_state_and_gates
 from pallas_kernels.titans_memory.reference import compute_dtype, memory_apply
 
 __all__ = ["miras_memory", "init_miras_state", "miras_weights", "MODELS", "IMPLEMENTATIONS",
@@ -81,28 +81,10 @@ def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, r
     raise ValueError(f"{name}: with retention={retention!r} state must be a dict with keys "
                      f"{key}, base, phase (see init_miras_state), got "
                      f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
-  xs = tuple(state[key])
-  _check_weights(name, xs, (B, H))
-  if xs[0].shape[-1] != D:
-    raise ValueError(f"{name}: memory width {xs[0].shape[-1]} != head dim D={D}")
-  if tuple(x.shape for x in state["base"]) != tuple(x.shape for x in xs):
-    raise ValueError(f"{name}: state['base'] shapes {[x.shape for x in state['base']]} != "
-                     f"state[{key!r}] shapes {[x.shape for x in xs]}")
-  if state["phase"].shape != (B,):
-    raise ValueError(f"{name}: state['phase'] must be [B] = ({B},), got {state['phase'].shape}")
-  L = len(xs)
-  if theta.shape != (B, T, H, L):
-    raise ValueError(f"{name}: theta must be [B, T, H, L] = {(B, T, H, L)}, got {theta.shape}")
-  for n, x in (("a", a), ("delta", delta)):
-    if x.shape != (B, T, H):
-      raise ValueError(f"{name}: {n} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
-  for n, x in (("ln_scale", ln_scale), ("ln_bias", ln_bias)):
-    if x.shape != (H, D):
-      raise ValueError(f"{name}: {n} must be [H, D] = {(H, D)}, got {x.shape}")
+  L = check_state_and_gates(name, state, key, ("base",), theta, {"a": a, "delta": delta},
+                            ln_scale, ln_bias, lengths, (B, T, H, D))
   if kl_scale.shape != (H, L):
     raise ValueError(f"{name}: kl_scale must be [H, L] = {(H, L)}, got {kl_scale.shape}")
-  if lengths is not None and lengths.shape != (B,):
-    raise ValueError(f"{name}: lengths must be [B] = ({B},), got {lengths.shape}")
 
 
 def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD, *,

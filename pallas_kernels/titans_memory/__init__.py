@@ -46,6 +46,36 @@ def _check_weights(name: str, ws, lead: tuple[int, ...]) -> None:
                        f"{ws[l - 1].shape[-2]}")
 
 
+def check_state_and_gates(name, state, key, twins, theta, gates, ln_scale, ln_bias, lengths,
+                          shape_BTHD) -> int:
+  """Shared by the memory ops (Titans, Miras): the weight tuple state[key], its same-shaped
+  companions state[twin], phase [B], theta [B,T,H,L], per-head gates [B,T,H], LN affine [H,D] and
+  lengths [B]; one-line ValueErrors. Returns the memory depth L."""
+  B, T, H, D = shape_BTHD
+  ws = tuple(state[key])
+  _check_weights(name, ws, (B, H))
+  if ws[0].shape[-1] != D:
+    raise ValueError(f"{name}: memory width {ws[0].shape[-1]} != head dim D={D}")
+  for twin in twins:
+    if tuple(x.shape for x in state[twin]) != tuple(x.shape for x in ws):
+      raise ValueError(f"{name}: state[{twin!r}] shapes {[x.shape for x in state[twin]]} != "
+                       f"state[{key!r}] shapes {[x.shape for x in ws]}")
+  if state["phase"].shape != (B,):
+    raise ValueError(f"{name}: state['phase'] must be [B] = ({B},), got {state['phase'].shape}")
+  L = len(ws)
+  if theta.shape != (B, T, H, L):
+    raise ValueError(f"{name}: theta must be [B, T, H, L] = {(B, T, H, L)}, got {theta.shape}")
+  for n, x in gates.items():
+    if x.shape != (B, T, H):
+      raise ValueError(f"{name}: {n} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
+  for n, x in (("ln_scale", ln_scale), ("ln_bias", ln_bias)):
+    if x.shape != (H, D):
+      raise ValueError(f"{name}: {n} must be [H, D] = {(H, D)}, got {x.shape}")
+  if lengths is not None and lengths.shape != (B,):
+    raise ValueError(f"{name}: lengths must be [B] = ({B},), got {lengths.shape}")
+  return L
+
+
 def init_memory_state(w0, batch_size: int):
   """The state at the start of a stream: w = w_base = w0 broadcast over the batch, s = 0, phase 0.
 
@@ -81,27 +111,8 @@ def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_siz
   if not isinstance(state, dict) or set(state) != {"w", "s", "w_base", "phase"}:
     raise ValueError(f"{name}: state must be a dict with keys w, s, w_base, phase "
                      f"(see init_memory_state), got {type(state).__name__}")
-  ws = tuple(state["w"])
-  _check_weights(name, ws, (B, H))
-  if ws[0].shape[-1] != D:
-    raise ValueError(f"{name}: memory width {ws[0].shape[-1]} != head dim D={D}")
-  for key in ("s", "w_base"):
-    if tuple(x.shape for x in state[key]) != tuple(x.shape for x in ws):
-      raise ValueError(f"{name}: state[{key!r}] shapes {[x.shape for x in state[key]]} != "
-                       f"state['w'] shapes {[x.shape for x in ws]}")
-  if state["phase"].shape != (B,):
-    raise ValueError(f"{name}: state['phase'] must be [B] = ({B},), got {state['phase'].shape}")
-  L = len(ws)
-  if theta.shape != (B, T, H, L):
-    raise ValueError(f"{name}: theta must be [B, T, H, L] = {(B, T, H, L)}, got {theta.shape}")
-  for n, x in (("eta", eta), ("log_a", log_a)):
-    if x.shape != (B, T, H):
-      raise ValueError(f"{name}: {n} must be [B, T, H] = {(B, T, H)}, got {x.shape}")
-  for n, x in (("ln_scale", ln_scale), ("ln_bias", ln_bias)):
-    if x.shape != (H, D):
-      raise ValueError(f"{name}: {n} must be [H, D] = {(H, D)}, got {x.shape}")
-  if lengths is not None and lengths.shape != (B,):
-    raise ValueError(f"{name}: lengths must be [B] = ({B},), got {lengths.shape}")
+  check_state_and_gates(name, state, "w", ("s", "w_base"), theta, {"eta": eta, "log_a": log_a},
+                        ln_scale, ln_bias, lengths, (B, T, H, D))
 
 
 def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,
