@@ -10,6 +10,7 @@ batch and heads, scanned over chunks) and the Pallas kernels (one tile per progr
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -167,6 +168,25 @@ def unit_lower_inverse(A, *, block: int = 16, precision=None):
   return _dot(inv, D, precision)
 
 
+def _chunk_gates(Gc, Gr, segc, segr, cin):
+  """Index grids and the decay factors of one chunk (§2.2 step 1, §2.5 `same` mask).
+
+  Returns row, col [C, C] iotas; gamma [C, C] = same_ij * exp(G_i - G_j) for j <= i, else 0;
+  last [C, 1] (the chunk's last token); G_last, cin_last [1, 1]; eG = exp(G) [C, 1].
+  """
+  C = Gc.shape[0]
+  row = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  col = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  mask = (row >= col) & (segc == segr)
+  # Mask the exponent before exp: G_i - G_j > 0 above the diagonal could overflow (§2.4).
+  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, Gc - Gr, 0.0)), 0.0)
+  last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+  # Static element extraction does not lower in Triton: read the last row with a masked sum.
+  G_last = jnp.sum(jnp.where(last, Gc, 0.0), axis=0, keepdims=True)        # [1, 1]
+  cin_last = jnp.sum(jnp.where(last, cin, 0.0), axis=0, keepdims=True)     # [1, 1]
+  return row, col, gamma, last, G_last, cin_last, jnp.exp(Gc)
+
+
 def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float, delta: bool,
                precision=None):
   """One chunk of the chunked gated delta rule (reference §2.2 steps 1-8, §2.5 masks) on 2-D tiles.
@@ -177,17 +197,7 @@ def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float,
     delta=False gives (gated) linear attention: V' = V, beta unused.
   Returns (o [C, V], S_next [K, V]).
   """
-  C = q.shape[0]
-  row = lax.broadcasted_iota(jnp.int32, (C, C), 0)
-  col = lax.broadcasted_iota(jnp.int32, (C, C), 1)
-  mask = (row >= col) & (segc == segr)
-  # Mask the exponent before exp: G_i - G_j > 0 above the diagonal could overflow (§2.4).
-  gamma = jnp.where(mask, jnp.exp(jnp.where(mask, Gc - Gr, 0.0)), 0.0)
-  last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
-  # Static element extraction does not lower in Triton: read the last row with a masked sum.
-  G_last = jnp.sum(jnp.where(last, Gc, 0.0), axis=0, keepdims=True)        # [1, 1]
-  cin_last = jnp.sum(jnp.where(last, cin, 0.0), axis=0, keepdims=True)     # [1, 1]
-  eG = jnp.exp(Gc)
+  row, col, gamma, _, G_last, cin_last, eG = _chunk_gates(Gc, Gr, segc, segr, cin)
   if delta:
     A = jnp.where(row > col, beta * _dot_nt(k, k, precision) * gamma, 0.0)
     Tm = unit_lower_inverse(A, precision=precision)
@@ -201,6 +211,88 @@ def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float,
   k_tail = tail * jnp.exp(G_last - Gc) * k
   S_next = cin_last * jnp.exp(G_last) * S + _dot_tn(k_tail, v_new, precision)
   return o, S_next
+
+
+def chunk_step_bwd(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, do, dS_next, *, scale: float,
+                   delta: bool, precision=None):
+  """Backward of `chunk_step` (reference/mom_gdn_pallas.md §2.3 with the §2.5 masks), hand-derived.
+
+  Recomputes the chunk from its incoming state S, then, with P = scale (Q K^T) . Gamma,
+  Q~ = diag(cin e^G) Q, K~ = diag(tail e^(G_last - G)) K, W~ = diag(cin) W:
+    dV' = P^T dO + K~ dS_{n+1}
+    dS_n = scale Q~^T dO + cin_last e^(G_last) dS_{n+1} - W~^T dV'               (reverse pass)
+    dQ = scale diag(cin e^G) dO S^T + scale ((dO V'^T) . Gamma) K
+    dW = -diag(cin) dV' S^T, dU = dV'; with X_w = diag(beta e^G) K, X_u = diag(beta) V:
+      dX_w = T^T dW, dX_u = T^T dU, dT = dW X_w^T + dU X_u^T, dA = -strict_lower(T^T dT T^T),
+    and dK, dbeta, dG collect every path through P, K~, A = strict_lower(diag(beta) K K^T . Gamma),
+    X_w and X_u; every e^G factor feeds dG (dg = reverse cumsum of dG, done by the caller).
+
+  Args: those of `chunk_step`, plus do [C, V] (d output) and dS_next [K, V] (d of the returned state).
+    The map is linear in (do, dS_next) and V's columns never mix, so v, S, do, dS_next may be one
+    block of value columns: dv and dS_n are then that block's, and dq, dk, dbeta, dG are partial sums
+    over blocks (what the GPU kernel's V-split grid adds up).
+  Returns (dq [C, K], dk [C, K], dv [C, V], dbeta [C, 1] (0 when delta=False), dG [C, 1],
+  dS_n [K, V]).
+  """
+  dot = functools.partial(_dot, precision=precision)
+  dot_nt = functools.partial(_dot_nt, precision=precision)
+  dot_tn = functools.partial(_dot_tn, precision=precision)
+  rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)      # [C, n] -> [C, 1]
+  row, col, gamma, last, G_last, cin_last, eG = _chunk_gates(Gc, Gr, segc, segr, cin)
+  decay_last = cin_last * jnp.exp(G_last)                  # [1, 1]
+  k_tail = tail * jnp.exp(G_last - Gc) * k                  # K~
+  # Recompute V' (the forward's chunk_step, steps 3-6).
+  if delta:
+    strict = row > col
+    kk = dot_nt(k, k)
+    A = jnp.where(strict, beta * kk * gamma, 0.0)
+    Tm = unit_lower_inverse(A, precision=precision)
+    X_w, X_u = beta * eG * k, beta * v
+    W_cin = cin * dot(Tm, X_w)
+    v_new = dot(Tm, X_u) - dot(W_cin, S)
+  else:
+    v_new = v
+  qk = dot_nt(q, k)
+  qS = scale * cin * eG * dot(q, S)                         # the inter-chunk output term
+  # Reverse pass: dV' and the state cotangent entering this chunk.
+  dv_new = scale * dot_tn(qk * gamma, do) + dot(k_tail, dS_next)
+  dS = scale * dot_tn(cin * eG * q, do) + decay_last * dS_next
+  # Gradients through P = scale (Q K^T) . Gamma and the inter-chunk term.
+  dP = dot_nt(do, v_new)                                     # [C, C]
+  dQK = scale * dP * gamma
+  dq = scale * cin * eG * dot_nt(do, S) + dot(dQK, k)
+  dk = dot_tn(dQK, q)
+  dgamma = scale * dP * qk                                   # masked by gamma below
+  dG = rowsum(do * qS)
+  # Through K~ (its e^(G_last - G)) and the decayed carried state cin_last e^(G_last) S.
+  dk_tail = dot_nt(v_new, dS_next)                           # [C, K]
+  dk = dk + tail * jnp.exp(G_last - Gc) * dk_tail
+  z = rowsum(dk_tail * k_tail)
+  dG = dG - z
+  dG_last = (jnp.sum(z, axis=0, keepdims=True)
+             + decay_last * jnp.sum(rowsum(dS_next * S), axis=0, keepdims=True))   # [1, 1]
+  if delta:
+    dS = dS - dot_tn(W_cin, dv_new)
+    dW = -cin * dot_nt(dv_new, S)                            # [C, K]
+    dX_w, dX_u = dot_tn(Tm, dW), dot_tn(Tm, dv_new)
+    dT = dot_nt(dW, X_w) + dot_nt(dv_new, X_u)
+    dA = jnp.where(strict, -dot_nt(dot_tn(Tm, dT), Tm), 0.0)
+    dkk = dA * beta * gamma                                  # d(K K^T) through A
+    dk = dk + dot(dkk, k) + dot_tn(dkk, k) + beta * eG * dX_w
+    dgamma = dgamma + dA * beta * kk
+    dv = beta * dX_u
+    dbeta = rowsum(dA * kk * gamma) + rowsum(dX_w * eG * k) + rowsum(dX_u * v)
+    dG = dG + rowsum(dX_w * X_w)
+  else:
+    dv = dv_new
+    dbeta = jnp.zeros_like(Gc)
+  # Gamma_ij = exp(G_i - G_j): +dZ on row i, -dZ on column j. The column sums come out as a row
+  # [1, C]; turn them into a column with a diagonal mask (no transpose in the kernels).
+  Z = dgamma * gamma
+  Z_colsum = jnp.sum(Z, axis=0, keepdims=True)               # [1, C]
+  dG = dG + rowsum(Z) - rowsum(jnp.where(row == col, Z_colsum, 0.0))
+  dG = dG + jnp.where(last, dG_last, 0.0)
+  return dq, dk, dv, dbeta, dG, dS
 
 
 def default_scale(scale, K: int) -> float:

@@ -1,13 +1,14 @@
 """What the GPU and TPU Pallas paths of the gated delta rule / linear attention share.
 
-- `KernelInputs`: the layout both kernels read: heads-major [B, H, Tp, D] tokens (Tp = T padded to
+- The layout both kernels read: heads-major [B, H, Tp, D] tokens (Tp = T padded to
   the chunk), per-token columns [B, H, Tp] (beta, chunk-local cumsum G) and masks [B, Tp].
 - `pallas_recurrence`: the public-facing wrapper (padding, cumsum, slicing back) around a
   `jax.custom_vjp` whose forward is a backend kernel and whose residuals are the inputs plus the
   chunk-boundary states S_n the kernel writes (reference/mom_gdn_pallas.md §3.1).
-- The backward is NOT a Pallas kernel yet: a reverse `lax.scan` over chunks that recomputes each chunk
-  from its saved boundary state with `_common.chunk_step` (the same math the kernel runs) and pulls the
-  cotangent through it with `jax.vjp`. It is the §2.3 reverse pass done by autodiff, chunk by chunk.
+- The backward is a backend Pallas kernel too: a reverse walk over chunks carrying the state
+  cotangent dS, recomputing each chunk from its saved boundary state and applying the hand-derived
+  `_common.chunk_step_bwd` (§2.3). dg is the reverse cumsum of dG, which autodiff of the wrapper's
+  chunk-local cumsum supplies (§2.3 step 5); padding is sliced away the same way.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.gated_delta_rule import _common
 
@@ -29,7 +29,9 @@ class Cfg(NamedTuple):
   scale: float
   delta: bool
   interpret: bool
-  kernel: Callable   # (cfg, q, k, v, beta, G, h0, seg, cin, tail) -> (o, S_final, S_chunks)
+  kernel: Callable       # (cfg, q, k, v, beta, G, h0, seg, cin, tail) -> (o, S_final, S_chunks)
+  kernel_bwd: Callable   # (cfg, q, k, v, beta, G, seg, cin, tail, S_chunks, do, dS_final)
+                         #   -> (dq, dk, dv, dbeta, dG, dh0)
 
 
 def check_supported(name: str, q, k, v, chunk_size: int, *, min_chunk: int = 16) -> None:
@@ -49,7 +51,7 @@ def _pad_last(x, n):
 
 
 def pallas_recurrence(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size, delta,
-                      interpret, kernel, K_pad: int, V_pad: int):
+                      interpret, kernel, kernel_bwd, K_pad: int, V_pad: int):
   """Shared wrapper: pads T to the chunk and K, V to (K_pad, V_pad) with zeros (exact: zero key
   channels and value columns change nothing), runs the custom-VJP core, slices back."""
   B, T, H, K = q.shape
@@ -76,7 +78,8 @@ def pallas_recurrence(q, k, v, beta, g, *, scale, initial_state, segment_ids, ch
   h0 = jnp.zeros((B, H, K_pad, V_pad), f32) if initial_state is None else (
       _pad_last(jnp.pad(initial_state.astype(f32), [(0, 0), (0, 0), (0, K_pad - K), (0, 0)]),
                 V_pad))
-  cfg = Cfg(chunk=C, scale=scale, delta=delta, interpret=interpret, kernel=kernel)
+  cfg = Cfg(chunk=C, scale=scale, delta=delta, interpret=interpret, kernel=kernel,
+            kernel_bwd=kernel_bwd)
   o, S = _core(cfg, q_, k_, v_, beta_, G_, h0, seg, cin, tail)
   o = jnp.moveaxis(o[:, :, :T, :V], 1, 2)
   return o, S[:, :, :K, :V]
@@ -97,42 +100,11 @@ def _core_fwd(cfg, q, k, v, beta, G, h0, seg, cin, tail):
 def _core_bwd(cfg, res, cts):
   q, k, v, beta, G, seg, cin, tail, S_chunks = res
   do, dS_final = cts
-  B, H, Tp, _ = q.shape
-  C = cfg.chunk
-  NT = Tp // C
-  f32 = jnp.float32
-  step = functools.partial(_common.chunk_step, scale=cfg.scale, delta=cfg.delta)
-  step = jax.vmap(jax.vmap(step, in_axes=(0,) * 6 + (None,) * 4 + (0,)))
-
-  def chunk_major(x):   # [B, H?, Tp, ...] -> [NT, B, H?, C, ...]
-    x = x.reshape(x.shape[:2] + (NT, C) + x.shape[3:]) if x.ndim >= 3 else x.reshape(B, NT, C)
-    return jnp.moveaxis(x, 2 if x.ndim >= 4 else 1, 0)
-
-  xs = (chunk_major(q), chunk_major(k), chunk_major(v), chunk_major(beta), chunk_major(G),
-        chunk_major(seg), chunk_major(cin), chunk_major(tail), jnp.moveaxis(S_chunks, 2, 0),
-        chunk_major(do))
-
-  def body(dS, x):
-    q_c, k_c, v_c, b_c, G_c, s_c, cin_c, tail_c, S_n, do_c = x
-
-    def f(q_c, k_c, v_c, b_c, G_c, S_n):
-      return step(q_c.astype(f32), k_c.astype(f32), v_c.astype(f32), b_c[..., None],
-                  G_c[..., None], G_c[..., None, :], s_c[..., None], s_c[..., None, :],
-                  cin_c[..., None], tail_c[..., None], S_n)
-
-    _, vjp = jax.vjp(f, q_c, k_c, v_c, b_c, G_c, S_n)
-    dq, dk, dv, db, dG, dS_n = vjp((do_c.astype(f32), dS))
-    return dS_n, (dq, dk, dv, db, dG)
-
-  dh0, grads = lax.scan(body, dS_final.astype(f32), xs, reverse=True)
-
-  def token_major(x):   # [NT, B, H, C, ...] -> [B, H, Tp, ...]
-    x = jnp.moveaxis(x, 0, 2)
-    return x.reshape(x.shape[:2] + (Tp,) + x.shape[4:])
-
-  dq, dk, dv, db, dG = (token_major(x) for x in grads)
+  dq, dk, dv, dbeta, dG, dh0 = cfg.kernel_bwd(cfg, q, k, v, beta, G, seg, cin, tail, S_chunks, do,
+                                              dS_final.astype(jnp.float32))
   zeros = jnp.zeros_like
-  return dq, dk, dv, db, dG, dh0, zeros(seg), zeros(cin), zeros(tail)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbeta, dG, dh0, zeros(seg),
+          zeros(cin), zeros(tail))
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -10,14 +10,6 @@ from pallas_kernels.testing import assert_close
 NAMES = ("q", "k", "v", "g", "initial_state")
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
 def make_inputs(seed, B, T, H, K, V, dtype, *, gated=True, with_h0=True):
   rng = np.random.default_rng(seed)
   q = rng.standard_normal((B, T, H, K)) / np.sqrt(K)
@@ -105,8 +97,11 @@ def test_bad_inputs_raise():
 
 
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-@pytest.mark.parametrize("dtype,D,gated", [(jnp.float32, 12, True), (jnp.bfloat16, 64, False)])
+@pytest.mark.parametrize("dtype,D,gated", [(jnp.float32, 12, True), (jnp.bfloat16, 64, False),
+                                           (jnp.float32, 128, True)])
 def test_pallas_interpret_matches_reference(impl, dtype, D, gated):
+  """Forward and backward kernels: o, final state and dq, dk, dv, dg, dh0 against the oracle; T = 40
+  is not a multiple of the chunk; V = D + 8 is padded (and split into V blocks on GPU at D = 64)."""
   args = make_inputs(5, 1, 40, 1, D, D + 8, dtype, gated=gated)
   seg = jnp.asarray([[0] * 9 + [1] + [2] * 30])   # a reset mid-chunk and a length-1 segment
   tol = 1e-5 if dtype == jnp.float32 else 8e-3
