@@ -4,8 +4,10 @@ measured in the same run. Prints a table and writes JSON.
 
   python scripts/bench.py --suite=arch            # every architecture, tiny LM, MQAR shapes
   python scripts/bench.py --suite=titans          # Titans at T = 1k, 4k, 16k: memory grows linearly
-  python scripts/bench.py --suite=kernels         # ops: reference vs xla (vs pallas on GPU)
+  python scripts/bench.py --suite=kernels         # ops: reference vs xla (vs pallas on GPU), incl.
+                                                  # landmark attention vs dot_product_attention
   python scripts/bench.py --suite=experts         # PEER expert reads at N = 256^2 and 1024^2
+  python scripts/bench.py --suite=experts --expert_sizes=4096,65536 --expert_dim=64 --expert_k=32
   python scripts/bench.py --suite=all --json=bench.json
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries of the jitted step), the
@@ -130,21 +132,114 @@ def _kernel_rows(name, make_fn, args_, impls):
   return rows
 
 
-def suite_kernels(args):
-  from pallas_kernels import gated_delta_rule
-  on_gpu = jax.default_backend() == "gpu"
-  b, t, h, d = (4, 4096, 16, 128) if on_gpu else (1, 512, 2, 64)
-  dtype = jnp.bfloat16 if on_gpu else jnp.float32
-  ks = jax.random.split(jax.random.PRNGKey(0), 5)
-  q = jax.random.normal(ks[0], (b, t, h, d), dtype)
-  k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+# Dense bf16 peak and HBM bandwidth (spec sheets) for the "% of peak" columns.
+DEVICE_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+def recurrence_flops_bytes(op, b, t, h, dk, dv, chunk, itemsize):
+  """Algorithmic FLOPs and compulsory HBM bytes of one chunked gated-delta-rule / linear-attention
+  call (reference/mom_gdn_pallas.md §6.3), for the forward and for forward + backward.
+
+  FLOPs per token and head, from the chunk form's matmuls: gated delta rule 6 K V + 2 C (3 K + 2 V)
+  (W S, Q S, K~^T V'; K K^T, T X_w, Q K^T; T X_u, P V'), about 180k at C = 64, K = V = 128; linear
+  attention 4 K V + 2 C (K + V). The (I + A)^-1 solve is not counted. fwd+bwd counts 3x the forward,
+  the usual convention; the backward's recomputation is not counted either, so TFLOP/s is useful
+  work. Bytes: each input read and each output written once (q, k, v, o in the input dtype; beta, g,
+  d(beta), dg and the final state in float32), so GB/s is a lower bound on the traffic achieved.
+  """
+  n = b * t * h
+  per_tok = (6 * dk * dv + 2 * chunk * (3 * dk + 2 * dv) if op == "gated_delta_rule"
+             else 4 * dk * dv + 2 * chunk * (dk + dv))
+  gates = 2 if op == "gated_delta_rule" else 1
+  state = b * h * dk * dv * 4
+  fwd_bytes = n * (itemsize * (2 * dk + 2 * dv) + 4 * gates) + state
+  # The backward reads q, k, v, the gates, do and d(final state) and writes dq, dk, dv, dgates.
+  bwd_bytes = n * (itemsize * (2 * dk + 2 * dv) + itemsize * (2 * dk + dv) + 8 * gates) + state
+  return dict(fwd_flops=n * per_tok, fwd_bwd_flops=3 * n * per_tok, fwd_bytes=fwd_bytes,
+              fwd_bwd_bytes=fwd_bytes + bwd_bytes)
+
+
+def recurrence_kernel_rows(args):
+  """gated_delta_rule and linear_attention: forward and forward+backward time per implementation,
+  achieved TFLOP/s and GB/s (`recurrence_flops_bytes`), the speedup over `xla` measured in the same
+  run, and the relative RMS error of o and of every gradient against `xla` (a parity check on the
+  device itself). On GPU / TPU: B, T, H, D = 4, 4096, 16, 128 in bf16, xla vs the Pallas kernel; on
+  CPU a small float32 shape, xla vs reference (interpret-mode Pallas timings would mean nothing)."""
+  from pallas_kernels import gated_delta_rule, linear_attention
+  from pallas_kernels.testing import rel_rms
+  backend = jax.default_backend()
+  on_device = backend in ("gpu", "tpu")
+  b, t, h, d = (4, 4096, 16, 128) if on_device else (1, 512, 2, 64)
+  chunk = 64
+  dtype = jnp.bfloat16 if on_device else jnp.float32
+  impls = ["xla"] + ({"gpu": ["pallas_gpu"], "tpu": ["pallas_tpu"]}.get(backend, ["reference"]))
+  kind = jax.devices()[0].device_kind
+  peaks = next((p for name, p in DEVICE_PEAKS.items() if name in kind), None)
+  ks = jax.random.split(jax.random.PRNGKey(1), 8)
+  l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = l2(jax.random.normal(ks[0], (b, t, h, d))).astype(dtype)
+  k = l2(jax.random.normal(ks[1], (b, t, h, d))).astype(dtype)
   v = jax.random.normal(ks[2], (b, t, h, d), dtype)
   beta = jax.nn.sigmoid(jax.random.normal(ks[3], (b, t, h)))
-  g = -jax.nn.softplus(jax.random.normal(ks[4], (b, t, h)))
-  impls = ["xla", "reference"] + (["pallas_gpu"] if on_gpu else [])
-  rows = _kernel_rows(
-      "gated_delta_rule", lambda impl: (lambda q, k, v: gated_delta_rule(
-          q, k, v, beta, g, implementation=impl)), (q, k, v), impls)
+  g = -jax.nn.softplus(-jax.random.normal(ks[4], (b, t, h)) - 2.0)
+  do = jax.random.normal(ks[5], (b, t, h, d), dtype)
+  dS = jax.random.normal(ks[6], (b, h, d, d))
+  ops = {
+      "gated_delta_rule": ((q, k, v, beta, g), lambda impl: lambda q, k, v, beta, g:
+                           gated_delta_rule(q, k, v, beta, g, chunk_size=chunk, implementation=impl)),
+      "linear_attention": ((q, k, v, g), lambda impl: lambda q, k, v, g:
+                           linear_attention(q, k, v, g, chunk_size=chunk, implementation=impl)),
+  }
+  rows = []
+  for op, (inputs, make) in ops.items():
+    cost = recurrence_flops_bytes(op, b, t, h, d, d, chunk, jnp.dtype(dtype).itemsize)
+    results = {}
+    for impl in impls:
+      f = make(impl)
+      fwd = jax.jit(f)
+
+      @jax.jit
+      def fwd_bwd(*a, f=f):
+        out, vjp = jax.vjp(f, *a)
+        return out, vjp((do, dS))
+
+      row = dict(name=op, impl=impl, shape=f"{b}x{t}x{h}x{d}", dtype=jnp.dtype(dtype).name)
+      try:
+        results[impl] = jax.block_until_ready(fwd_bwd(*inputs))
+        row.update(fwd_s=timeit(fwd, *inputs, iters=args.iters),
+                   fwd_bwd_s=timeit(fwd_bwd, *inputs, iters=args.iters))
+      except Exception as e:  # noqa: BLE001 - report and continue
+        row["error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        continue
+      for part in ("fwd", "fwd_bwd"):
+        tflops = cost[f"{part}_flops"] / row[f"{part}_s"] / 1e12
+        gbs = cost[f"{part}_bytes"] / row[f"{part}_s"] / 1e9
+        row[f"{part}_tflops"], row[f"{part}_GBps"] = tflops, gbs
+        if peaks:
+          row[f"{part}_pct_peak_flops"] = 100 * tflops * 1e12 / peaks[0]
+          row[f"{part}_pct_peak_hbm"] = 100 * gbs * 1e9 / peaks[1]
+      rows.append(row)
+    base = next((r for r in rows if r["name"] == op and r["impl"] == "xla" and "fwd_s" in r), None)
+    for r in rows:
+      if r["name"] != op or "fwd_s" not in r or base is None:
+        continue
+      r["fwd_speedup_vs_xla"] = base["fwd_s"] / r["fwd_s"]
+      r["fwd_bwd_speedup_vs_xla"] = base["fwd_bwd_s"] / r["fwd_bwd_s"]
+      if r["impl"] != "xla" and "xla" in results:
+        (o, s), grads = results[r["impl"]]
+        (o_x, s_x), grads_x = results["xla"]
+        r["max_rel_err_vs_xla"] = max(
+            [rel_rms(o.astype(jnp.float32), o_x.astype(jnp.float32)), rel_rms(s, s_x)]
+            + [rel_rms(gr.astype(jnp.float32), gx.astype(jnp.float32))
+               for gr, gx in zip(grads, grads_x)])
+  return rows
+
+
+def suite_kernels(args):
+  on_gpu = jax.default_backend() == "gpu"
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  rows = recurrence_kernel_rows(args)
   try:
     from pallas_kernels.titans_memory import init_memory_state, titans_memory
     tb, tt, th, td = (4, 4096, 16, 64) if on_gpu else (1, 512, 2, 16)
@@ -163,21 +258,99 @@ def suite_kernels(args):
             + (jnp.zeros(()),)), (qq, qq, qq), ["xla", "reference"])
   except ImportError as e:
     rows.append(dict(name="titans_memory", error=str(e)))
+  rows += retrieval_attention_rows(jax.default_backend())
+  return rows
+
+
+def _landmark_training_form(q, k, v, L):
+  """Landmark attention's training form (reference/landmark_hcam.md 1.2-1.5) from q, k, v
+  [B, T, H, d] whose every L-th position is a landmark: blocks of L-1 content keys gated by the
+  landmark score, every complete past block read (k=None), the own block (causal, landmark
+  excluded) as the local part."""
+  from pallas_kernels.block_retrieval_attention import block_retrieval_attention
+  b, t, h, d = q.shape
+  nb = t // L
+  blocks = lambda a: a.reshape(b, nb, L, h, d)
+  gate = jnp.einsum("bthd,bnhd->bthn", q, blocks(k)[:, :, L - 1],
+                    preferred_element_type=jnp.float32) * d ** -0.5
+  pos = jnp.arange(t)
+  allowed = jnp.broadcast_to(jnp.arange(nb)[None, :] < (pos // L)[:, None], (b, t, nb))
+  own = (pos[None, :] // L == pos[:, None] // L) & (pos[None, :] <= pos[:, None]) & (
+      pos[None, :] % L != L - 1)
+  local = (k, v, jnp.broadcast_to(own, (b, t, t)))
+  return lambda impl: block_retrieval_attention(
+      q, blocks(k)[:, :, :L - 1], blocks(v)[:, :, :L - 1], gate, allowed, k=None, local=local,
+      chunk_size=64 if impl == "pallas_gpu" else 128, implementation=impl)
+
+
+def retrieval_attention_rows(backend):
+  """Landmark training attention (fwd, fwd+bwd) against jax.nn.dot_product_attention (causal) at
+  the same (B, T, H, d), and a top-4 decode step over a cache of N blocks (fwd). The issue #10
+  target: pallas_gpu landmark fwd+bwd within 1.5x of dot_product_attention at T = 4k. On CPU a small
+  float32 shape, xla vs reference only (interpret-mode Pallas timings would mean nothing)."""
+  on_gpu, on_device = backend == "gpu", backend in ("gpu", "tpu")
+  b, t, h, d = (2, 4096, 16, 128) if on_device else (1, 512, 2, 64)
+  L = 64
+  dtype = jnp.bfloat16 if on_device else jnp.float32
+  ks = jax.random.split(jax.random.PRNGKey(1), 3)
+  q, k, v = (jax.random.normal(key, (b, t, h, d), dtype) for key in ks)
+  rows = []
+  for impl in (["cudnn", "xla"] if on_gpu else ["xla"]):
+    rows += _kernel_rows("dot_product_attention", lambda impl_: (
+        lambda q, k, v: (jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                      implementation=impl_), jnp.zeros(()))),
+        (q, k, v), [impl])
+  base = next((r for r in rows if "fwd_bwd_s" in r), None)
+  impls = ["xla", "reference"] + {"gpu": ["pallas_gpu"], "tpu": ["pallas_tpu"]}.get(backend, [])
+  lm = _kernel_rows("landmark_attention", lambda impl: (
+      lambda q, k, v: (_landmark_training_form(q, k, v, L)(impl), jnp.zeros(()))),
+      (q, k, v), impls)
+  for r in lm:
+    if base and "fwd_bwd_s" in r:
+      r["fwd_vs_dot_product_attention"] = r["fwd_s"] / base["fwd_s"]
+      r["fwd_bwd_vs_dot_product_attention"] = r["fwd_bwd_s"] / base["fwd_bwd_s"]
+  rows += lm
+  # Decode: one new query per sequence over a cache of n blocks of C keys, top-4 by gate.
+  from pallas_kernels.block_retrieval_attention import block_retrieval_attention
+  n, c = (512, 63) if on_device else (64, 63)
+  kk = jax.random.split(jax.random.PRNGKey(2), 4)
+  q1 = jax.random.normal(kk[0], (b, 1, h, d), dtype)
+  bk, bv = (jax.random.normal(key, (b, n, c, h, d), dtype) for key in kk[1:3])
+  gate = jax.random.normal(kk[3], (b, 1, h, n), jnp.float32)
+  allowed = jnp.ones((b, 1, n), bool)
+  for impl in impls:
+    f = jax.jit(lambda q, bk, bv: block_retrieval_attention(q, bk, bv, gate, allowed, k=4,
+                                                             implementation=impl))
+    try:
+      rows.append(dict(name=f"retrieval_decode_n{n}", impl=impl, fwd_s=timeit(f, q1, bk, bv)))
+    except Exception as e:  # noqa: BLE001
+      rows.append(dict(name=f"retrieval_decode_n{n}", impl=impl,
+                       error=f"{type(e).__name__}: {e}"[:200]))
   return rows
 
 
 def suite_experts(args):
-  """PEER/UltraMem expert reads: custom-VJP (sorted segment-sum backward) vs naive take + einsum,
-  at N = 256^2 and 1024^2 experts (d 256, k 128 rows per token)."""
-  from pallas_kernels.expert_gather.bench import bench_expert_gather
-  rows = []
-  for n in (256 ** 2, 1024 ** 2):
-    r = bench_expert_gather(n, 256, args.expert_tokens, 128, op="mlp", iters=max(2, args.iters // 2))
-    for path in ("naive", "custom_vjp"):
-      rows.append(dict(name="expert_mlp", n_experts=n, tokens=args.expert_tokens, impl=path,
-                       step_s=r[path]["step_s"], peak_bytes=r[path]["bytes"],
-                       temp_bytes=r[path]["temp_bytes"]))
-    rows[-1]["speedup_vs_naive"] = r["speedup"]
+  """PEER/UltraMem expert reads, fwd+bwd: naive take + einsum vs custom-VJP (sorted segment-sum
+  backward) vs, on GPU/TPU, the Pallas kernels; at N = 256^2 and 1024^2 experts (d 256, k 128 rows
+  per token) unless --expert_sizes/--expert_dim/--expert_k say otherwise. gbps is the minimal
+  traffic (`expert_gather.bench.bytes_moved`) over the step time; vs_copy divides it by a plain
+  device copy's bandwidth measured in the same run (the issue #10 target: pallas >= 0.5)."""
+  from pallas_kernels.expert_gather.bench import bench_expert_gather, copy_bandwidth
+  backend = jax.default_backend()
+  pallas = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+  copy_gbps = copy_bandwidth(1 << 30 if backend in ("gpu", "tpu") else 1 << 26) / 1e9
+  rows = [dict(name="device_copy", impl="x + 1", gbps=copy_gbps)]
+  sizes = [int(n) for n in args.expert_sizes.split(",")]
+  for op in ("mlp", "gather"):
+    for n in sizes:
+      r = bench_expert_gather(n, args.expert_dim, args.expert_tokens, args.expert_k, op=op,
+                              iters=max(2, args.iters // 2), pallas=pallas)
+      for path in ("naive", "custom_vjp") + (("pallas",) if pallas else ()):
+        rows.append(dict(name=f"expert_{op}", n_experts=n, tokens=args.expert_tokens,
+                         impl=pallas if path == "pallas" else path, step_s=r[path]["step_s"],
+                         peak_bytes=r[path]["bytes"], temp_bytes=r[path]["temp_bytes"],
+                         gbps=r[path]["gbps"], vs_copy=r[path]["gbps"] / copy_gbps,
+                         speedup_vs_naive=r["naive"]["step_s"] / r[path]["step_s"]))
   return rows
 
 
@@ -200,6 +373,9 @@ def main():
   p.add_argument("--suite", default="arch",
                  choices=["arch", "titans", "kernels", "experts", "all"])
   p.add_argument("--expert_tokens", type=int, default=1024)
+  p.add_argument("--expert_sizes", default="65536,1048576", help="table rows N, comma-separated")
+  p.add_argument("--expert_dim", type=int, default=256)
+  p.add_argument("--expert_k", type=int, default=128, help="rows read per token")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq_len", type=int, default=64)
   p.add_argument("--iters", type=int, default=5)

@@ -25,8 +25,12 @@ with the opposite polarity]. Gradients flow to q, blk_k, blk_v, gate and the loc
 selection itself is discrete. Output in q's dtype; logits and softmax in float32 (float64 for
 float64 inputs).
 
-Implementations: `reference` (dense masked, the oracle) and `xla` (query-tiled, checkpointed tile
-body). No Pallas kernel yet; `implementation=None` picks `xla`.
+Implementations: `reference` (dense masked, the oracle), `xla` (query-tiled, checkpointed tile
+body), `pallas_gpu` (Triton: flash-style training kernels whose KV tile is one block, forward and
+backward, and a decode kernel that reads only each row's selected blocks; see `pallas_gpu.py`) and
+`pallas_tpu` (Mosaic; see `pallas_tpu.py`). `implementation=None` picks the Pallas kernel of the
+backend (GPU, TPU) and `xla` elsewhere, falling back to `xla` where a kernel raises
+NotImplementedError (float64, head dims or block size > 256).
 """
 from __future__ import annotations
 
@@ -36,16 +40,33 @@ from pallas_kernels.block_retrieval_attention.reference import block_retrieval_a
 from pallas_kernels.block_retrieval_attention.xla import (DEFAULT_CHUNK,
                                                           block_retrieval_attention_xla)
 
+
+def _pallas_gpu(*args, **kwargs):
+  from pallas_kernels.block_retrieval_attention import pallas_gpu
+  return pallas_gpu.block_retrieval_attention_pallas_gpu(*args, **kwargs)
+
+
+def _pallas_tpu(*args, **kwargs):
+  from pallas_kernels.block_retrieval_attention import pallas_tpu
+  return pallas_tpu.block_retrieval_attention_pallas_tpu(*args, **kwargs)
+
+
 IMPLEMENTATIONS = {
     "reference": block_retrieval_attention_reference,
     "xla": block_retrieval_attention_xla,
+    "pallas_gpu": _pallas_gpu,
+    "pallas_tpu": _pallas_tpu,
 }
 
 
 def block_retrieval_attention(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,
                               share="token_head", local=None, blk_mask=None, scale=None,
                               chunk_size=DEFAULT_CHUNK, implementation=None, interpret=False):
-  """See the module docstring; returns o [B, Tq, H, dv] in q's dtype."""
+  """See the module docstring; returns o [B, Tq, H, dv] in q's dtype.
+
+  chunk_size is the query tile of `xla` and of the Pallas training kernels (rounded to what the
+  kernel supports); interpret=True runs a Pallas path in interpret mode (CPU tests).
+  """
   _common.check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask)
   return dispatch("block_retrieval_attention", IMPLEMENTATIONS, implementation, interpret, q, blk_k,
                   blk_v, gate, allowed, always=always, k=k, share=share, local=local,

@@ -36,8 +36,9 @@ def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_ma
   if share not in SHARE_MODES:
     raise NotImplementedError(
         f"block_retrieval_attention: share={share!r} is not implemented; choose one of "
-        f"{SHARE_MODES} ('head' shares over the tokens of a call, which is not causal, and 'tile' "
-        "belongs to the paged Pallas kernel, not written yet)")
+        f"{SHARE_MODES} ('head' shares over the tokens of a call, which is not causal; 'tile', one "
+        "selection per query tile, is not implemented: the Pallas kernels take per-query "
+        "selections and skip the blocks no query of a tile selected)")
   if blk_mask is not None and blk_mask.shape != (b, n, c):
     raise ValueError(f"block_retrieval_attention: blk_mask must be bool [B,N,C]={(b, n, c)}, "
                      f"got {blk_mask.shape}")

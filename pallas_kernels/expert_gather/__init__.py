@@ -6,9 +6,13 @@
                                                     (PEER: act = GELU; UltraMemV2 pre-values:
                                                      act = identity, w = raw TDQKR scores)
 
-Implementations: `reference` (naive `jnp.take` + einsum, autodiff: the oracle) and `xla` (chunked, with
+Implementations: `reference` (naive `jnp.take` + einsum, autodiff: the oracle), `xla` (chunked, with
 a `jax.custom_vjp` whose table gradients come from sorting the indices and a segment sum, never a dense
-[T, K, D] tensor). No Pallas path yet; `implementation=None` picks `xla`.
+[T, K, D] tensor), `pallas_gpu` (Triton kernels: fused gather + weighted sum forward, CSR sorted
+segment-sum backward; see `pallas_gpu.py`) and `pallas_tpu` (scalar-prefetched indices, rows DMA'd
+from HBM; see `pallas_tpu.py`). `implementation=None` picks `pallas_gpu` on GPU, `pallas_tpu` on TPU
+and `xla` elsewhere, and falls back to `xla` for what a kernel does not handle (float64, very wide
+rows). `chunk_size` only concerns `xla`.
 
 Tables may stay float32 while activations are bfloat16: rows are cast after the gather, so a huge
 table is never copied to the compute dtype [ours]; table gradients come back in the table's dtype.
@@ -40,8 +44,36 @@ def _ref_mlp(x, down, up, idx, w, *, activation, chunk_size):
   return expert_mlp_reference(x, down, up, idx, w, activation=activation)
 
 
-GATHER_IMPLEMENTATIONS = {"reference": _ref_gather, "xla": _xla_gather}
-MLP_IMPLEMENTATIONS = {"reference": _ref_mlp, "xla": _xla_mlp}
+def _gpu_gather(table, idx, w, *, chunk_size, interpret):
+  del chunk_size
+  from pallas_kernels.expert_gather import pallas_gpu
+  return pallas_gpu.expert_gather_pallas_gpu(table, idx, w, interpret=interpret)
+
+
+def _gpu_mlp(x, down, up, idx, w, *, activation, chunk_size, interpret):
+  del chunk_size
+  from pallas_kernels.expert_gather import pallas_gpu
+  return pallas_gpu.expert_mlp_pallas_gpu(x, down, up, idx, w, activation=activation,
+                                          interpret=interpret)
+
+
+def _tpu_gather(table, idx, w, *, chunk_size, interpret):
+  del chunk_size
+  from pallas_kernels.expert_gather import pallas_tpu
+  return pallas_tpu.expert_gather_pallas_tpu(table, idx, w, interpret=interpret)
+
+
+def _tpu_mlp(x, down, up, idx, w, *, activation, chunk_size, interpret):
+  del chunk_size
+  from pallas_kernels.expert_gather import pallas_tpu
+  return pallas_tpu.expert_mlp_pallas_tpu(x, down, up, idx, w, activation=activation,
+                                          interpret=interpret)
+
+
+GATHER_IMPLEMENTATIONS = {"reference": _ref_gather, "xla": _xla_gather, "pallas_gpu": _gpu_gather,
+                          "pallas_tpu": _tpu_gather}
+MLP_IMPLEMENTATIONS = {"reference": _ref_mlp, "xla": _xla_mlp, "pallas_gpu": _gpu_mlp,
+                       "pallas_tpu": _tpu_mlp}
 
 
 def expert_gather(table_ND, indices_TK, weights_TK, *, chunk_size=DEFAULT_CHUNK,
@@ -52,6 +84,8 @@ def expert_gather(table_ND, indices_TK, weights_TK, *, chunk_size=DEFAULT_CHUNK,
     table_ND: [N, D] rows (float32 parameters are fine with bf16 weights).
     indices_TK: [..., K] integer rows in [0, N). weights_TK: [..., K].
     chunk_size: (token, slot) entries processed at once by `xla` (working set chunk_size x D).
+    implementation: None (best for the backend, falling back to xla), "reference", "xla",
+      "pallas_gpu" or "pallas_tpu". interpret: run a Pallas path in interpret mode (CPU tests).
   Returns: [..., D].
   """
   _common.check("expert_gather", indices_TK, weights_TK, (table_ND,))
@@ -72,6 +106,7 @@ def expert_mlp(x_TE, down_NE, up_NF, indices_TK, weights_TK, *, activation="gelu
     x_TE: [..., E] input (the compute dtype). down_NE: [N, E]; up_NF: [N, F].
     indices_TK: [..., K] integer rows; weights_TK: [..., K] router weights.
     activation: "gelu" (exact erf), "relu", "silu" or "identity".
+    implementation, interpret: as in `expert_gather`.
   Returns: [..., F] in x's dtype.
   """
   if activation not in _common.ACTIVATIONS:

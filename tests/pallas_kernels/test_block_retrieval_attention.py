@@ -1,5 +1,6 @@
 """block_retrieval_attention: reference and xla against a float64 per-query brute force
-(reference/landmark_hcam.md sections 1.2, 3 and 4)."""
+(reference/landmark_hcam.md sections 1.2, 3 and 4); the Pallas kernels (training and decode
+forwards, backward) against the reference in interpret mode. Lowering checks: test_lowering.py."""
 import itertools
 
 import jax
@@ -203,5 +204,131 @@ def test_unsupported_share_mode_fails_loudly():
   args, kw = make(0, dtype=np.float32)
   with pytest.raises(NotImplementedError, match="share"):
     block_retrieval_attention(*args, k=2, share="tile", **kw)
-  with pytest.raises(NotImplementedError, match="pallas_gpu"):
-    block_retrieval_attention(*args, k=2, implementation="pallas_gpu", **kw)
+
+
+# ----------------------------------------------------------------------------- Pallas kernels
+
+def _pallas(impl):
+  from pallas_kernels.block_retrieval_attention import pallas_gpu, pallas_tpu
+  return {"pallas_gpu": pallas_gpu.block_retrieval_attention_pallas_gpu,
+          "pallas_tpu": pallas_tpu.block_retrieval_attention_pallas_tpu}[impl]
+
+
+def _out_and_grads(fn, inputs, argnums):
+  """(fn(*inputs), grads of <fn, random cotangent> w.r.t. inputs[argnums]) in one jitted vjp."""
+  def both(a):
+    diff = [a[i] for i in argnums]
+    def f(*d):
+      full = list(a)
+      for i, x in zip(argnums, d):
+        full[i] = x
+      return fn(*full)
+    out, vjp = jax.vjp(f, *diff)
+    return out, vjp(jax.random.normal(jax.random.PRNGKey(0), out.shape, out.dtype))
+  return jax.jit(both)(inputs)
+
+
+@pytest.mark.parametrize("impl,decode,case", [
+    ("pallas_gpu", False, 1), ("pallas_gpu", True, 2), ("pallas_gpu", False, 4),
+    ("pallas_tpu", False, 2), ("pallas_tpu", True, 4)])
+def test_pallas_interpret_matches_reference(impl, decode, case):
+  """Training and decode forwards plus every gradient (q, blocks, gate, local keys/values), float32,
+  over top-k / 'token' sharing / padded blocks / no local part (the CASES above)."""
+  k, share, local, pad, G = CASES[case]
+  args, kw = make(1, local=local, pad=pad, G=G, dtype=np.float32)
+  loc = kw.pop("local")
+
+  def fn(impl_):
+    def f(q, bk, bv, gate, kl, vl):
+      lo = None if loc is None else (kl, vl, loc[2])
+      if impl_ == "reference":
+        return block_retrieval_attention(q, bk, bv, gate, args[4], k=k, share=share, local=lo,
+                                         implementation="reference", **kw)
+      return _pallas(impl_)(q, bk, bv, gate, args[4], k=k, share=share, local=lo, decode=decode,
+                            interpret=True, **kw)
+    return f
+
+  kl, vl = (loc[0], loc[1]) if loc is not None else (jnp.zeros(()), jnp.zeros(()))
+  inputs = list(args[:4]) + [kl, vl]
+  argnums = (0, 1, 2, 3, 4, 5) if loc is not None else (0, 1, 2, 3)
+  out, grads = _out_and_grads(fn(impl), inputs, argnums)
+  out_ref, grads_ref = _out_and_grads(fn("reference"), inputs, argnums)
+  assert out.dtype == jnp.float32
+  assert_close(out, out_ref, 1e-5, "o")
+  if not local:
+    assert float(jnp.abs(out[0, 0]).max()) == 0.0, "a row with nothing visible must give 0"
+  for name, a, b in zip(("dq", "dblk_k", "dblk_v", "dgate", "dk_loc", "dv_loc"), grads, grads_ref):
+    assert float(jnp.abs(b).max()) > 0, name
+    assert_close(a, b, 1e-5, name)
+
+
+def _landmark_inputs(seed, T=40, L=8, H=2, d=8):
+  """Landmark training form (section 1.2 / 1.5): blocks of L-1 content keys gated by the landmark
+  score, every complete past block allowed (k=None), the own block as the causal local part."""
+  rng = np.random.default_rng(seed)
+  nb = -(-T // L)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  q, kk, vv = f(1, T, H, d), f(1, nb * L, H, d), f(1, nb * L, H, d)
+  blk = lambda a: a.reshape(1, nb, L, H, d)[:, :, :L - 1]
+  lmk = kk.reshape(1, nb, L, H, d)[:, :, L - 1]
+  gate = jnp.einsum("bthd,bnhd->bthn", q, lmk) * d ** -0.5
+  pos = jnp.arange(T)
+  allowed = (jnp.arange(nb)[None, :] < (pos // L)[:, None])[None]
+  kpos = jnp.arange(nb * L)
+  own = ((kpos[None] // L == pos[:, None] // L) & (kpos[None] <= pos[:, None])
+         & (kpos[None] % L != L - 1))[None]
+  return q, blk(kk), blk(vv), gate, allowed, (kk, vv, own)
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_landmark_training_form_skips_unread_tiles(monkeypatch, impl):
+  """Several query tiles and local key tiles, most of them skipped (causal blocks, block-diagonal
+  own-block mask): still equal to the reference. Future blocks hold NaN, which a kernel that read
+  a tile no query of it selects would spread into the output."""
+  from pallas_kernels.block_retrieval_attention import pallas_gpu
+  monkeypatch.setattr(pallas_gpu, "LOCAL_TILE", 16)
+  q, bk, bv, gate, allowed, local = _landmark_inputs(2)
+  poison = jnp.arange(bk.shape[1])[None, :, None, None, None] >= 4   # first read at t = 40 > 32
+  bk_nan, bv_nan = jnp.where(poison, jnp.nan, bk), jnp.where(poison, jnp.nan, bv)
+  run = jax.jit(lambda q, bk, bv, g, al, loc: _pallas(impl)(q, bk, bv, g, al, k=None, local=loc,
+                                                            chunk_size=16, interpret=True))
+  t = 32
+  out = run(q[:, :t], bk_nan, bv_nan, gate[:, :t], allowed[:, :t],
+            (local[0], local[1], local[2][:, :t]))
+  ref = jax.jit(lambda q, bk, bv, g, al, loc: block_retrieval_attention(
+      q, bk, bv, g, al, k=None, local=loc, implementation="reference"))(
+          q[:, :t], bk, bv, gate[:, :t], allowed[:, :t], (local[0], local[1], local[2][:, :t]))
+  assert_close(out, ref, 1e-5, "landmark form")
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_decode_reads_only_selected_blocks(impl):
+  """The decode kernels walk each row's selection list: blocks outside every row's top-k may hold
+  NaN without effect, and the result equals the reference with those blocks zeroed."""
+  args, kw = make(3, B=1, T=3, N=6, local=True, dtype=np.float32)
+  q, bk, bv, gate, allowed = args
+  gate = gate.at[..., 5].set(-50.0)               # block 5: never in any top-2
+  kw = dict(kw, always=None)
+  run = jax.jit(lambda q, bk, bv, kw: _pallas(impl)(q, bk, bv, gate, allowed, k=2, decode=True,
+                                                    interpret=True, **kw))
+  out = run(q, bk.at[:, 5].set(jnp.nan), bv.at[:, 5].set(jnp.nan), kw)
+  ref = jax.jit(lambda q, bk, bv, kw: block_retrieval_attention(
+      q, bk, bv, gate, allowed, k=2, implementation="reference", **kw))(
+          q, bk.at[:, 5].set(0.0), bv.at[:, 5].set(0.0), kw)
+  assert_close(out, ref, 1e-5, "decode")
+
+
+def test_pallas_unsupported_inputs_fall_back(x64, monkeypatch):
+  """float64 raises NotImplementedError on the Pallas paths; under a GPU-like preference order,
+  implementation=None falls back to xla."""
+  from pallas_kernels import _dispatch
+  args, kw = make(0, B=1, T=3, N=3)
+  for impl in ("pallas_gpu", "pallas_tpu"):
+    with pytest.raises(NotImplementedError, match="float32"):
+      block_retrieval_attention(*args, k=2, implementation=impl, interpret=True, **kw)
+  monkeypatch.setattr(_dispatch, "default_order", lambda backend=None: ("pallas_gpu", "xla"))
+  run = jax.jit(lambda a, kw: block_retrieval_attention(*a, k=2, interpret=True, **kw))
+  assert "pallas_call" not in str(jax.make_jaxpr(run)(args, kw))
+  out = run(args, kw)
+  np.testing.assert_allclose(np.asarray(out), brute_force(args, k=2, share="token_head", **kw),
+                             rtol=1e-9, atol=1e-11)

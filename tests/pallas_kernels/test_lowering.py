@@ -56,6 +56,10 @@ def test_kernel_lowers_forward_and_backward(platform, op, D, dtype):
   bwd = _lower(jax.grad(loss, argnums=tuple(range(n_diff))), specs, platform)
   for txt in (fwd, bwd):
     assert KERNEL_CALL[platform] in set(re.findall(r"custom_call @([\w$.]+)", txt))
+  # The gradient runs the Pallas backward kernel (not autodiff of jnp code) next to the forward one.
+  kernel_names = lambda txt: set(re.findall(r'name = \\?"(\w+)\\?"', txt))
+  assert kernel_names(fwd) == {f"{op}_fwd"}
+  assert kernel_names(bwd) == {f"{op}_fwd", f"{op}_bwd"}
 
 
 def test_unsupported_inputs_fall_back():
@@ -88,3 +92,68 @@ def test_default_dispatch_prefers_pallas_and_falls_back(monkeypatch):
   assert calls == [16, 24]
   assert float(jnp.max(jnp.abs(o_kernel - o_xla))) < 1e-6
   assert float(jnp.max(jnp.abs(o_fallback - o_xla))) < 1e-6
+
+
+# ----------------------------------------------------------------------------- retrieval ops (#10)
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("op", ["gather", "mlp"])
+def test_expert_gather_lowers_forward_and_backward(platform, op):
+  """bf16 tokens, float32 tables of width 192 (not a power of two), T not a multiple of the token
+  block; the backward includes the sorted segment-sum kernels."""
+  from pallas_kernels.expert_gather import expert_gather, expert_mlp
+  S = jax.ShapeDtypeStruct
+  t, k, n, e, f = 100, 8, 1000, 192, 256
+  x, down, up = S((t, e), jnp.bfloat16), S((n, e), jnp.float32), S((n, f), jnp.float32)
+  idx, w = S((t, k), jnp.int32), S((t, k), jnp.bfloat16)
+  if op == "mlp":
+    fn = lambda x, d, u, i, w: expert_mlp(x, d, u, i, w, implementation=IMPL[platform])
+    specs, argnums = (x, down, up, idx, w), (0, 1, 2, 4)
+  else:
+    fn = lambda u, i, w: expert_gather(u, i, w, implementation=IMPL[platform])
+    specs, argnums = (up, idx, w), (0, 2)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
+  fwd = _lower(fn, specs, platform)
+  bwd = _lower(jax.grad(loss, argnums=argnums), specs, platform)
+  for txt in (fwd, bwd):
+    assert KERNEL_CALL[platform] in set(re.findall(r"custom_call @([\w$.]+)", txt))
+  forward = {"mlp": "expert_mlp_fwd", "gather": "expert_gather_sum"}[op]
+  backward = {"mlp": "expert_mlp_bwd", "gather": "expert_gather_dot"}[op]
+  assert _kernel_names(fwd) == {forward}
+  assert _kernel_names(bwd) == {forward, backward, "expert_segment_sum"}
+
+
+def _kernel_names(txt):
+  """Names of the Pallas kernels in lowered text (the TPU variants carry a `_tpu` suffix)."""
+  return {n.removesuffix("_tpu") for n in re.findall(r'name = \\?"(\w+)\\?"', txt)}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_block_retrieval_attention_lowers_forward_and_backward(platform, decode, dtype):
+  """Landmark-like shapes: blocks of C = 63 content keys (padded to 64), a local part with a mask,
+  T not a multiple of the query tile, top-k selection, padded keys; training and decode forwards."""
+  if platform == "tpu":
+    from pallas_kernels.block_retrieval_attention import pallas_tpu
+    fwd_fn = pallas_tpu.block_retrieval_attention_pallas_tpu
+  else:
+    from pallas_kernels.block_retrieval_attention import pallas_gpu
+    fwd_fn = pallas_gpu.block_retrieval_attention_pallas_gpu
+  S = jax.ShapeDtypeStruct
+  b, t, h, d, n, c, s = 1, 100, 2, 64, 5, 63, 70
+  tok = lambda m: S((b, m, h, d), dtype)
+  blk = S((b, n, c, h, d), dtype)
+  specs = [tok(t), blk, blk, S((b, t, 1, n), jnp.float32), S((b, t, n), jnp.bool_), tok(s), tok(s),
+           S((b, t, s), jnp.bool_), S((b, n, c), jnp.bool_)]
+  fn = lambda q, bk, bv, g, al, kl, vl, ml, bm: fwd_fn(q, bk, bv, g, al, k=2, local=(kl, vl, ml),
+                                                      blk_mask=bm, decode=decode)
+  loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) ** 2)
+  fwd = _lower(fn, specs, platform)
+  bwd = _lower(jax.grad(loss, argnums=(0, 1, 2, 3, 5, 6)), specs, platform)
+  for txt in (fwd, bwd):
+    assert KERNEL_CALL[platform] in set(re.findall(r"custom_call @([\w$.]+)", txt))
+  name = "block_retrieval_attention_"
+  forward = name + ("decode" if decode else "fwd")
+  assert _kernel_names(fwd) == {forward}
+  assert _kernel_names(bwd) == {forward} | {name + k for k in ("dq", "dkv_blocks", "dkv_local")}
