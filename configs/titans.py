@@ -5,7 +5,7 @@
 
 Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m`, `depth=N` (memory MLP
 depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR task).
-Parameters (size=tiny, MQAR vocab 256): mac 195,920; mag 187,728; mal 195,920; lmm 163,024.
+Parameters (size=tiny, MQAR vocab 256): mac 196,048; mag 187,728; mal 195,920; lmm 163,024.
 """
 from memarch import configs_lib
 

@@ -93,6 +93,7 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       num_steps=1000, log_every=25, eval_every=100, ckpt_every=250, keep_checkpoints=3,
       stop_at_accuracy=0.0,  # > 0: stop once eval/accuracy reaches it (Zoology stops at 0.99)
+      time_budget_s=0.0,  # > 0: stop (with an eval) once this much wall time, compile included, is used
       skip_nonfinite=False, progress=True, aux_loss_weights=ml_collections.ConfigDict({}),
       stats_every=0))  # > 0: log layer statistics (memory surprise, gates) every N steps
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0,  # 0 = all

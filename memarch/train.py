@@ -246,7 +246,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   pending = None
   last: dict[str, Any] = {}
   t_last, tokens_since = time.time(), 0
-  stopped_early = False
+  stopped_early = out_of_time = False
 
   def finish(step, m):
     nonlocal t_last, tokens_since
@@ -292,16 +292,23 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
         pending = (step, m)
         if progress is not None:
           progress.update(1)
-        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == end_step
+        # A wall-clock budget (train.time_budget_s, compile included) ends the run with an eval,
+        # as "accuracy reached in N minutes" comparisons need.
+        over_budget = bool(tc.time_budget_s) and time.time() - t_start >= tc.time_budget_s
+        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == end_step or over_budget
         if is_eval and eval_set is not None:
           ev = evaluate(state)
           last.update(ev)
           writer.write(step, ev)
           if tc.stop_at_accuracy and ev["eval/accuracy"] >= tc.stop_at_accuracy:
             stopped_early = True
-        if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == end_step or stopped_early:
+        if over_budget and not stopped_early:
+          log(f"memarch: time budget of {tc.time_budget_s:.0f}s used up at step {step}; stopping")
+          out_of_time = True
+        if ((tc.ckpt_every and step % tc.ckpt_every == 0) or step == end_step or stopped_early
+            or out_of_time):
           ckpt.save(step, state, {"next_step": step, "data": config.data.name})
-        if stopped_early:
+        if stopped_early or out_of_time:
           break
       if pending is not None:
         row = finish(*pending)
@@ -315,7 +322,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
       progress.close()
   png = metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
                                 title=f"{', '.join(lm_cfg.layer_pattern)} on {config.data.name}")
-  last.update(step=step, stopped_early=stopped_early, wall_sec=time.time() - t_start,
+  last.update(step=step, stopped_early=stopped_early, out_of_time=out_of_time,
+              wall_sec=time.time() - t_start,
               num_params=n_params)
   if stopped_early:
     log(f"memarch: reached eval/accuracy {last['eval/accuracy']:.4f} >= "

@@ -34,6 +34,8 @@ def run_ours(args):
   cfg.data.seq_len, cfg.data.num_kv_pairs = args.seq_len, args.kv
   cfg.data.batch_size, cfg.data.eval_examples = args.batch, args.eval_examples
   cfg.train.eval_every = args.eval_every
+  cfg.train.time_budget_s = args.budget_s
+  cfg.train.num_steps = max(cfg.train.num_steps, args.max_steps)
   cfg.train.progress = False
   cfg.lock()
   workdir = os.path.join(args.out, f"memarch_{args.variant}_{args.seq_len}_{args.kv}")
@@ -89,6 +91,8 @@ def main():
   p.add_argument("--eval_examples", type=int, default=1000)
   p.add_argument("--eval_every", type=int, default=50)
   p.add_argument("--budget_s", type=float, default=600)
+  p.add_argument("--max_steps", type=int, default=0, help="ours: at least this many steps "
+                 "(the cosine schedule's length); 0 = the config's")
   p.add_argument("--torch_lr", type=float, default=3e-3)
   p.add_argument("--only", default="both", choices=["both", "memarch", "pytorch"])
   p.add_argument("--out", default="runs/compare_titans")

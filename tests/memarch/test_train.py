@@ -124,3 +124,11 @@ def test_script_prints_one_line_error(tmp_path):
                       "--config=configs/transformer.py", "--config.model.not_a_key=3"],
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "not_a_key" in r.stderr
+
+
+def test_time_budget_stops_with_an_eval(tmp_path):
+  cfg = tiny_config(num_steps=50, eval_every=0, time_budget_s=1e-3)
+  out = train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  rows = read_metrics(os.path.join(str(tmp_path), "metrics.jsonl"))
+  assert out["step"] == 1 and out["out_of_time"] and not out["stopped_early"]
+  assert [r["step"] for r in rows if "eval/accuracy" in r] == [1]
