@@ -2,12 +2,16 @@
 
 Reference: ../shared/reference/titans_miras.md §7 (and §1-4 for the shared Titans engine).
 
-`Miras` (registered `moneta`, `yaad`, `memora`) is the Titans memory layer (§4, `layers.titans.
-NeuralMemory`) with the memory op swapped for a Miras memory (`pallas_kernels.miras_memory`):
+`Miras` (registered `moneta`, `yaad`, `memora`) is the Titans memory layer (§4): it subclasses
+`layers.titans.NeuralMemory` (projections, causal convs, theta gate, output gate, initial memory,
+persistent tokens, state handling) and swaps the memory op for a Miras memory
+(`pallas_kernels.miras_memory`, the Titans engine with another attentional bias and retention and no
+momentum):
 
     q, k, v = SiLU(CausalConv_4(x W_{q,k,v}));  q, k <- L2-normalised per head
     theta = theta_max * sigmoid(x W_theta + b_theta)     per token, head and memory layer
-    a     = sigmoid(x W_a + b_a)                         retention factor, per token and head
+    a     = sigmoid(-(x W_alpha + b_alpha))              retention factor (Miras' alpha_t = Titans'
+                                                         1 - alpha_t: the same gate), per token, head
     delta = softplus(x W_delta + b_delta)                Huber threshold (Yaad), per token and head
     z = Memory(q, k, v, theta, a, delta)                 plain GD, chunked (gradients at the chunk base)
     o = W_o concat_h(RMSNorm_h(z) * SiLU(x W_g))
@@ -18,11 +22,13 @@ NeuralMemory`) with the memory op swapped for a Miras memory (`pallas_kernels.mi
             paper's lag token (the first token of each chunk takes its own exact step, §7.3)
 
 Choices [ours] (§7.1): the paper's channel-wise gates from low-rank projections become scalars per
-(head, memory layer) for theta and per head for a and delta (the op's interface); b_a = 4.6 (a ~ 0.99),
-b_delta = 0.5413 (delta = 1), b_theta = 0; theta_max = 0.1 for the MLP memory, 1.0 for the linear
-one, as in Titans. The initial state (W_0, A_0 or Z_0) and Memora's scale c (init 1) are learned per
-head and memory layer. Memora's lag token is not implemented (see the op). Persistent tokens
-(num_persistent > 0) are consumed first, as in Titans: `init_state` runs the memory over them.
+(head, memory layer) for theta and per head for a and delta (the op's interface); b_alpha = -4.6
+(a ~ 0.99), b_delta = 0.5413 (delta = 1), b_theta = 0; theta_max = 0.1 for the MLP memory, 1.0 for
+the linear one, as in Titans. The initial state `w0` (W_0 for Yaad, the dual A_0 for Moneta, the
+logits Z_0 for Memora, unit-scale so the initial rows are not uniform) and Memora's scale c (init 1)
+are learned per head and memory layer. Titans' momentum gate (W_eta) is dropped: Miras is plain GD.
+Persistent tokens (num_persistent > 0) are consumed first, as in Titans: `init_state` runs the memory
+over them.
 """
 from __future__ import annotations
 
@@ -32,9 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.base import Stat, reject_segment_ids, sow
-from layers.conv import CausalConv1D
-from layers.norms import l2_normalize, rms_normalize
+from layers.base import reject_segment_ids
+from layers.norms import l2_normalize
+from layers.titans import NeuralMemory, TitansConfig, _const, _dense
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
 
 
@@ -66,99 +72,67 @@ class MirasConfig:
     if self.num_persistent < 0:
       raise ValueError(f"miras: num_persistent must be >= 0, got {self.num_persistent}")
 
+  def titans(self) -> TitansConfig:
+    """The settings of the shared Titans memory layer (MAC's segment length is irrelevant here)."""
+    return TitansConfig(self.d_model, self.num_heads, memory_depth=self.memory_depth,
+                        expansion=self.expansion, chunk_size=self.chunk_size,
+                        theta_max=self.theta_max, num_persistent=self.num_persistent,
+                        conv_size=self.conv_size, segment_len=self.chunk_size,
+                        implementation=self.implementation)
+
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.titans().head_dim
 
   @property
   def theta_cap(self) -> float:
-    if self.theta_max:
-      return self.theta_max
-    return 1.0 if self.memory_depth == 1 else 0.1
+    return self.titans().theta_cap
 
 
-def _dense(rngs, shape, axes, std=None):
-  init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
-  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
-
-
-def _const(value, shape, axes):
-  return nnx.Param(nnx.with_partitioning(nnx.initializers.constant(value), axes)(
-      jax.random.PRNGKey(0), shape))
-
-
-class Miras(nnx.Module):
+class Miras(NeuralMemory):
   """A Miras memory layer (Moneta / Yaad / Memora by `cfg.model`); see the module docstring."""
 
   def __init__(self, cfg: MirasConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg.titans(), rngs=rngs, persistent=True, output=True)
     self.cfg = cfg
-    d, h, dh, L = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.memory_depth
+    d, h, L = cfg.d_model, cfg.num_heads, cfg.memory_depth
     self.bias, self.retention = MODELS[cfg.model]
-    self.wq = _dense(rngs, (d, d), ("embed", "mlp"))
-    self.wk = _dense(rngs, (d, d), ("embed", "mlp"))
-    self.wv = _dense(rngs, (d, d), ("embed", "mlp"))
-    self.conv_q = CausalConv1D(d, cfg.conv_size, rngs=rngs)
-    self.conv_k = CausalConv1D(d, cfg.conv_size, rngs=rngs)
-    self.conv_v = CausalConv1D(d, cfg.conv_size, rngs=rngs)
-    self.w_theta = _dense(rngs, (d, h * L), ("embed", None), std=0.02)
-    self.b_theta = _const(0.0, (h * L,), (None,))
-    self.w_a = _dense(rngs, (d, h), ("embed", None), std=0.02)
-    self.b_a = _const(4.6, (h,), (None,))  # a ~ 0.99 at init
+    del self.w_eta, self.b_eta  # plain GD: no momentum gate
     self.w_delta = _dense(rngs, (d, h), ("embed", None), std=0.02)
     self.b_delta = _const(0.5413, (h,), (None,))  # softplus(0.5413) = 1
-    self.w_gate = _dense(rngs, (d, d), ("embed", "mlp"))
-    self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
-    self.out_norm_scale = _const(1.0, (h, dh), ("heads", None))
-    if L == 1:
-      shapes = [(h, dh, dh)]
-    else:
-      e = cfg.expansion * dh
-      shapes = [(h, e, dh)] + [(h, e, e)] * (L - 2) + [(h, dh, e)]
-    # Learned initial state: W_0 (Yaad), the dual A_0 (Moneta) or logits Z_0 (Memora, unit-scale
-    # logits so the initial rows are not uniform).
-    std = (lambda s: 1.0) if self.retention == "kl" else (lambda s: s[-1] ** -0.5)
-    self.x0 = nnx.List([
-        nnx.Param(nnx.with_partitioning(nnx.initializers.normal(std(s)), ("heads", None, None))(
-            rngs.params(), s)) for s in shapes])
+    if self.retention == "kl":  # logits Z_0 at unit scale, so the initial rows are not uniform
+      self.w0 = nnx.List([
+          nnx.Param(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(
+              rngs.params(), w.shape)) for w in self.w0])
     self.kl_scale = _const(1.0, (h, L), ("heads", None))
-    self.ln_scale = _const(1.0, (h, dh), ("heads", None))
-    self.ln_bias = _const(0.0, (h, dh), ("heads", None))
-    n_p = cfg.num_persistent
-    self.persistent = _dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
 
-  def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
-    del max_len
-    state = {"mem": init_miras_state(tuple(x[...] for x in self.x0), batch_size, self.retention),
-             "conv_q": self.conv_q.init_state(batch_size, jnp.float32),
-             "conv_k": self.conv_k.init_state(batch_size, jnp.float32),
-             "conv_v": self.conv_v.init_state(batch_size, jnp.float32)}
-    if self.persistent is not None:
-      p = jnp.broadcast_to(self.persistent[...], (batch_size, *self.persistent.shape))
-      _, state, _ = self.read_write(p, state, aligned=True)
+  def _fresh_state(self, batch_size: int, dtype=jnp.float32):
+    state = super()._fresh_state(batch_size, dtype)
+    state["mem"] = init_miras_state(tuple(w[...] for w in self.w0), batch_size, self.retention)
     return state
 
-  def read_write(self, x_BTD, state, *, aligned: bool = False):
+  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
     """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth
     dt = x_BTD.dtype
-    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"])
-    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"])
-    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"])
+    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B)
+    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"], lengths_B=lengths_B)
+    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"], lengths_B=lengths_B)
     q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, dh))
     k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, dh))
     v = jax.nn.silu(v).reshape(b, t, h, dh)
     x32 = x_BTD.astype(jnp.float32)  # gates in float32: they enter the float32 state recurrence
     theta = cfg.theta_cap * jax.nn.sigmoid(x32 @ self.w_theta[...] + self.b_theta[...])
     theta = theta.reshape(b, t, h, L)
-    a = jax.nn.sigmoid(x32 @ self.w_a[...] + self.b_a[...])
+    a = jax.nn.sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
     delta = jax.nn.softplus(x32 @ self.w_delta[...] + self.b_delta[...])
     z, mem = miras_memory(q, k, v, theta, a, delta, self.ln_scale[...], self.ln_bias[...],
                           state=state["mem"], bias=self.bias, p=cfg.p, retention=self.retention,
                           q_norm=cfg.q_norm, kl_scale_HL=self.kl_scale[...],
-                          lag_token=cfg.model == "memora",
-                          chunk_size=cfg.chunk_size, assume_aligned=aligned,
+                          lag_token=cfg.model == "memora", chunk_size=cfg.chunk_size,
+                          lengths=lengths_B, assume_aligned=aligned,
                           implementation=cfg.implementation)
     stats = {"theta_mean": jnp.mean(theta), "retention_mean": jnp.mean(a),
              "delta_mean": jnp.mean(delta)}
@@ -166,14 +140,4 @@ class Miras(nnx.Module):
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
     reject_segment_ids(f"miras ({self.cfg.model})", segment_ids_BT)
-    cfg = self.cfg
-    aligned = state is None and cfg.num_persistent % cfg.chunk_size == 0
-    state = self.init_state(x_BTD.shape[0]) if state is None else state
-    z, state, stats = self.read_write(x_BTD, state, aligned=aligned)
-    for name, value in stats.items():
-      sow(self, Stat, name, value)
-    b, t, _ = x_BTD.shape
-    dt = x_BTD.dtype
-    zn = rms_normalize(z.astype(dt)) * self.out_norm_scale[...].astype(dt)
-    gate = jax.nn.silu(x_BTD @ self.w_gate[...].astype(dt))
-    return (zn.reshape(b, t, -1) * gate) @ self.wo[...].astype(dt), state
+    return super().__call__(x_BTD, state=state)

@@ -1,7 +1,9 @@
 """Miras memories: Moneta, Yaad, Memora (Behrouz et al., "It's All Connected", arXiv 2504.13173 §5).
 
-One op with a pluggable attentional bias and retention over the Titans MLP memory, plain GD, chunked
-with gradients at the chunk base (reference/titans_miras.md §7; see `reference.py` for the equations):
+The Titans memory engine (`pallas_kernels.titans_memory`: one token loop, one chunked form) with
+other pluggable pieces (`titans_memory.rules.MemoryRule`): an attentional bias and a retention over
+the Titans MLP memory, plain GD (no momentum), chunked with gradients at the chunk base
+(reference/titans_miras.md §7; see `reference.py` for the equations):
 
     Moneta: bias="lp", p=3, retention="lq", q_norm=4      (Eq. 24-25, rescaled mirror map [ours])
     Yaad:   bias="huber", retention="l2"                  (Eq. 26)
@@ -15,11 +17,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels._dispatch import dispatch
-from pallas_kernels.miras_memory.reference import (BIASES, RETENTIONS, STATE_KEY,
-                                                   miras_memory_reference, phi)
+from pallas_kernels.miras_memory.reference import STATE_KEY, miras_memory_reference
 from pallas_kernels.miras_memory.xla import miras_memory_xla
-from pallas_kernels.titans_memory import _check_weights, check_state_and_gates
+from pallas_kernels.titans_memory import broadcast_initial, check_sequences, check_state_and_gates
 from pallas_kernels.titans_memory.reference import compute_dtype, memory_apply
+from pallas_kernels.titans_memory.rules import BIASES, RETENTIONS, MemoryRule
 
 __all__ = ["miras_memory", "init_miras_state", "miras_weights", "MODELS", "IMPLEMENTATIONS",
            "STATE_KEY"]
@@ -42,12 +44,7 @@ def init_miras_state(x0, batch_size: int, retention: str = "l2"):
   """
   if retention not in STATE_KEY:
     raise ValueError(f"init_miras_state: unknown retention {retention!r}; choose one of {RETENTIONS}")
-  x0 = tuple(x0)
-  if len(x0) == 0:
-    raise ValueError("init_miras_state: memory depth must be >= 1 (got an empty x0)")
-  _check_weights("init_miras_state", x0, (x0[0].shape[0],))
-  dt = jnp.float64 if any(w.dtype == jnp.float64 for w in x0) else jnp.float32
-  x = tuple(jnp.broadcast_to(w.astype(dt), (batch_size,) + w.shape) for w in x0)
+  x = broadcast_initial("init_miras_state", "x0", x0, batch_size)
   return {STATE_KEY[retention]: x, "base": x, "phase": jnp.zeros((batch_size,), jnp.int32)}
 
 
@@ -56,7 +53,7 @@ def miras_weights(state, retention: str, *, q_norm=4.0, kl_scale_HL=None):
   xs = tuple(state[STATE_KEY[retention]])
   if kl_scale_HL is None:
     kl_scale_HL = jnp.ones((xs[0].shape[1], len(xs)), xs[0].dtype)
-  return phi(xs, retention, q_norm, kl_scale_HL[None])
+  return MemoryRule(retention=retention, q_norm=q_norm).phi(xs, kl_scale_HL[None])
 
 
 def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, retention,
@@ -66,16 +63,7 @@ def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, r
     raise ValueError(f"{name}: unknown bias {bias!r}; choose one of {BIASES}")
   if retention not in STATE_KEY:
     raise ValueError(f"{name}: unknown retention {retention!r}; choose one of {RETENTIONS}")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
-  if q.ndim != 4:
-    raise ValueError(f"{name}: q must be [B, T, H, D], got shape {q.shape}")
-  B, T, H, D = q.shape
-  if T < 1:
-    raise ValueError(f"{name}: sequence length must be >= 1, got T={T}")
-  for n, x in (("k", k), ("v", v)):
-    if x.shape != q.shape:
-      raise ValueError(f"{name}: {n} must have q's shape {q.shape}, got {x.shape}")
+  B, T, H, D = check_sequences(name, q, k, v, chunk_size)
   key = STATE_KEY[retention]
   if not isinstance(state, dict) or set(state) != {key, "base", "phase"}:
     raise ValueError(f"{name}: with retention={retention!r} state must be a dict with keys "

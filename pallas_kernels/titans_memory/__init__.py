@@ -10,6 +10,9 @@ LayerNorm eps 1e-5, affine outer-loop only). See reference/titans_miras.md §1-3
 
 Implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle) and `xla` (chunked dual
 form, the portable default on every backend; no Pallas kernel yet, so `None` always runs `xla`).
+Both are the memory engine (`reference.memory_reference`, `xla.memory_xla`) with the Titans rule
+(`rules.TITANS`); `pallas_kernels.miras_memory` runs the same engine with other pluggable pieces
+(attentional bias, retention, no momentum: `rules.MemoryRule`).
 """
 from __future__ import annotations
 
@@ -76,6 +79,17 @@ def check_state_and_gates(name, state, key, twins, theta, gates, ln_scale, ln_bi
   return L
 
 
+def broadcast_initial(name: str, arg: str, x0, batch_size: int):
+  """Per-layer initial states x0 [H, out, in] (the argument `arg` of `name`) -> tuple of
+  [B, H, out, in], float32 (float64 for float64 x0); shared by the memory ops' init functions."""
+  x0 = tuple(x0)
+  if len(x0) == 0:
+    raise ValueError(f"{name}: memory depth must be >= 1 (got an empty {arg})")
+  _check_weights(name, x0, (x0[0].shape[0],))
+  dt = jnp.float64 if any(w.dtype == jnp.float64 for w in x0) else jnp.float32
+  return tuple(jnp.broadcast_to(w.astype(dt), (batch_size,) + w.shape) for w in x0)
+
+
 def init_memory_state(w0, batch_size: int):
   """The state at the start of a stream: w = w_base = w0 broadcast over the batch, s = 0, phase 0.
 
@@ -86,18 +100,13 @@ def init_memory_state(w0, batch_size: int):
   Returns: {"w", "s", "w_base": tuples of [B, H, out, in] float32 (float64 for float64 w0),
     "phase": int32 [B]}.
   """
-  w0 = tuple(w0)
-  if len(w0) == 0:
-    raise ValueError("init_memory_state: memory depth must be >= 1 (got an empty w0)")
-  _check_weights("init_memory_state", w0, (w0[0].shape[0],))
-  dt = jnp.float64 if any(w.dtype == jnp.float64 for w in w0) else jnp.float32
-  w = tuple(jnp.broadcast_to(x.astype(dt), (batch_size,) + x.shape) for x in w0)
+  w = broadcast_initial("init_memory_state", "w0", w0, batch_size)
   return {"w": w, "s": tuple(jnp.zeros_like(x) for x in w), "w_base": w,
           "phase": jnp.zeros((batch_size,), jnp.int32)}
 
 
-def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size, lengths):
-  name = "titans_memory"
+def check_sequences(name, q, k, v, chunk_size) -> tuple[int, int, int, int]:
+  """Shared by the memory ops: chunk_size and q, k, v [B, T, H, D]; returns (B, T, H, D)."""
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
   if q.ndim != 4:
@@ -108,11 +117,17 @@ def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_siz
   for n, x in (("k", k), ("v", v)):
     if x.shape != q.shape:
       raise ValueError(f"{name}: {n} must have q's shape {q.shape}, got {x.shape}")
+  return B, T, H, D
+
+
+def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size, lengths):
+  name = "titans_memory"
+  shape = check_sequences(name, q, k, v, chunk_size)
   if not isinstance(state, dict) or set(state) != {"w", "s", "w_base", "phase"}:
     raise ValueError(f"{name}: state must be a dict with keys w, s, w_base, phase "
                      f"(see init_memory_state), got {type(state).__name__}")
   check_state_and_gates(name, state, "w", ("s", "w_base"), theta, {"eta": eta, "log_a": log_a},
-                        ln_scale, ln_bias, lengths, (B, T, H, D))
+                        ln_scale, ln_bias, lengths, shape)
 
 
 def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,

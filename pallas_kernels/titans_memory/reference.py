@@ -7,6 +7,10 @@ Per head, with the frozen-base rule of reference/titans_miras.md §2:
     W_t = a_t W_{t-1} + S_t                     (a_t = exp(log_a_t))
     y_t = M_{W_t}(q_t)                          (read after write [ours], §2)
 
+This is `memory_reference`, the engine's token loop, with the Titans rule (`rules.TITANS`: l2 bias,
+l2 retention, momentum); the Miras memories (`pallas_kernels.miras_memory`) run the same loop with
+other pieces (`rules.MemoryRule`).
+
 Chunk boundaries are global: the state carries `phase`, the number of tokens of the current chunk
 already consumed, and `w_base`. After a token that completes a chunk (phase wraps to 0) the base is
 refreshed to the current weights, so a state with phase 0 always has w_base == w [ours: a canonical
@@ -15,17 +19,22 @@ state, which makes "final states are equal" a meaningful test of split invarianc
 Memory model M_W (titans_miras.md §1): depth 1 is linear, M_W(x) = W x. Depth L >= 2 is
 M_W(x) = x + LN(W_L gelu(... gelu(W_1 x))) with exact (erf) GELU [ours: the paper says only "GELU";
 erf is smooth to every order we differentiate], LayerNorm over the D features with eps 1e-5 and an
-outer-loop-only affine. The inner gradient is plain `jax.grad` of the per-token loss: no factorisation,
-obviously correct, and it materialises a full weight gradient per token (an oracle, not a training path).
+outer-loop-only affine. The inner gradient is a plain `jax.vjp` of M per token (the bias' output
+gradient pulled back): no factorisation, obviously correct, and it materialises a full weight
+gradient per token (an oracle, not a training path).
 
 Tokens at positions >= `lengths[b]` (right padding, optional) leave the state untouched; their output
 is the read of the state at the last real token.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.titans_memory.rules import TITANS
 
 LN_EPS = 1e-5
 
@@ -85,38 +94,68 @@ def inner_loss(ws, ln_scale_D, ln_bias_D, k_D, v_D):
   return 0.5 * jnp.sum(e * e)
 
 
-def titans_memory_reference(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
-                            chunk_size=16, lengths=None):
-  """The oracle: a lax.scan over tokens. Same signature and semantics as `titans_memory`."""
+def token_grads(rule, xb, c_L, ln_s, ln_b, k_D, v_D, delta):
+  """u = backprop of the bias gradient g through M at W = phi(xb), per layer [out, in] (one head, one
+  token): a plain `jax.vjp`, materialising |W| per token (an oracle, not a training path)."""
+  out, vjp = jax.vjp(lambda ws: mlp_apply(ws, ln_s, ln_b, k_D[None])[0], rule.phi(xb, c_L))
+  return vjp(rule.output_grad(out - v_D, v_D, delta))[0]
+
+
+def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base,
+                     phase, chunk_size, lengths):
+  """The engine's oracle: a lax.scan over tokens, for any `rules.MemoryRule`.
+
+  Per token (all [B, H] at once), with u at W_base = phi(X_base):
+      momentum:    S_t = eta_t S_{t-1} - theta_t u_t,  X_t = a_t X_{t-1} + S_t
+      no momentum: X_t = a_t X_{t-1} - theta_t u_t
+      y_t = M_{phi(X_t)}(q_t)
+  Args: q, k, v [B, T, H, D]; theta [B, T, H, L]; a (linear retention factor), eta (None without
+  momentum), delta (None unless Huber) [B, T, H]; ln_* [H, D]; c_HL [H, L] or None (the "kl" scale);
+  x, s (None without momentum), base: tuples of [B, H, out, in]; phase [B]; lengths [B] or None.
+  Returns: (o [B, T, H, D] in q's dtype, (x, s, base, phase)).
+  """
   B, T, H, D = q.shape
-  dt = compute_dtype(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state["w"], state["s"],
-                     state["w_base"])
-  cast = lambda xs: tuple(x.astype(dt) for x in xs)
-  carry0 = (cast(state["w"]), cast(state["s"]), cast(state["w_base"]),
-            state["phase"].astype(jnp.int32))
+  dt = compute_dtype(q, k, v, theta, a, eta, delta, ln_scale, ln_bias, x, s, base)
+  cast = lambda xs: None if xs is None else tuple(t.astype(dt) for t in xs)
+  carry0 = (cast(x), cast(s), cast(base), phase.astype(jnp.int32))
   n_real = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
   ln_s, ln_b = ln_scale.astype(dt), ln_bias.astype(dt)
-  grad_bh = jax.vmap(jax.vmap(jax.grad(inner_loss), (0, 0, 0, 0, 0)), (0, None, None, 0, 0))
-  read_bh = jax.vmap(jax.vmap(lambda w, s, b, x: mlp_apply(w, s, b, x[None])[0],
-                              (0, 0, 0, 0)), (0, None, None, 0))
-  bcast = lambda x: x[:, :, None, None]
+  c_HL = None if c_HL is None else c_HL.astype(dt)
+  grad_bh = jax.vmap(jax.vmap(functools.partial(token_grads, rule), (0, 0, 0, 0, 0, 0, 0)),
+                     (0, None, None, None, 0, 0, 0))
+  read_bh = jax.vmap(jax.vmap(
+      lambda x_, c, s_, b_, q_: mlp_apply(rule.phi(x_, c), s_, b_, q_[None])[0], (0, 0, 0, 0, 0)),
+      (0, None, None, None, 0))
+  bc = lambda g: g[:, :, None, None]
 
   def step(carry, xs):
-    w, s, wb, phase = carry
-    t, q_BHD, k_BHD, v_BHD, th_BHL, eta_BH, la_BH = xs
-    u = grad_bh(wb, ln_s, ln_b, k_BHD, v_BHD)
-    s_new = tuple(bcast(eta_BH) * s_l - bcast(th_BHL[..., l]) * u_l
-                  for l, (s_l, u_l) in enumerate(zip(s, u)))
-    w_new = tuple(bcast(jnp.exp(la_BH)) * w_l + s_l for w_l, s_l in zip(w, s_new))
+    x, s, xb, phase = carry
+    t, q_BHD, k_BHD, v_BHD, th_BHL, a_BH, eta_BH, d_BH = xs
+    u = grad_bh(xb, c_HL, ln_s, ln_b, k_BHD, v_BHD, d_BH)
+    upd = tuple(-bc(th_BHL[..., l]) * u_l for l, u_l in enumerate(u))
+    if rule.momentum:
+      s = upd = tuple(bc(eta_BH) * s_l + d_l for s_l, d_l in zip(s, upd))
+    x_new = tuple(bc(a_BH) * x_l + d_l for x_l, d_l in zip(x, upd))
     phase_new = (phase + 1) % chunk_size
-    wb_new = tuple(jnp.where((phase_new == 0)[:, None, None, None], w_l, b_l)
-                   for w_l, b_l in zip(w_new, wb))
+    # the base refreshes when a chunk completes; with the lag token also after a chunk's first token
+    fresh = (phase_new == 0) | ((phase_new == 1) & rule.lag_token)
+    xb_new = tuple(jnp.where(fresh[:, None, None, None], x_l, b_l) for x_l, b_l in zip(x_new, xb))
     real = t < n_real
     keep = lambda new, old: jnp.where(real.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
-    carry = jax.tree.map(keep, (w_new, s_new, wb_new, phase_new), (w, s, wb, phase))
-    return carry, read_bh(carry[0], ln_s, ln_b, q_BHD)
+    carry = jax.tree.map(keep, (x_new, s, xb_new, phase_new), carry)
+    return carry, read_bh(carry[0], c_HL, ln_s, ln_b, q_BHD)
 
-  tok = lambda x: jnp.moveaxis(x.astype(dt), 1, 0)
-  xs = (jnp.arange(T), tok(q), tok(k), tok(v), tok(theta), tok(eta), tok(log_a))
-  (w, s, wb, phase), y_TBHD = lax.scan(step, carry0, xs)
-  return jnp.moveaxis(y_TBHD, 0, 1).astype(q.dtype), {"w": w, "s": s, "w_base": wb, "phase": phase}
+  tok = lambda g: None if g is None else jnp.moveaxis(g.astype(dt), 1, 0)
+  xs = (jnp.arange(T), tok(q), tok(k), tok(v), tok(theta), tok(a), tok(eta), tok(delta))
+  carry, y_TBHD = lax.scan(step, carry0, xs)
+  return jnp.moveaxis(y_TBHD, 0, 1).astype(q.dtype), carry
+
+
+def titans_memory_reference(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
+                            chunk_size=16, lengths=None):
+  """The oracle: the engine with the Titans rule. Same signature and semantics as `titans_memory`."""
+  o, (w, s, wb, phase) = memory_reference(
+      TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
+      s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
+      lengths=lengths)
+  return o, {"w": w, "s": s, "w_base": wb, "phase": phase}

@@ -1,131 +1,165 @@
-"""Chunked Titans neural memory in plain JAX: the portable, autodiff-able default.
+"""Chunked memory engine in plain JAX: the portable, autodiff-able default for Titans and Miras.
 
 Implements the chunked training form of Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18;
-reference/titans_miras.md §3.2-3.3): inside a chunk of b tokens every inner gradient is taken at the
-chunk-start weights W_base, so the momentum S and the weights W are linear recurrences in the
+reference/titans_miras.md §3.2-3.3) for any `rules.MemoryRule` (Miras, arXiv 2504.13173 §5.4;
+titans_miras.md §7.3). Inside a chunk of b tokens every inner gradient is taken at the chunk-start
+weights W_base = phi(X_base), so the momentum S and the state X are linear recurrences in the
 per-token gradients u_i = g_i r_i^T (one rank-1 factor pair per memory layer):
 
-    W_t = beta_t W_0 + f_t S_0 - sum_{i<=t} G[t, i] g_i r_i^T,    S_n = mom_n S_0 - sum_i theta_i B[n, i] g_i r_i^T
+    X_t = beta_t X_0 + f_t S_0 - sum_{i<=t} G[t, i] g_i r_i^T,    S_n = mom_n S_0 - sum_i theta_i B[n, i] g_i r_i^T
     A[t, s] = prod_{s<j<=t} a_j,  B[t, s] = prod_{s<j<=t} eta_j,  beta_t = prod_{j<=t} a_j,
     mom_t = prod_{j<=t} eta_j,  f = A diag(m) mom,  G = A diag(m) B diag(theta^(l)).
 
-The read y_t = M_{W_t}(q_t) is the dual form per layer (§3.2 step 3), with Z the layer's input rows:
-    Z_out = diag(beta) Z W_0^T + diag(f) Z S_0^T - (G o Z R^T) Gamma,
-and the chunk-end carry is step 4. Depth 1 is the closed form of §3.3 (E = K W_base^T - V).
-W_0 (the chunk's starting weights) and W_base coincide except in the first chunk of a call that starts
-mid-chunk, where the carried `w_base` is the gradient base.
+Without momentum (all of Miras) B = I and S, f, mom drop out: G = A diag(m theta^(l)) (its own code
+path, §3.2). The rule's attentional bias only changes the output gradient g of the batched backward
+that gives the factors (g_i, r_i); its retention phi decides the read:
+- phi = identity ("l2": Titans, Yaad): the dual form per layer (§3.2 step 3), with Z the layer's
+  input rows, Z_out = diag(beta) Z X_0^T + diag(f) Z S_0^T - (G o Z R^T) Gamma; depth 1 is the
+  closed form of §3.3 (E = K W_base^T - V). No per-token weights.
+- otherwise ("lq": Moneta, "kl": Memora): the per-token states X_t are materialised for the chunk
+  (transient n |W|, recomputed in backward, as §7.3 allows) and read with the exact phi(X_t) [ours,
+  §7.3].
+The chunk-end carry is §3.2 step 4. X_0 (the chunk's starting state) and X_base coincide except in
+the first chunk of a call that starts mid-chunk, where the carried base is the gradient base.
 
 Choices [ours]:
-- m_t (the per-token mask, 0 on padding) enters W_t = a_t W_{t-1} + m_t S_t, hence the diag(m) above;
+- m_t (the per-token mask, 0 on padding) enters X_t = a_t X_{t-1} + m_t S_t, hence the diag(m) above;
   padding tokens also get theta = 0, eta = 1, a = 1, which makes them exactly neutral even under
   momentum (titans_miras.md §10 "Short sequences").
 - Split invariance (§9.6): the sequence is shifted right by the carried `phase` (a per-row
   dynamic slice of a padded copy, so shapes are static under jit) and right-padded to
   NC = ceil((T + b - 1) / b) chunks: one chunk more than an aligned call needs, the price of a traced
   phase.
-- A is built in log space from cumsum(log a) with -inf written before exp (no inf * 0). The momentum
-  matrices B and mom use a masked cumulative product instead, so eta = 0 (no momentum) never takes
-  log 0 and needs no separate code path; cumprod's autodiff has no division, so gradients at eta = 0
-  are exact.
-- The chunk body is under `jax.checkpoint` and gets only (W, S, first-chunk flag, chunk inputs):
-  backprop keeps chunk-boundary weights and momentum (2 |W| per chunk) plus the inputs, and
+- The decay matrices A and B are masked cumulative products of the linear factors (no logs): a = 0
+  and eta = 0 are exact, cumprod's autodiff has no division, and A and B share one helper. (The
+  log-space form of §3.2 would take log 0 for Miras' a = 0.)
+- Memora's lag token (`rule.lag_token`, §7.3): token 0 of each chunk takes its own exact step at X_0
+  and the other tokens' gradients are taken at X_1 (a second batched backward per chunk).
+- The chunk body is under `jax.checkpoint` and gets only (X, S, first-chunk flag, chunk inputs):
+  backprop keeps chunk-boundary states (|W| per chunk, 2 |W| with momentum) plus the inputs, and
   recomputes the gradient factors and decay matrices of a chunk in the backward pass.
 - Math in float32 (float64 for float64 inputs) with HIGHEST matmul precision; o in q's dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.titans_memory.reference import compute_dtype, gelu, layer_norm
+from pallas_kernels.titans_memory.reference import compute_dtype, gelu, layer_norm, mlp_apply
+from pallas_kernels.titans_memory.rules import TITANS
 
 _mm = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
 
 
-def decay_matrices(log_a_n, eta_n, m_n):
-  """(beta [n], f [n], A diag(m) B [n, n], mom [n], B [n, n]) of one chunk (see module docstring)."""
-  n = log_a_n.shape[0]
+def segment_products(x_n):
+  """(P [n, n] lower triangular with P[t, s] = prod_{s<j<=t} x_j, cumprod(x) [n]), without logs."""
+  n = x_n.shape[0]
   idx = jnp.arange(n)
-  lower = idx[:, None] >= idx[None, :]                       # [t, s]: s <= t
-  cs = jnp.cumsum(log_a_n)
-  A = jnp.exp(jnp.where(lower, cs[:, None] - cs[None, :], -jnp.inf))
-  beta = jnp.exp(cs)
-  # X[s, j] = eta_j for j > s else 1, so cumprod over j gives prod_{s<l<=j} eta_l without logs.
-  X = jnp.where(idx[None, :] > idx[:, None], eta_n[None, :], 1.0)
-  Bm = jnp.where(lower, jnp.cumprod(X, axis=1).T, 0.0)
-  mom = jnp.cumprod(eta_n)
+  X = jnp.where(idx[None, :] > idx[:, None], x_n[None, :], 1.0)   # X[s, j] = x_j for j > s
+  P = jnp.where(idx[:, None] >= idx[None, :], jnp.cumprod(X, axis=1).T, 0.0)
+  return P, jnp.cumprod(x_n)
+
+
+def decay_matrices(a_n, eta_n, m_n):
+  """(beta [n], f [n], A diag(m) B [n, n], mom [n], B [n, n]) of one chunk (module docstring);
+  without momentum (eta_n None): (beta, None, A diag(m), None, None)."""
+  A, beta = segment_products(a_n)
   Am = A * m_n[None, :]
+  if eta_n is None:
+    return beta, None, Am, None, None
+  Bm, mom = segment_products(eta_n)
   return beta, _mm("ts,s->t", Am, mom), _mm("tj,js->ts", Am, Bm), mom, Bm
 
 
-def grad_factors(ws, ln_s, ln_b, k_nD, v_nD):
+def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n):
   """Per-row factors of the inner gradient at ws: u_i^(l) = g_i^(l) r_i^(l)^T for every layer l.
 
-  One batched forward/backward of the chunk's keys: g^(l) is the gradient of sum_i loss_i w.r.t. a
-  zero bias added to layer l's pre-activation (row i only sees its own loss), r^(l) the layer input.
+  One batched forward/backward of the chunk's keys: g^(l) is the cotangent of a zero bias added to
+  layer l's pre-activation when the memory output gets the bias' output gradient (row i only sees
+  its own row), r^(l) the layer input.
   """
   L = len(ws)
   if L == 1:  # linear memory: v1 Eq. 16-18 closed form, E = K W^T - V
-    return (k_nD,), (_mm("ni,oi->no", k_nD, ws[0]) - v_nD,)
+    e = _mm("ni,oi->no", k_nD, ws[0]) - v_nD
+    return (k_nD,), (rule.output_grad(e, v_nD, delta_n),)
 
-  def loss(biases):
+  def forward(biases):
     h, rs = k_nD, []
     for l, w in enumerate(ws):
       rs.append(h)
       h = _mm("ni,oi->no", h, w) + biases[l]
       if l < L - 1:
         h = gelu(h)
-    e = k_nD + layer_norm(h, ln_s, ln_b) - v_nD
-    return 0.5 * jnp.sum(e * e), tuple(rs)
+    return k_nD + layer_norm(h, ln_s, ln_b), tuple(rs)
 
   zeros = tuple(jnp.zeros((k_nD.shape[0], w.shape[0]), k_nD.dtype) for w in ws)
-  gs, rs = jax.grad(loss, has_aux=True)(zeros)
+  out, vjp, rs = jax.vjp(forward, zeros, has_aux=True)
+  gs = vjp(rule.output_grad(out - v_nD, v_nD, delta_n))[0]
   return rs, gs
 
 
-def chunk_step(w, s, wb, q, k, v, theta, eta, log_a, m, ln_s, ln_b):
-  """One chunk of one (batch row, head): returns (y [n, D], W_n, S_n).
+def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L, ln_s, ln_b):
+  """One chunk of one (batch row, head): returns (y [n, D], X_n, S_n, the base of tokens 1..n-1).
 
-  w, s, wb: tuples of [out, in] (start weights, momentum, gradient base); q, k, v [n, D];
-  theta [n, L]; eta, log_a, m [n]; ln_s, ln_b [D].
+  x, s, xb: tuples of [out, in] (start state, momentum or None, gradient-base state); q, k, v
+  [n, D]; theta [n, L]; a, eta (or None), delta (or None), m [n]; c_L [L] or None; ln_s, ln_b [D].
+  keep_base (lag token only): token 0 is not real here (a call that starts mid-chunk), so tokens
+  1..n-1 keep the carried base xb.
   """
-  L = len(w)
-  beta, f, AmB, mom, Bm = decay_matrices(log_a, eta, m)
-  rs, gs = grad_factors(wb, ln_s, ln_b, k, v)
-  z, w_new, s_new = q, [], []
-  for l in range(L):
-    G = AmB * theta[None, :, l]                              # lower triangular (exact zeros)
-    z_out = (beta[:, None] * _mm("ni,oi->no", z, w[l]) + f[:, None] * _mm("ni,oi->no", z, s[l])
-             - _mm("ts,so->to", G * _mm("ti,si->ts", z, rs[l]), gs[l]))
-    z = gelu(z_out) if l < L - 1 else z_out
-    w_new.append(beta[-1] * w[l] + f[-1] * s[l] - _mm("so,s,si->oi", gs[l], G[-1], rs[l]))
-    s_new.append(mom[-1] * s[l] - _mm("so,s,si->oi", gs[l], theta[:, l] * Bm[-1], rs[l]))
-  y = z if L == 1 else q + layer_norm(z, ln_s, ln_b)
-  return y, tuple(w_new), tuple(s_new)
+  L, n = len(x), q.shape[0]
+  beta, f, AmB, mom, Bm = decay_matrices(a, eta, m)
+  G = [AmB * theta[None, :, l] for l in range(L)]          # lower triangular (exact zeros)
+
+  def state_at(t, rs, gs):
+    """X_t (a static token index t), tuple of [out, in]."""
+    return tuple((beta[t] * x[l] if s is None else beta[t] * x[l] + f[t] * s[l])
+                 - _mm("so,s,si->oi", gs[l], G[l][t], rs[l]) for l in range(L))
+
+  rs, gs = grad_factors(rule, rule.phi(xb, c_L), ln_s, ln_b, k, v, delta)
+  base = xb
+  if rule.lag_token and n > 1:
+    x1 = state_at(0, rs, gs)                                  # token 0 stepped at X_0 == xb
+    base = tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
+    rs1, gs1 = grad_factors(rule, rule.phi(base, c_L), ln_s, ln_b, k, v, delta)
+    rs = tuple(jnp.concatenate([r0[:1], r1[1:]]) for r0, r1 in zip(rs, rs1))
+    gs = tuple(jnp.concatenate([g0[:1], g1[1:]]) for g0, g1 in zip(gs, gs1))
+  if rule.weights_are_state:  # dual form: no per-token weights
+    z = q
+    for l in range(L):
+      z_out = beta[:, None] * _mm("ni,oi->no", z, x[l])
+      if s is not None:
+        z_out = z_out + f[:, None] * _mm("ni,oi->no", z, s[l])
+      z_out = z_out - _mm("ts,so->to", G[l] * _mm("ti,si->ts", z, rs[l]), gs[l])
+      z = gelu(z_out) if l < L - 1 else z_out
+    y = z if L == 1 else q + layer_norm(z, ln_s, ln_b)
+  else:  # per-token states X_t for the whole chunk, read with the exact phi(X_t)
+    xs_t = tuple((beta[:, None, None] * x[l][None] if s is None else
+                  beta[:, None, None] * x[l][None] + f[:, None, None] * s[l][None])
+                 - _mm("ts,so,si->toi", G[l], gs[l], rs[l]) for l in range(L))
+    y = mlp_apply(rule.phi(xs_t, c_L), ln_s[None], ln_b[None], q[:, None, :])[:, 0]
+  x_new = state_at(n - 1, rs, gs)
+  s_new = None if s is None else tuple(
+      mom[-1] * s[l] - _mm("so,s,si->oi", gs[l], theta[:, l] * Bm[-1], rs[l]) for l in range(L))
+  return y, x_new, s_new, base
 
 
-# heads share the row's mask; batch rows share the LayerNorm affine
-_chunk_bh = jax.vmap(jax.vmap(chunk_step, in_axes=(0,) * 9 + (None, 0, 0)),
-                     in_axes=(0,) * 10 + (None, None))
-
-
-def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, chunk_size=16,
-                      lengths=None, assume_aligned=False):
-  """Chunked form; same signature and semantics as `titans_memory` (inputs already validated).
+def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base, phase,
+               chunk_size, lengths, assume_aligned=False):
+  """The chunked engine; same arguments and result as `reference.memory_reference`.
 
   `assume_aligned=True` is the caller's promise that every row starts at a chunk boundary
   (phase 0, e.g. a fresh training sequence): the phase shift and its extra chunk are skipped.
   """
   B, T, H, D = q.shape
   b = chunk_size
-  dt = compute_dtype(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state["w"], state["s"],
-                     state["w_base"])
+  dt = compute_dtype(q, k, v, theta, a, eta, delta, ln_scale, ln_bias, x, s, base)
   nc = -(-T // b) if assume_aligned else -(-(T + b - 1) // b)
   tp = nc * b
-  phase0 = jnp.zeros((B,), jnp.int32) if assume_aligned else state["phase"].astype(jnp.int32)
+  phase0 = jnp.zeros((B,), jnp.int32) if assume_aligned else phase.astype(jnp.int32)
   n_real = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
   real = jnp.arange(T)[None, :] < n_real[:, None]            # [B, T]
 
@@ -142,36 +176,43 @@ def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, c
     x = x.reshape((B, nc, b) + x.shape[2:])
     return jnp.moveaxis(x, (1, 3), (0, 2))
 
+  def gate(g, fill):  # per-token gate [B, T, H]: `fill` (neutral) on padding
+    return None if g is None else chunks(shift(jnp.where(real[..., None], g, fill), fill))
+
   xs = (chunks(shift(q, 0.0)), chunks(shift(k, 0.0)), chunks(shift(v, 0.0)),
         chunks(shift(jnp.where(real[..., None, None], theta, 0), 0.0)),
-        chunks(shift(jnp.where(real[..., None], eta, 1), 1.0)),
-        chunks(shift(jnp.where(real[..., None], log_a, 0), 0.0)),
+        gate(a, 1.0), gate(eta, 1.0), gate(delta, 1.0),
         jnp.moveaxis(shift(real, 0.0).reshape(B, nc, b), 1, 0))
   ln_s, ln_b = ln_scale.astype(dt), ln_bias.astype(dt)
-  w0 = tuple(x.astype(dt) for x in state["w"])
-  s0 = tuple(x.astype(dt) for x in state["s"])
-  wb0 = tuple(x.astype(dt) for x in state["w_base"])
+  c_HL = None if c_HL is None else c_HL.astype(dt)
+  cast = lambda xs: None if xs is None else tuple(t.astype(dt) for t in xs)
+  x0, s0, xb0 = cast(x), cast(s), cast(base)
   c_last = (phase0 + n_real - 1) // b                         # chunk of the last real token (-1: none)
+  lag = rule.lag_token and b > 1
+  # heads share the row's mask and lag flag; batch rows share the KL scale and LayerNorm affine
+  step = functools.partial(chunk_step, dataclasses.replace(rule, lag_token=lag))
+  step_bh = jax.vmap(jax.vmap(step, in_axes=(0,) * 10 + (None, None, 0, 0, 0)),
+                     in_axes=(0,) * 12 + (None, None, None))
 
   @jax.checkpoint
-  def compute(w, s, first, xs_c):
-    base = tuple(jnp.where(first, x0, x) for x0, x in zip(wb0, w))
-    y, w_new, s_new = _chunk_bh(w, s, base, *xs_c, ln_s, ln_b)
-    return y, w_new, s_new, base
+  def compute(x, s, first, xs_c):
+    xb = tuple(jnp.where(first, b0, x_) for b0, x_ in zip(xb0, x))
+    keep = first & (phase0 > 0)                                # [B]
+    return step_bh(x, s, xb, *xs_c, keep, c_HL, ln_s, ln_b)
 
   def body(carry, inp):
-    w, s, sel = carry
+    x, s, sel = carry
     c, xs_c = inp
-    y, w_new, s_new, base = compute(w, s, c == 0, xs_c)
+    y, x_new, s_new, base = compute(x, s, c == 0, xs_c)
     # A 0/1 blend instead of jnp.where: the backward then keeps a [B] flag per chunk, not a
     # predicate broadcast to |W|; with h in {0, 1} the blend is exact.
     h = (c == c_last).astype(dt)[:, None, None, None]
-    sel = tuple(x * h + o * (1 - h) for x, o in zip(base, sel))
-    return (w_new, s_new, sel), y
+    sel = tuple(b_ * h + o * (1 - h) for b_, o in zip(base, sel))
+    return (x_new, s_new, sel), y
 
   # Short sequences (a few chunks: CPU-sized training, MAC segments, decode steps) are unrolled:
   # the while loop's per-iteration overhead dominates there.
-  (w_end, s_end, sel), y = lax.scan(body, (w0, s0, wb0), (jnp.arange(nc), xs),
+  (x_end, s_end, sel), y = lax.scan(body, (x0, s0, xb0), (jnp.arange(nc), xs),
                                     unroll=nc if nc <= 4 else 1)
   y = jnp.moveaxis(y, (0, 2), (1, 3)).reshape(B, tp, H, D)    # [nc, B, H, b, D] -> [B, tp, H, D]
   if assume_aligned:
@@ -179,6 +220,18 @@ def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, c
   else:
     o = jax.vmap(lambda x, p: lax.dynamic_slice_in_dim(x, p, T, 0))(y, phase0)
   phase = (phase0 + n_real) % b
-  refresh = ((phase == 0) & (n_real > 0))[:, None, None, None]
-  w_base = tuple(jnp.where(refresh, x, o_) for x, o_ in zip(w_end, sel))
-  return o.astype(q.dtype), {"w": w_end, "s": s_end, "w_base": w_base, "phase": phase}
+  fresh = (phase == 0) | ((phase == 1) & lag)                  # the base is the current state
+  refresh = (fresh & (n_real > 0))[:, None, None, None]
+  base = tuple(jnp.where(refresh, x_, o_) for x_, o_ in zip(x_end, sel))
+  return o.astype(q.dtype), (x_end, s_end, base, phase)
+
+
+def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, chunk_size=16,
+                      lengths=None, assume_aligned=False):
+  """The engine with the Titans rule; same signature and semantics as `titans_memory` (inputs
+  already validated)."""
+  o, (w, s, wb, phase) = memory_xla(
+      TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
+      s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
+      lengths=lengths, assume_aligned=assume_aligned)
+  return o, {"w": w, "s": s, "w_base": wb, "phase": phase}

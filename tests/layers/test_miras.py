@@ -66,7 +66,7 @@ def test_persistent_tokens_and_decode():
   token-by-token decoding equals the parallel pass."""
   m = build("moneta", num_persistent=4)
   st0 = m.init_state(B)
-  assert rel_rms(st0["mem"]["a"][0][0], m.x0[0][...]) > 1e-4
+  assert rel_rms(st0["mem"]["a"][0][0], m.w0[0][...]) > 1e-4
   x = x_in(3)
   y_full, s_full = apply(m, x, st0)
   y_none, _ = m(x)

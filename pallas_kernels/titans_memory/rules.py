@@ -1,0 +1,99 @@
+"""The pluggable pieces of the memory engine: attentional bias, retention, learning algorithm.
+
+Miras (Behrouz et al., "It's All Connected", arXiv 2504.13173 §3-4, Table 1) describes a memory as
+four choices; the engine (`reference.memory_reference`, `xla.memory_xla`) fixes the structure (the
+Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three from a `MemoryRule`:
+
+- Attentional bias (`bias`): the inner loss of one token, given as its gradient g w.r.t. the memory
+  output (the engine backpropagates g through M_W), with e = M_W(k) - v and
+  sabs(x) = sqrt(x^2 + 1e-6), ssign(x) = x / sabs(x) (reference/titans_miras.md §7.1 [ours]):
+    "l2":    g = e                                   (1/2 ||e||^2: Titans, Memora)
+    "lp":    g = p ssign(e) sabs(e)^(p-1)            (||e||_p^p: Moneta, Eq. 24; p = 2 gives 2e)
+    "huber": g = e if ||e||_2 <= delta else delta ssign(e)   (Yaad, Eq. 26; delta gets no gradient
+             through the mask, only through the second branch)
+    "dot":   g = -v                                  (-<M(k), v>, Miras §3's linear-attention bias;
+             keys only enter through the backprop [ours])
+- Retention (`retention`): which state X the engine carries and how it maps to the weights,
+  W = phi(X); the state recurrence itself is always the linear X_t = a_t X_{t-1} + (update):
+    "l2": phi(W) = W                                 (weight decay a_t: Titans, Yaad)
+    "lq": phi_q(A) = ssign(A) sabs(A)^(q-1) / (mean sabs(A)^q)^((q-2)/q) per weight matrix: the
+          rescaled mirror map of §7.2 [ours] (degree 1; phi_2(A) = A). The printed A / ||A||_q^(q-2)
+          (degree 3 - q, which makes retention amplify W at q = 4) is not implemented. (Moneta)
+    "kl": phi(Z) = c softmax_row(Z) over each row's fan-in, c per (head, memory layer) (Memora,
+          Eq. 21, 27: Softmax(a log W - theta grad) up to row constants).
+- Learning algorithm (`momentum`): with momentum (Titans, v1 Eq. 13-14) S_t = eta_t S_{t-1} -
+  theta_t u_t and X_t = a_t X_{t-1} + S_t; without (all of Miras) X_t = a_t X_{t-1} - theta_t u_t.
+  `lag_token` (Memora, §7.3): the first token of every chunk takes its own exact step.
+
+The update u_t^(l) = g_t^(l) r_t^(l)^T of memory layer l is the gradient of the bias at
+W_base = phi(X_base), X_base the state at the chunk start (the frozen-base rule of §2, §7.3).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+EPS = 1e-6
+BIASES = ("l2", "lp", "huber", "dot")
+RETENTIONS = ("l2", "lq", "kl")
+
+
+def sabs(x):
+  return jnp.sqrt(x * x + EPS)
+
+
+def ssign(x):
+  return x / sabs(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRule:
+  """One memory's choice of pieces (static, hashable). The default is Titans."""
+  bias: str = "l2"
+  p: float = 3.0
+  retention: str = "l2"
+  q_norm: float = 4.0
+  momentum: bool = True
+  lag_token: bool = False
+
+  def __post_init__(self):
+    if self.bias not in BIASES:
+      raise ValueError(f"unknown bias {self.bias!r}; choose one of {BIASES}")
+    if self.retention not in RETENTIONS:
+      raise ValueError(f"unknown retention {self.retention!r}; choose one of {RETENTIONS}")
+
+  @property
+  def weights_are_state(self) -> bool:
+    """phi is the identity: the chunked read can use the dual form (no per-token weights)."""
+    return self.retention == "l2"
+
+  def output_grad(self, e, v, delta):
+    """g for rows e = M(k) - v and v [..., D]; delta [...] (Huber only, None otherwise)."""
+    if self.bias == "l2":
+      return e
+    if self.bias == "lp":
+      return self.p * ssign(e) * sabs(e) ** (self.p - 1.0)
+    if self.bias == "huber":
+      en = lax.stop_gradient(e)
+      inside = jnp.sqrt(jnp.sum(en * en, axis=-1, keepdims=True)) <= delta[..., None]
+      return jnp.where(inside, e, delta[..., None] * ssign(e))
+    return -v + 0.0 * e  # "dot"
+
+  def phi(self, xs, c_L=None):
+    """Memory weights from the state: tuple of [..., out, in]; c_L [..., L] (the "kl" scale c)."""
+    if self.retention == "l2":
+      return tuple(xs)
+    if self.retention == "lq":
+      q, out = self.q_norm, []
+      for x in xs:
+        s = sabs(x)
+        norm = jnp.mean(s ** q, axis=(-2, -1), keepdims=True) ** ((q - 2.0) / q)
+        out.append(ssign(x) * s ** (q - 1.0) / norm)
+      return tuple(out)
+    return tuple(c_L[..., l, None, None] * jax.nn.softmax(x, axis=-1) for l, x in enumerate(xs))
+
+
+TITANS = MemoryRule()
