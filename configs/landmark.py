@@ -7,17 +7,42 @@ over the own block, the W most recent blocks and the top-k older blocks (layers/
 Variants: `size=tiny|small|base|170m|...`; `block=L` (block length, landmark included; CPU sizes
 16, else 64), `k=N` (older blocks retrieved per query; 0 = all, the paper's training form),
 `recent=W` (always-visible recent blocks), `share=token_head|token`, `positions=exact|none`,
-`seq_len=L,kv=K` (MQAR task). Every L-th stream position acts as the block's landmark; the default
+`seq_len=L,kv=K` (MQAR task), `task=mqar|passkey`, `steps=N`. Every L-th stream position acts as the block's landmark; the default
 MQAR stream has no landmark token, so there it is an ordinary token with its own loss [ours]. For
 the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
 Parameters (size=tiny, MQAR vocab 256): 117,056.
+
+Passkey (issue #7; byte tokens, 512-token training rows, evaluated to 8k through the block cache):
+  python scripts/train.py --config=configs/landmark.py:task=passkey --workdir=runs/landmark_passkey
+  python scripts/eval.py --workdir=runs/landmark_passkey        # passkey at evals.lengths
 """
 from memarch import configs_lib
 
 
+def _passkey(c, a):
+  """task=passkey: train on passkey rows of `seq_len` (default 512) byte tokens, loss on the key's
+  digits (memarch.data.needle.PasskeySource); scripts/eval.py then runs the passkey eval at 512 to 8k
+  tokens segment by segment through the block cache (evals.md section 2)."""
+  c.data.name = "passkey"
+  c.data.tokenizer = "byte"
+  c.data.seq_len = a.seq_len or 512
+  c.data.batch_size = 16
+  c.model.vocab_size = 0  # from the tokenizer (259 bytes + specials)
+  c.opt.lr = 2e-3
+  c.train.num_steps = a.steps or 600
+  c.train.stop_at_accuracy = 0.0  # no fixed eval set in the stream; train the full budget
+  c.train.eval_every = 0
+  c.train.ckpt_every = 200
+  c.evals.names = ("passkey",)
+  c.evals.lengths = (512, 1024, 2048, 4096, 8192)
+  c.evals.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
+  c.evals.num_examples = 16
+  c.evals.segment_len = 512
+
+
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, size="tiny", block=0, k=-1, recent=-1, share="token_head",
-                            positions="exact", seq_len=0, kv=0)
+                            positions="exact", seq_len=0, kv=0, task="mqar", steps=0)
   c = configs_lib.base_config(a.size)
   cpu = a.size in ("tiny", "small")
   c.model.layer_pattern = ("landmark",)
@@ -32,4 +57,10 @@ def get_config(arg=None):
     c.data.num_kv_pairs = a.kv
   c.train.num_steps = 1500
   c.train.stop_at_accuracy = 0.99
+  if a.task == "passkey":
+    _passkey(c, a)
+  elif a.task != "mqar":
+    raise ValueError(f"landmark: unknown task {a.task!r}; choose mqar or passkey")
+  elif a.steps:
+    c.train.num_steps = a.steps
   return configs_lib.finalize(c)
