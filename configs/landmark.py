@@ -19,27 +19,6 @@ Passkey (issue #7; byte tokens, 512-token training rows, evaluated to 8k through
 from memarch import configs_lib
 
 
-def _passkey(c, a):
-  """task=passkey: train on passkey rows of `seq_len` (default 512) byte tokens, loss on the key's
-  digits (memarch.data.needle.PasskeySource); scripts/eval.py then runs the passkey eval at 512 to 8k
-  tokens segment by segment through the block cache (evals.md section 2)."""
-  c.data.name = "passkey"
-  c.data.tokenizer = "byte"
-  c.data.seq_len = a.seq_len or 512
-  c.data.batch_size = 16
-  c.model.vocab_size = 0  # from the tokenizer (259 bytes + specials)
-  c.opt.lr = 2e-3
-  c.train.num_steps = a.steps or 600
-  c.train.stop_at_accuracy = 0.0  # no fixed eval set in the stream; train the full budget
-  c.train.eval_every = 0
-  c.train.ckpt_every = 200
-  c.evals.names = ("passkey",)
-  c.evals.lengths = (512, 1024, 2048, 4096, 8192)
-  c.evals.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
-  c.evals.num_examples = 16
-  c.evals.segment_len = 512
-
-
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, size="tiny", block=0, k=-1, recent=-1, share="token_head",
                             positions="exact", seq_len=0, kv=0, task="mqar", steps=0)
@@ -58,7 +37,7 @@ def get_config(arg=None):
   c.train.num_steps = 1500
   c.train.stop_at_accuracy = 0.99
   if a.task == "passkey":
-    _passkey(c, a)
+    configs_lib.passkey_task(c, a)
   elif a.task != "mqar":
     raise ValueError(f"landmark: unknown task {a.task!r}; choose mqar or passkey")
   elif a.steps:
