@@ -39,7 +39,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.base import reject_segment_ids
-from layers.norms import l2_normalize
 from layers.titans import NeuralMemory, TitansConfig, _const, _dense
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
 
@@ -114,18 +113,7 @@ class Miras(NeuralMemory):
   def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
     """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
     cfg = self.cfg
-    b, t, _ = x_BTD.shape
-    h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth
-    dt = x_BTD.dtype
-    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B)
-    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"], lengths_B=lengths_B)
-    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"], lengths_B=lengths_B)
-    q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, dh))
-    k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, dh))
-    v = jax.nn.silu(v).reshape(b, t, h, dh)
-    x32 = x_BTD.astype(jnp.float32)  # gates in float32: they enter the float32 state recurrence
-    theta = cfg.theta_cap * jax.nn.sigmoid(x32 @ self.w_theta[...] + self.b_theta[...])
-    theta = theta.reshape(b, t, h, L)
+    q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B)
     a = jax.nn.sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
     delta = jax.nn.softplus(x32 @ self.w_delta[...] + self.b_delta[...])
     z, mem = miras_memory(q, k, v, theta, a, delta, self.ln_scale[...], self.ln_bias[...],
@@ -136,7 +124,7 @@ class Miras(NeuralMemory):
                           implementation=cfg.implementation)
     stats = {"theta_mean": jnp.mean(theta), "retention_mean": jnp.mean(a),
              "delta_mean": jnp.mean(delta)}
-    return z, {"mem": mem, "conv_q": tq, "conv_k": tk, "conv_v": tv}, stats
+    return z, {"mem": mem, **convs}, stats
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
     reject_segment_ids(f"miras ({self.cfg.model})", segment_ids_BT)

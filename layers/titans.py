@@ -35,11 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import attend, write_ring
+from layers.attention import attend
 from layers.base import Stat, reject_segment_ids, sow
 from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
-from layers.rotary import apply_rope
 from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
 
 
@@ -136,7 +135,6 @@ class NeuralMemory(nnx.Module):
 
   # ---- state ----
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
-    d = self.cfg.d_model
     w0 = tuple(w[...] for w in self.w0)
     return {"mem": init_memory_state(w0, batch_size),
             "conv_q": self.conv_q.init_state(batch_size, dtype),
@@ -152,10 +150,11 @@ class NeuralMemory(nnx.Module):
     return state
 
   # ---- the memory as a map x -> (z_BTHD, state) ----
-  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
-    """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
+  def project(self, x_BTD, state, lengths_B=None):
+    """q, k, v = SiLU(conv(x W)) with q, k L2-normalised per head, theta [B,T,H,L], the float32
+    input for the other gates and the conv states (reference section 4; shared with Miras)."""
     cfg = self.cfg
-    b, t, d = x_BTD.shape
+    b, t, _ = x_BTD.shape
     h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth
     dt = x_BTD.dtype
     q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B)
@@ -164,9 +163,16 @@ class NeuralMemory(nnx.Module):
     q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, dh))
     k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, dh))
     v = jax.nn.silu(v).reshape(b, t, h, dh)
-    x32 = x_BTD.astype(jnp.float32)
+    x32 = x_BTD.astype(jnp.float32)  # gates in float32: they enter the float32 state recurrence
     theta = cfg.theta_cap * jax.nn.sigmoid(x32 @ self.w_theta[...] + self.b_theta[...])
-    theta = theta.reshape(b, t, h, L)
+    convs = {"conv_q": tq, "conv_k": tk, "conv_v": tv}
+    return q, k, v, theta.reshape(b, t, h, L), x32, convs
+
+  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
+    """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
+    cfg = self.cfg
+    b = x_BTD.shape[0]
+    q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B)
     eta = jax.nn.sigmoid(x32 @ self.w_eta[...] + self.b_eta[...])
     log_a = jax.nn.log_sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
     z, mem = titans_memory(q, k, v, theta, eta, log_a, self.ln_scale[...], self.ln_bias[...],
@@ -183,7 +189,7 @@ class NeuralMemory(nnx.Module):
              "decay_mean": jnp.mean(-jnp.expm1(log_a)),
              "memory_weight_norm": jnp.sqrt(sum(jnp.sum(w.astype(jnp.float32) ** 2)
                                                 for w in mem["w"]) / b)}
-    return z, {"mem": mem, "conv_q": tq, "conv_k": tk, "conv_v": tv}, stats
+    return z, {"mem": mem, **convs}, stats
 
   def sow_stats(self, stats) -> None:
     for name, value in stats.items():
