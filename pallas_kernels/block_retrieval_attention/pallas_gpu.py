@@ -437,25 +437,30 @@ def _zero_cotangent(a):
   return np.zeros(a.shape, dtype=jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, x: KernelInputs, sel_list, sel_count):
-  return _core_fwd(cfg, x, sel_list, sel_count)[0]
+def make_core(inputs_cls, forward, decode, backward):
+  """The custom VJP over one backend's kernels (shared by the GPU and TPU paths): the forward (or
+  decode) kernel saves (o, lse); the backward kernels recompute the attention tile by tile."""
 
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def core(cfg, x, sel_list, sel_count):
+    return core_fwd(cfg, x, sel_list, sel_count)[0]
 
-def _core_fwd(cfg, x, sel_list, sel_count):
-  o, lse = _decode(cfg, x, sel_list, sel_count) if cfg.decode else _forward(cfg, x)
-  return o, (x, o, lse, sel_list, sel_count)
+  def core_fwd(cfg, x, sel_list, sel_count):
+    o, lse = decode(cfg, x, sel_list, sel_count) if cfg.decode else forward(cfg, x)
+    return o, (x, o, lse, sel_list, sel_count)
 
-
-def _core_bwd(cfg, res, do):
-  x, o, lse, sel_list, sel_count = res
-  dq, dbk, dbv, dg, dkl, dvl = _backward(cfg, x, o, lse, do)
-  dx = KernelInputs(dq, dbk, dbv, dg, jnp.zeros_like(x.kb), dkl, dvl, _zero_cotangent(x.ml),
+  def core_bwd(cfg, res, do):
+    x, o, lse, sel_list, sel_count = res
+    dq, dbk, dbv, dg, dkl, dvl = backward(cfg, x, o, lse, do)
+    dx = inputs_cls(dq, dbk, dbv, dg, jnp.zeros_like(x.kb), dkl, dvl, _zero_cotangent(x.ml),
                     _zero_cotangent(x.ba), _zero_cotangent(x.la))
-  return dx, _zero_cotangent(sel_list), _zero_cotangent(sel_count)
+    return dx, _zero_cotangent(sel_list), _zero_cotangent(sel_count)
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_core = make_core(KernelInputs, _forward, _decode, _backward)
 
 
 # ----------------------------------------------------------------------------- wrapper

@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -36,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
 from pallas_kernels.block_retrieval_attention.pallas_gpu import (DECODE_MAX_QUERIES, _block_logits,
                                                                  _dot, _local_logits, _online,
-                                                                 check_supported)
+                                                                 check_supported, make_core)
 
 LOCAL_TILE = 128
 LANES = 128
@@ -390,31 +389,7 @@ def _backward(cfg: Cfg, x: KernelInputs, o, lse, do):
 
 # ----------------------------------------------------------------------------- custom VJP
 
-def _zero_cotangent(a):
-  if jnp.issubdtype(a.dtype, jnp.floating):
-    return jnp.zeros_like(a)
-  return np.zeros(a.shape, dtype=jax.dtypes.float0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, x: KernelInputs, sel_list, sel_count):
-  return _core_fwd(cfg, x, sel_list, sel_count)[0]
-
-
-def _core_fwd(cfg, x, sel_list, sel_count):
-  o, lse = _decode(cfg, x, sel_list, sel_count) if cfg.decode else _forward(cfg, x)
-  return o, (x, o, lse, sel_list, sel_count)
-
-
-def _core_bwd(cfg, res, do):
-  x, o, lse, sel_list, sel_count = res
-  dq, dbk, dbv, dg, dkl, dvl = _backward(cfg, x, o, lse, do)
-  dx = KernelInputs(dq, dbk, dbv, dg, jnp.zeros_like(x.kb), dkl, dvl, _zero_cotangent(x.ml),
-                    _zero_cotangent(x.ba), _zero_cotangent(x.la))
-  return dx, _zero_cotangent(sel_list), _zero_cotangent(sel_count)
-
-
-_core.defvjp(_core_fwd, _core_bwd)
+_core = make_core(KernelInputs, _forward, _decode, _backward)
 
 
 # ----------------------------------------------------------------------------- wrapper
