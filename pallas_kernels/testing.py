@@ -39,6 +39,16 @@ def assert_tree_close(xs, refs, tol: float, name: str = "") -> None:
     assert_close(x, r, tol, f"{name}[{i}]")
 
 
+def pallas_modes(*impls):
+  """pytest params (implementation, interpret): each Pallas implementation in interpret mode (the
+  CPU suite), plus `pallas_gpu` compiled for the device, marked `gpu` (skipped without one)."""
+  import pytest
+  modes = [pytest.param(i, True, id=f"{i}-interpret") for i in impls]
+  if "pallas_gpu" in impls:
+    modes.append(pytest.param("pallas_gpu", False, id="pallas_gpu-device", marks=pytest.mark.gpu))
+  return modes
+
+
 def random_normal(key, shapes: Sequence[tuple[int, ...]], dtype=jnp.float32, scale: float = 1.0):
   keys = jax.random.split(key, len(shapes))
   return [scale * jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes)]

@@ -190,7 +190,7 @@ def recurrence_kernel_rows(args):
       "linear_attention": ((q, k, v, g), lambda impl: lambda q, k, v, g:
                            linear_attention(q, k, v, g, chunk_size=chunk, implementation=impl)),
   }
-  rows = []
+  rows = fla_rows(b, t, h, d, chunk, args.iters) if backend == "gpu" else []
   for op, (inputs, make) in ops.items():
     cost = recurrence_flops_bytes(op, b, t, h, d, d, chunk, jnp.dtype(dtype).itemsize)
     results = {}
@@ -226,13 +226,65 @@ def recurrence_kernel_rows(args):
         continue
       r["fwd_speedup_vs_xla"] = base["fwd_s"] / r["fwd_s"]
       r["fwd_bwd_speedup_vs_xla"] = base["fwd_bwd_s"] / r["fwd_bwd_s"]
-      if r["impl"] != "xla" and "xla" in results:
+      fla = next((f for f in rows if f["name"] == op and f["impl"] == "fla_triton"
+                  and "fwd_bwd_s" in f), None)
+      if fla is not None:
+        r["fwd_bwd_speedup_vs_fla"] = fla["fwd_bwd_s"] / r["fwd_bwd_s"]
+        if r is fla:
+          r.update({f"{p}_tflops": cost[f"{p}_flops"] / r[f"{p}_s"] / 1e12 for p in ("fwd", "fwd_bwd")})
+      if r["impl"] in results and r["impl"] != "xla" and "xla" in results:
         (o, s), grads = results[r["impl"]]
         (o_x, s_x), grads_x = results["xla"]
         r["max_rel_err_vs_xla"] = max(
             [rel_rms(o.astype(jnp.float32), o_x.astype(jnp.float32)), rel_rms(s, s_x)]
             + [rel_rms(gr.astype(jnp.float32), gx.astype(jnp.float32))
                for gr, gx in zip(grads, grads_x)])
+  return rows
+
+
+def fla_rows(b, t, h, d, chunk, iters):
+  """flash-linear-attention's Triton chunk kernels (chunk_gated_delta_rule; chunk_simple_gla, its
+  scalar-gated linear attention) at our shape, bf16, run beside ours in the same process (the issue
+  #9 comparison). Needs torch with CUDA and `fla` (carry the wheels to the GPU machine); returns no
+  rows otherwise. Timed with CUDA events (triton.testing.do_bench, median)."""
+  try:
+    import torch
+    import triton.testing
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    from fla.ops.simple_gla import chunk_simple_gla
+  except ImportError:
+    return []
+  if not torch.cuda.is_available():
+    return []
+  dev, bf16 = "cuda", torch.bfloat16
+  gen = torch.Generator(device=dev).manual_seed(0)
+  rnd = lambda *s: torch.randn(*s, device=dev, generator=gen)
+  l2 = lambda x: x / x.norm(dim=-1, keepdim=True)
+  q, k = l2(rnd(b, t, h, d)).to(bf16), l2(rnd(b, t, h, d)).to(bf16)
+  v = rnd(b, t, h, d).to(bf16)
+  beta = torch.sigmoid(rnd(b, t, h))
+  g = -torch.nn.functional.softplus(-rnd(b, t, h) - 2.0)
+  do, dht = rnd(b, t, h, d).to(bf16), rnd(b, h, d, d)
+  ops = {"gated_delta_rule": lambda q, k, v, g: chunk_gated_delta_rule(
+             q, k, v, g, beta, output_final_state=True),
+         "linear_attention": lambda q, k, v, g: chunk_simple_gla(q, k, v, g,
+                                                                 output_final_state=True)}
+  rows = []
+  for name, fn in ops.items():
+    row = dict(name=name, impl="fla_triton", shape=f"{b}x{t}x{h}x{d}", dtype="bfloat16")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g)]
+
+    def fwd_bwd():
+      o, ht = fn(*leaves)
+      torch.autograd.backward([o, ht], [do, dht])
+
+    try:
+      with torch.no_grad():
+        row["fwd_s"] = triton.testing.do_bench(lambda: fn(q, k, v, g), return_mode="median") / 1e3
+      row["fwd_bwd_s"] = triton.testing.do_bench(fwd_bwd, return_mode="median") / 1e3
+    except Exception as e:  # noqa: BLE001 - report and continue
+      row["error"] = f"{type(e).__name__}: {e}"[:200]
+    rows.append(row)
   return rows
 
 

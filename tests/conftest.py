@@ -13,7 +13,10 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 
 def pytest_collection_modifyitems(config, items):
-  has_gpu = any(d.platform == "gpu" for d in jax.devices()) if os.environ.get("JAX_PLATFORMS") != "cpu" else False
+  has_gpu = (os.environ.get("JAX_PLATFORMS") != "cpu"
+             and any(d.platform == "gpu" for d in jax.devices()))
+  if has_gpu:  # float32 parity on the device: no TF32 in the xla / reference paths
+    jax.config.update("jax_default_matmul_precision", "highest")
   skip_gpu = pytest.mark.skip(reason="needs a GPU")
   for item in items:
     if "gpu" in item.keywords and not has_gpu:

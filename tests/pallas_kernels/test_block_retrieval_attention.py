@@ -10,7 +10,7 @@ import pytest
 
 from layers.attention import attend
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
-from pallas_kernels.testing import assert_close, grads_of, rel_rms
+from pallas_kernels.testing import assert_close, grads_of, pallas_modes, rel_rms
 
 IMPLS = ("reference", "xla")
 
@@ -228,10 +228,16 @@ def _out_and_grads(fn, inputs, argnums):
   return jax.jit(both)(inputs)
 
 
-@pytest.mark.parametrize("impl,decode,case", [
-    ("pallas_gpu", False, 1), ("pallas_gpu", True, 2), ("pallas_gpu", False, 4),
-    ("pallas_tpu", False, 2), ("pallas_tpu", True, 4)])
-def test_pallas_interpret_matches_reference(impl, decode, case):
+ON_DEVICE = dict(id="device", marks=pytest.mark.gpu)   # compiled for the GPU (skipped without one)
+
+
+@pytest.mark.parametrize("impl,decode,case,interpret", [
+    ("pallas_gpu", False, 1, True), ("pallas_gpu", True, 2, True), ("pallas_gpu", False, 4, True),
+    ("pallas_tpu", False, 2, True), ("pallas_tpu", True, 4, True),
+    pytest.param("pallas_gpu", False, 1, False, **ON_DEVICE),
+    pytest.param("pallas_gpu", True, 2, False, **ON_DEVICE),
+    pytest.param("pallas_gpu", False, 4, False, **ON_DEVICE)])
+def test_pallas_interpret_matches_reference(impl, decode, case, interpret):
   """Training and decode forwards plus every gradient (q, blocks, gate, local keys/values), float32,
   over top-k / 'token' sharing / padded blocks / no local part (the CASES above)."""
   k, share, local, pad, G = CASES[case]
@@ -245,7 +251,7 @@ def test_pallas_interpret_matches_reference(impl, decode, case):
         return block_retrieval_attention(q, bk, bv, gate, args[4], k=k, share=share, local=lo,
                                          implementation="reference", **kw)
       return _pallas(impl_)(q, bk, bv, gate, args[4], k=k, share=share, local=lo, decode=decode,
-                            interpret=True, **kw)
+                            interpret=interpret, **kw)
     return f
 
   kl, vl = (loc[0], loc[1]) if loc is not None else (jnp.zeros(()), jnp.zeros(()))
@@ -280,8 +286,8 @@ def _landmark_inputs(seed, T=40, L=8, H=2, d=8):
   return q, blk(kk), blk(vv), gate, allowed, (kk, vv, own)
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-def test_pallas_landmark_training_form_skips_unread_tiles(monkeypatch, impl):
+@pytest.mark.parametrize("impl,interpret", pallas_modes("pallas_gpu", "pallas_tpu"))
+def test_pallas_landmark_training_form_skips_unread_tiles(monkeypatch, impl, interpret):
   """Several query tiles and local key tiles, most of them skipped (causal blocks, block-diagonal
   own-block mask): still equal to the reference. Future blocks hold NaN, which a kernel that read
   a tile no query of it selects would spread into the output."""
@@ -291,7 +297,7 @@ def test_pallas_landmark_training_form_skips_unread_tiles(monkeypatch, impl):
   poison = jnp.arange(bk.shape[1])[None, :, None, None, None] >= 4   # first read at t = 40 > 32
   bk_nan, bv_nan = jnp.where(poison, jnp.nan, bk), jnp.where(poison, jnp.nan, bv)
   run = jax.jit(lambda q, bk, bv, g, al, loc: _pallas(impl)(q, bk, bv, g, al, k=None, local=loc,
-                                                            chunk_size=16, interpret=True))
+                                                            chunk_size=16, interpret=interpret))
   t = 32
   out = run(q[:, :t], bk_nan, bv_nan, gate[:, :t], allowed[:, :t],
             (local[0], local[1], local[2][:, :t]))
@@ -301,8 +307,8 @@ def test_pallas_landmark_training_form_skips_unread_tiles(monkeypatch, impl):
   assert_close(out, ref, 1e-5, "landmark form")
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
-def test_pallas_decode_reads_only_selected_blocks(impl):
+@pytest.mark.parametrize("impl,interpret", pallas_modes("pallas_gpu", "pallas_tpu"))
+def test_pallas_decode_reads_only_selected_blocks(impl, interpret):
   """The decode kernels walk each row's selection list: blocks outside every row's top-k may hold
   NaN without effect, and the result equals the reference with those blocks zeroed."""
   args, kw = make(3, B=1, T=3, N=6, local=True, dtype=np.float32)
@@ -310,7 +316,7 @@ def test_pallas_decode_reads_only_selected_blocks(impl):
   gate = gate.at[..., 5].set(-50.0)               # block 5: never in any top-2
   kw = dict(kw, always=None)
   run = jax.jit(lambda q, bk, bv, kw: _pallas(impl)(q, bk, bv, gate, allowed, k=2, decode=True,
-                                                    interpret=True, **kw))
+                                                    interpret=interpret, **kw))
   out = run(q, bk.at[:, 5].set(jnp.nan), bv.at[:, 5].set(jnp.nan), kw)
   ref = jax.jit(lambda q, bk, bv, kw: block_retrieval_attention(
       q, bk, bv, gate, allowed, k=2, implementation="reference", **kw))(

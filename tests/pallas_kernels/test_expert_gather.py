@@ -170,10 +170,15 @@ def _out_and_grads(fn, args, argnums):
   return jax.jit(both)(args)
 
 
-@pytest.mark.parametrize("impl,op,kind,activation", [
-    ("pallas_gpu", "mlp", "random", "gelu"), ("pallas_gpu", "gather", "one_row", None),
-    ("pallas_tpu", "mlp", "one_row", "silu"), ("pallas_tpu", "gather", "dup", None)])
-def test_pallas_interpret_matches_reference(monkeypatch, impl, op, kind, activation):
+ON_DEVICE = dict(id="device", marks=pytest.mark.gpu)   # compiled for the GPU (skipped without one)
+
+
+@pytest.mark.parametrize("impl,op,kind,activation,interpret", [
+    ("pallas_gpu", "mlp", "random", "gelu", True), ("pallas_gpu", "gather", "one_row", None, True),
+    ("pallas_tpu", "mlp", "one_row", "silu", True), ("pallas_tpu", "gather", "dup", None, True),
+    pytest.param("pallas_gpu", "mlp", "random", "gelu", False, **ON_DEVICE),
+    pytest.param("pallas_gpu", "gather", "dup", None, False, **ON_DEVICE)])
+def test_pallas_interpret_matches_reference(monkeypatch, impl, op, kind, activation, interpret):
   """Outputs and every gradient (x, tables, weights) in float32: widths that are not powers of two
   (6, 20), N = 23 rows over several row blocks, all 44 entries on one row (one_row: several CSR
   steps for one block), and (GPU) the segment sum split over two column programs."""
@@ -184,10 +189,11 @@ def test_pallas_interpret_matches_reference(monkeypatch, impl, op, kind, activat
   idx = _indices(kind, jax.random.PRNGKey(12))
   if op == "mlp":
     f = lambda impl_: lambda *a: expert_mlp(*a[:3], idx, a[3], activation=activation,
-                                           implementation=impl_, interpret=True)
+                                           implementation=impl_, interpret=interpret)
     args, argnums = (x, down, up, w), (0, 1, 2, 3)
   else:
-    f = lambda impl_: lambda t, w: expert_gather(t, idx, w, implementation=impl_, interpret=True)
+    f = lambda impl_: lambda t, w: expert_gather(t, idx, w, implementation=impl_,
+                                                 interpret=interpret)
     args, argnums = (up, w), (0, 1)
   y, grads = _out_and_grads(f(impl), args, argnums)
   y_ref, grads_ref = _out_and_grads(f("reference"), args, argnums)

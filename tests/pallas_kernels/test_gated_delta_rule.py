@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import gated_delta_rule
-from pallas_kernels.testing import assert_close, rel_rms
+from pallas_kernels.testing import assert_close, pallas_modes, rel_rms
 
 ARG_NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
@@ -202,14 +202,14 @@ PALLAS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl,interpret", pallas_modes("pallas_gpu", "pallas_tpu"))
 @pytest.mark.parametrize("B,T,H,K,V,chunk,dtype,segments", PALLAS_CASES)
-def test_pallas_interpret_matches_reference(impl, B, T, H, K, V, chunk, dtype, segments):
+def test_pallas_interpret_matches_reference(impl, interpret, B, T, H, K, V, chunk, dtype, segments):
   args = make_inputs(10, B, T, H, K, V, dtype)
   seg = packed_segments(B, T) if segments else None
   tols = (1e-5, 1e-5, 1e-5) if dtype == jnp.float32 else (5e-3, 8e-3, 2e-2)
   check_parity(args, tols[0], tols[1], impl=impl, tol_gate=tols[2], chunk_size=chunk,
-               segment_ids=seg, interpret=True)
+               segment_ids=seg, interpret=interpret)
 
 
 @pytest.mark.parametrize("delta", [True, False])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import linear_attention
-from pallas_kernels.testing import assert_close
+from pallas_kernels.testing import assert_close, pallas_modes
 
 NAMES = ("q", "k", "v", "g", "initial_state")
 
@@ -96,13 +96,13 @@ def test_bad_inputs_raise():
     linear_attention(q, k, v, g, initial_state=h0[:, :1])
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl,interpret", pallas_modes("pallas_gpu", "pallas_tpu"))
 @pytest.mark.parametrize("dtype,D,gated", [(jnp.float32, 12, True), (jnp.bfloat16, 64, False),
                                            (jnp.float32, 128, True)])
-def test_pallas_interpret_matches_reference(impl, dtype, D, gated):
+def test_pallas_interpret_matches_reference(impl, interpret, dtype, D, gated):
   """Forward and backward kernels: o, final state and dq, dk, dv, dg, dh0 against the oracle; T = 40
   is not a multiple of the chunk; V = D + 8 is padded (and split into V blocks on GPU at D = 64)."""
   args = make_inputs(5, 1, 40, 1, D, D + 8, dtype, gated=gated)
   seg = jnp.asarray([[0] * 9 + [1] + [2] * 30])   # a reset mid-chunk and a length-1 segment
   tol = 1e-5 if dtype == jnp.float32 else 8e-3
-  check_parity(args, tol, impl=impl, chunk_size=16, segment_ids=seg, interpret=True)
+  check_parity(args, tol, impl=impl, chunk_size=16, segment_ids=seg, interpret=interpret)

@@ -1,0 +1,50 @@
+"""The prepared GPU-machine check (DESIGN.md §6, issues #9/#10): the kernel bench tables of
+`scripts/bench.py` on the device, each with its on-device parity column (max relative error of
+outputs and gradients against `xla`) and its ratio to the baseline measured in the same run.
+On-device parity tests run separately: `JAX_PLATFORMS=cuda python -m pytest -m gpu tests/pallas_kernels`.
+
+  python scripts/gpu_check.py --parts=recurrence,retrieval,experts,titans --json=gpu.json
+
+`recurrence` also runs flash-linear-attention's Triton kernels beside ours when `fla` imports
+(carry the fla-core wheel: scripts/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (puts the repo root on sys.path)
+import jax  # noqa: E402
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--parts", default="recurrence,retrieval,experts,titans")
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--json", default="gpu_check.json")
+  args = p.parse_args()
+  bench_args = argparse.Namespace(iters=args.iters, expert_tokens=1024, expert_dim=256,
+                                  expert_k=128, expert_sizes="65536,1048576")
+  parts = {"recurrence": bench.recurrence_kernel_rows,
+           "retrieval": lambda a: bench.retrieval_attention_rows(jax.default_backend()),
+           "experts": bench.suite_experts,
+           "titans": lambda a: bench.titans_kernel_rows(a)}
+  out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+  for name in args.parts.split(","):
+    t = time.perf_counter()
+    try:
+      out[name] = parts[name](bench_args)
+    except Exception as e:  # noqa: BLE001 - one broken part must not hide the others
+      out[name] = [dict(name=name, error=f"{type(e).__name__}: {e}"[:400])]
+    bench.print_table(f"{name} ({time.perf_counter() - t:.0f} s)", out[name])
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=2)
+  print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+  main()
