@@ -246,7 +246,8 @@ def _decode_kernel(q_ref, bk_ref, bv_ref, g_ref, kb_ref, kl_ref, vl_ref, ml_ref,
   carry = (jnp.asarray(NEG_INF, f32), jnp.asarray(0.0, f32), jnp.zeros((acc_ref.shape[0],), f32))
   carry = lax.fori_loop(lo, jnp.maximum(lo, hi), block, carry)
   if cfg.ns:
-    carry = lax.fori_loop(0, jnp.where(split == 0, cfg.ns, 0), local, carry)
+    n_local = jnp.where(split == 0, jnp.int32(cfg.ns), jnp.int32(0))   # typed: Triton scf.for bounds
+    carry = lax.fori_loop(jnp.int32(0), n_local, local, carry)
   m, l, acc = carry
   acc_ref[...] = acc
   m_ref[...] = m

@@ -25,8 +25,29 @@ def _lowering_context(platform):
   return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev))
 
 
+@contextlib.contextmanager
+def _verified_triton_modules():
+  """Runs the MLIR verifier on every Triton module the CUDA lowering builds. The GPU compiler
+  verifies them first thing, so this catches on CPU what would fail on the device (seen there:
+  scf.for bounds of different integer types, from a fori_loop with a Python-int bound)."""
+  from jax._src.pallas.triton import lowering as triton_lowering  # private; both jax 0.10 / 0.11
+  build = triton_lowering.lower_jaxpr_to_triton_module
+
+  def build_and_verify(*args, **kwargs):
+    result = build(*args, **kwargs)
+    result.module.operation.verify()   # raises with the failing op
+    return result
+
+  triton_lowering.lower_jaxpr_to_triton_module = build_and_verify
+  try:
+    yield
+  finally:
+    triton_lowering.lower_jaxpr_to_triton_module = build
+
+
 def _lower(fn, specs, platform):
-  with _lowering_context(platform):
+  verify = _verified_triton_modules() if platform == "cuda" else contextlib.nullcontext()
+  with _lowering_context(platform), verify:
     return jax.jit(fn).trace(*specs).lower(lowering_platforms=(platform,)).as_text()
 
 
@@ -157,3 +178,5 @@ def test_block_retrieval_attention_lowers_forward_and_backward(platform, decode,
   forward = name + ("decode" if decode else "fwd")
   assert _kernel_names(fwd) == {forward}
   assert _kernel_names(bwd) == {forward} | {name + k for k in ("dq", "dkv_blocks", "dkv_local")}
+
+
