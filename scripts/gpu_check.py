@@ -21,15 +21,33 @@ import bench  # noqa: E402  (puts the repo root on sys.path)
 import jax  # noqa: E402
 
 
+SMOKE = ("configs/gated_deltanet.py", "configs/mom.py", "configs/peer.py", "configs/landmark.py",
+         "configs/titans.py")
+
+
+def smoke_rows(args):
+  """One tiny MQAR training step per architecture with a Pallas kernel, on the default dispatch
+  (which prefers pallas_gpu on a GPU): the kernels run inside real layers, forward and backward."""
+  rows = []
+  for spec in SMOKE:
+    try:
+      rows.append(bench.lm_step_bench(spec, 64, 64, 3))
+    except Exception as e:  # noqa: BLE001 - report and continue
+      rows.append(dict(name=spec, error=f"{type(e).__name__}: {e}"[:300]))
+    bench.progress(rows[-1])
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--parts", default="recurrence,retrieval,experts,titans")
+  p.add_argument("--parts", default="smoke,recurrence,retrieval,experts,titans")
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--json", default="gpu_check.json")
   args = p.parse_args()
   bench_args = argparse.Namespace(iters=args.iters, expert_tokens=1024, expert_dim=256,
                                   expert_k=128, expert_sizes="65536,1048576")
-  parts = {"recurrence": bench.recurrence_kernel_rows,
+  parts = {"smoke": smoke_rows,
+           "recurrence": bench.recurrence_kernel_rows,
            "retrieval": lambda a: bench.retrieval_attention_rows(jax.default_backend()),
            "experts": bench.suite_experts,
            "titans": lambda a: bench.titans_kernel_rows(a)}

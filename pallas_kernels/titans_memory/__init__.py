@@ -8,9 +8,13 @@ Per token, head and memory layer, with gradients at the chunk-start weights (fro
 M_W is linear (W x) at depth 1 and x + LN(W_L gelu(... gelu(W_1 x))) at depth L >= 2 (exact erf GELU,
 LayerNorm eps 1e-5, affine outer-loop only). See reference/titans_miras.md §1-3, §9-10.
 
-Implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle) and `xla` (chunked dual
-form, the portable default on every backend; no Pallas kernel yet, so `None` always runs `xla`).
-Both are the memory engine (`reference.memory_reference`, `xla.memory_xla`) with the Titans rule
+Implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle), `xla` (chunked dual
+form, the portable default on every backend) and `pallas_gpu` (the same chunked engine with the
+per-chunk step as a fused Pallas/Triton kernel: depth 1 or 2, power-of-two D, E and chunk >= 16,
+<= 128 KiB of weights per head; see `pallas_gpu.py`). `None` runs `xla` on every backend for now:
+the kernel is opt-in (`implementation="pallas_gpu"`) until a device timing shows it faster [ours;
+it has passed parity on an H100 but has no timing yet]. The first two are the memory engine
+(`reference.memory_reference`, `xla.memory_xla`) with the Titans rule
 (`rules.TITANS`); `pallas_kernels.miras_memory` runs the same engine with other pluggable pieces
 (attentional bias, retention, no momentum: `rules.MemoryRule`).
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels._dispatch import dispatch
+from pallas_kernels.titans_memory.pallas_gpu import titans_memory_pallas_gpu
 from pallas_kernels.titans_memory.reference import memory_apply, titans_memory_reference
 from pallas_kernels.titans_memory.xla import titans_memory_xla
 
@@ -27,6 +32,7 @@ __all__ = ["titans_memory", "init_memory_state", "memory_apply", "IMPLEMENTATION
 IMPLEMENTATIONS = {
     "reference": titans_memory_reference,
     "xla": titans_memory_xla,
+    "pallas_gpu": titans_memory_pallas_gpu,
 }
 
 
@@ -149,8 +155,11 @@ def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_sca
       [ours]): later tokens leave the state untouched and read the state at the last real token.
     assume_aligned: static promise that every row starts at a chunk boundary (phase 0), e.g. a
       fresh training sequence; lets the chunked path skip the phase shift and its extra chunk.
-    implementation: None (best available: xla), "reference" or "xla".
-    interpret: accepted for dispatch parity (no Pallas path yet).
+    implementation: None (xla everywhere until the kernel is measured faster; module docstring),
+      "reference", "xla" or "pallas_gpu" (raises NotImplementedError for what the kernel does not
+      support: other dtypes than float32/bf16/f16, depth >= 3, D, E or chunk_size not a power of
+      two >= 16, more than 128 KiB of float32 weights per head).
+    interpret: run the Pallas kernel in interpret mode (how the CPU tests exercise it).
   Returns:
     o_BTHD in q's dtype, and the state after the last real token (float32; float64 for float64
     inputs) with w_base the gradient base of the chunk in progress (== w when phase == 0).
@@ -159,6 +168,8 @@ def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_sca
                state, chunk_size, lengths)
   state = {"w": tuple(state["w"]), "s": tuple(state["s"]), "w_base": tuple(state["w_base"]),
            "phase": state["phase"]}
+  if implementation is None:
+    implementation = "xla"   # the kernel is opt-in until measured faster (module docstring)
   return dispatch("titans_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,
                   v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD, state=state,
                   chunk_size=chunk_size, lengths=lengths,

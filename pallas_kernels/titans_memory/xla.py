@@ -148,11 +148,15 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
 
 
 def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base, phase,
-               chunk_size, lengths, assume_aligned=False):
+               chunk_size, lengths, assume_aligned=False, chunk_fn=None):
   """The chunked engine; same arguments and result as `reference.memory_reference`.
 
   `assume_aligned=True` is the caller's promise that every row starts at a chunk boundary
   (phase 0, e.g. a fresh training sequence): the phase shift and its extra chunk are skipped.
+  `chunk_fn` (optional) replaces the vmapped `chunk_step` of one chunk for all (batch row, head):
+  same arguments and results, batched ([B, H, ...] per-head arrays, mask m and keep [B, ...], c_HL,
+  ln_s, ln_b [H, ...]); the scan, checkpointing, phase shift, masks and carry stay as they are
+  (e.g. the Pallas kernel of `pallas_gpu.py`).
   """
   B, T, H, D = q.shape
   b = chunk_size
@@ -198,7 +202,7 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   def compute(x, s, first, xs_c):
     xb = tuple(jnp.where(first, b0, x_) for b0, x_ in zip(xb0, x))
     keep = first & (phase0 > 0)                                # [B]
-    return step_bh(x, s, xb, *xs_c, keep, c_HL, ln_s, ln_b)
+    return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c, keep, c_HL, ln_s, ln_b)
 
   def body(carry, inp):
     x, s, sel = carry

@@ -180,3 +180,37 @@ def test_block_retrieval_attention_lowers_forward_and_backward(platform, decode,
   assert _kernel_names(bwd) == {forward} | {name + k for k in ("dq", "dkv_blocks", "dkv_local")}
 
 
+# ----------------------------------------------------------------------------- titans memory (#9)
+
+@pytest.mark.parametrize("D,E,dtype", [(64, 256, jnp.bfloat16), (64, 256, jnp.float32),
+                                       (32, 128, jnp.float32)])
+def test_titans_memory_lowers_forward_and_backward(D, E, dtype):
+  """The per-chunk kernels at the Titans layer's shape (D = 64, E = 256, chunk 16, depth 2) and a
+  smaller one, from a mid-stream state (T = 40 spans four chunks with the phase shift); CUDA only.
+  At D = 64 the backward kernel would need 486 KiB of shared memory, so the gradient there is the
+  forward kernel plus the XLA vjp (pallas_gpu.MAX_BWD_STATE_BYTES); at D = 32 both kernels run."""
+  from pallas_kernels.titans_memory import titans_memory
+  S = jax.ShapeDtypeStruct
+  B, T, H = 1, 40, 2
+  tok, gate = S((B, T, H, D), dtype), S((B, T, H), dtype)
+  ws = tuple(S((B, H) + s, jnp.float32) for s in ((E, D), (D, E)))
+  specs = [tok, tok, tok, S((B, T, H, 2), dtype), gate, gate, S((H, D), jnp.float32),
+           S((H, D), jnp.float32), ws, ws, ws, S((B,), jnp.int32)]
+
+  def f(q, k, v, theta, eta, log_a, ln_s, ln_b, w, s, wb, phase):
+    st = {"w": w, "s": s, "w_base": wb, "phase": phase}
+    return titans_memory(q, k, v, theta, eta, log_a, ln_s, ln_b, state=st, chunk_size=16,
+                         implementation="pallas_gpu")
+
+  def loss(*a):
+    o, st = f(*a)
+    return jnp.sum(o.astype(jnp.float32) ** 2) + sum(
+        jnp.sum(x ** 2) for x in jax.tree.leaves((st["w"], st["s"])))
+
+  fwd = _lower(f, specs, "cuda")
+  bwd = _lower(jax.grad(loss, argnums=tuple(range(11))), specs, "cuda")
+  for txt in (fwd, bwd):
+    assert KERNEL_CALL["cuda"] in set(re.findall(r"custom_call @([\w$.]+)", txt))
+  assert _kernel_names(fwd) == {"titans_memory_chunk_fwd"}
+  assert _kernel_names(bwd) == {"titans_memory_chunk_fwd"} | (
+      {"titans_memory_chunk_bwd"} if D == 32 else set())

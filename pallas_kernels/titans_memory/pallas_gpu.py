@@ -1,0 +1,378 @@
+"""Titans memory: the per-chunk step as a Pallas GPU kernel (`pl.pallas_call`, Triton lowering).
+
+Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18; reference/titans_miras.md §3.2-3.3).
+The whole chunked engine stays `xla.memory_xla` (scan over chunks, `jax.checkpoint`, phase shift,
+padding masks, chunk-end carry); this module only replaces its vmapped `chunk_step` through the
+`chunk_fn` hook, so the kernel path inherits split invariance and the chunk-boundary backprop memory.
+
+One chunk of n tokens of one (batch row, head) per program, grid (B, H), everything fused:
+
+  1. Inner-gradient factors at the base W_base (one batched forward/backward of the chunk's keys,
+     written out by hand: LayerNorm backward, GELU' = Phi + x phi): u_i^(l) = g_i^(l) r_i^(l)^T.
+  2. Dual-form read, layer by layer (Z the layer's input rows, Z = Q for the first):
+       Z_out = diag(beta) Z X_0^T + diag(f) Z S_0^T - (G^(l) o Z R^T) Gamma,   y = Z (depth 1) or
+       y = q + LN(Z) (depth 2, GELU between the layers).
+  3. Chunk-end carry: X_n = beta_n X_0 + f_n S_0 - Gamma^T diag(G[n, :]) R,
+                      S_n = mom_n S_0 - Gamma^T diag(theta B[n, :]) R.
+
+The decay matrices (beta, f, mom, A diag(m) B; `xla.decay_matrices`, a cumprod) are computed outside
+the kernel in plain JAX, per (b, h, chunk), and theta is folded into them there: the kernel gets
+G^(l) = A diag(m) B diag(theta^(l)) [n, n], the carry columns G^(l)[n-1, :] and theta^(l) B[n-1, :]
+[n, 1], beta and f [n, 1] and beta_n, f_n, mom_n [1, 1] (Triton cannot slice an element out of a
+loaded tile). Their gradients (and so theta's, eta's and log_a's) flow back through plain JAX.
+
+Backward: `jax.custom_vjp` around the per-chunk call; the residuals are the kernel inputs only. A
+second `pl.pallas_call` (grid (B, H)) reloads the tiles and runs `jax.vjp` of the same per-program
+function (`chunk_math`) with the loaded cotangents: the second-order terms of the inner gradient
+(the outer backward differentiates through step 1) come from autodiff of the hand-written
+backward. The LN-affine cotangents leave per (b, h) and are summed over b outside.
+
+Choices [ours]:
+- Exact (erf) GELU as in `reference.gelu`; Triton has no erf lowering, so erf is Abramowitz &
+  Stegun 7.1.26 (|error| <= 1.5e-7, below float32 resolution near 1) with a `custom_jvp` that
+  gives the exact derivative 2/sqrt(pi) exp(-x^2), so first and second derivatives are exact.
+- All math in float32 (bf16/f16 inputs are upcast; the engine already casts them), dots with
+  HIGHEST precision: Triton then uses IEEE float32 (DEFAULT would mean TF32 on the device).
+- Supported: the Titans rule (l2 bias, identity retention, momentum), depth 1 (linear) and depth 2
+  (MLP), D and E powers of two >= 16 and a power-of-two chunk >= 16 (Triton dots need every
+  dimension >= 16). Anything else raises NotImplementedError (dispatch then falls back to xla).
+- Shared memory, measured (H100 run, and Triton 3.6 compiles for sm_90 of the lowered modules):
+  float32 IEEE dots run on FMA units and Triton stages every dot operand in shared memory from
+  its load on. With all inputs loaded up front the forward needed 401408 bytes at D = 64,
+  E = 256 (six [256, 64] state tiles resident; an H100 block gets 232448) and failed to launch.
+  The forward kernel therefore reads each input where it is used (`_Lazy`) and carries a layer
+  right after reading it: 172 KiB at D = 64, E = 256. The backward (jax.vjp of the same math,
+  whose residuals keep the tiles alive) needs about 7.6x the weights' bytes: 152 KiB at D = 32,
+  E = 128, 486 KiB at D = 64, E = 256. So the backward kernel runs up to
+  MAX_BWD_STATE_BYTES (32 KiB of weights per head); above it the custom VJP's backward is the
+  XLA vjp of `chunk_math` vmapped over (b, h) (same math, same residuals). Above
+  MAX_FWD_STATE_BYTES (128 KiB) the op raises NotImplementedError.
+- Register pressure [unmeasured]: at D = 64, E = 256 a program still holds X and S of one layer
+  (two [256, 64] float32 tiles, 64 floats per thread each at 8 warps) plus [n, E] activations;
+  Triton will spill. num_warps = 4 at depth 1, 8 at depth 2; num_stages = 1 (nothing is looped
+  over inside a program). No GPU timing exists yet: tiling E across programs (and a hand-written
+  backward whose per-layer reads stay short-lived) is the next step once
+  `scripts/bench.py --suite=kernels` has numbers.
+- Verified on an H100 (jax 0.11.2, compiled, not interpreted): parity with reference and xla in
+  outputs, final state and all gradients at depth 1 and 2 with D = 16, and at D = 64, E = 256
+  (forward kernel + XLA backward).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.titans_memory.reference import LN_EPS
+from pallas_kernels.titans_memory.rules import TITANS
+from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
+
+f32 = jnp.float32
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Shared-memory bounds (module docstring): the forward needs about 1.4x, the backward about 7.6x the
+# bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB.
+MAX_FWD_STATE_BYTES = 128 * 1024     # D = 64, E = 256: forward 172 KiB
+MAX_BWD_STATE_BYTES = 32 * 1024      # D = 32, E = 128: backward 152 KiB (D = 64, E = 256: 486 KiB)
+
+
+# ------------------------------------------------------------------ per-program math (2-D tiles)
+
+def _dot(a, b, ca: int, cb: int):
+  """2-D dot contracting a's axis ca with b's axis cb, float32 IEEE (HIGHEST) in Triton."""
+  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=lax.Precision.HIGHEST,
+                         preferred_element_type=f32)
+
+
+def _mm(a, b):    # a @ b
+  return _dot(a, b, 1, 0)
+
+
+def _mm_t(a, b):  # a @ b^T
+  return _dot(a, b, 1, 1)
+
+
+def _t_mm(a, b):  # a^T @ b
+  return _dot(a, b, 0, 0)
+
+
+@jax.custom_jvp
+def _erf(x):
+  """erf(x), Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd extension; Triton lowers it."""
+  z = jnp.abs(x)
+  t = 1.0 / (1.0 + 0.3275911 * z)
+  poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                         + t * 1.061405429))))
+  return jnp.sign(x) * (1.0 - poly * jnp.exp(-z * z))
+
+
+@_erf.defjvp
+def _erf_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return _erf(x), (2.0 / math.sqrt(math.pi)) * jnp.exp(-x * x) * dx
+
+
+def _gelu(x):
+  """Exact GELU x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+  return x * 0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _gelu_grad(x):
+  """GELU'(x) = Phi(x) + x phi(x)."""
+  phi = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  return 0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0)))) + x * phi
+
+
+def _mean(x):  # over the features, kept as a column [n, 1]
+  return jnp.sum(x, axis=-1, keepdims=True) * (1.0 / x.shape[-1])
+
+
+def _normalize(x):
+  """(x - mean) / sqrt(var + eps) over the features and the reciprocal std [n, 1]."""
+  xc = x - _mean(x)
+  rstd = lax.rsqrt(_mean(xc * xc) + LN_EPS)
+  return xc * rstd, rstd
+
+
+class ChunkIn(NamedTuple):
+  """One program's tiles, float32. Per-layer fields are tuples over the memory layers."""
+  q: jax.Array        # [n, D] queries
+  k: jax.Array        # [n, D] keys
+  v: jax.Array        # [n, D] values
+  beta: jax.Array     # [n, 1] prod_{j<=t} a_j
+  f: jax.Array        # [n, 1] (A diag(m) mom)_t
+  beta_n: jax.Array   # [1, 1] beta at the chunk's last token
+  f_n: jax.Array      # [1, 1] f at the last token
+  mom_n: jax.Array    # [1, 1] prod_j eta_j over the chunk
+  G: tuple            # [n, n] A diag(m) B diag(theta^(l)), lower triangular
+  g_end: tuple        # [n, 1] G^(l)[n-1, :] as a column (the X carry)
+  s_end: tuple        # [n, 1] theta^(l) B[n-1, :] as a column (the S carry)
+  x: tuple            # [out, in] X_0, the chunk's starting weights
+  s: tuple            # [out, in] S_0, the momentum
+  xb: tuple           # [out, in] W_base, where the inner gradients are taken
+  ln_s: jax.Array     # [1, D] outer LayerNorm scale (unused at depth 1)
+  ln_b: jax.Array     # [1, D] outer LayerNorm bias
+
+
+class _Lazy:
+  """A kernel input read where it is used (`_val`), not at the top of the program: Triton stages
+  every dot operand in shared memory from its load on, so six [E, D] state tiles loaded up front
+  would all be resident at once (401 KiB at D = 64, E = 256; an H100 block has 227 KiB)."""
+
+  def __init__(self, ref):
+    self.ref = ref
+
+
+def _val(x):
+  return x.ref[...].astype(f32) if isinstance(x, _Lazy) else x
+
+
+def grad_factors(xb, k, v, ln_s, ln_b):
+  """(r, g) per layer: u_i^(l) = g_i^(l) r_i^(l)^T = grad of 1/2 ||M_W(k_i) - v_i||^2 at W = xb.
+
+  Depth 1 is v1 Eq. 16-18 (E = K W^T - V); depth 2 backpropagates e through
+  M_W(k) = k + LN(W_2 gelu(W_1 k)) by hand (the same factors as `xla.grad_factors`).
+  """
+  if len(xb) == 1:
+    return (k,), (_mm_t(k, _val(xb[0])) - v,)
+  a1 = _mm_t(k, _val(xb[0]))                         # [n, E]
+  h1 = _gelu(a1)
+  xhat, rstd = _normalize(_mm_t(h1, _val(xb[1])))    # [n, D]
+  dxhat = (k + xhat * ln_s + ln_b - v) * ln_s        # e = M_W(k) - v through the LN affine
+  g2 = rstd * (dxhat - _mean(dxhat) - xhat * _mean(dxhat * xhat))
+  g1 = _mm(g2, _val(xb[1])) * _gelu_grad(a1)         # [n, E]
+  return (k, h1), (g1, g2)
+
+
+def chunk_math(c: ChunkIn):
+  """One chunk of one (batch row, head): (y [n, D], X_n, S_n); module docstring steps 1-3.
+  Fields of c may be `_Lazy` (the forward kernel); each layer's states are read, used for the
+  read and carried in one place, which keeps their live ranges short."""
+  L = len(c.x)
+  q, k, v, ln_s, ln_b = map(_val, (c.q, c.k, c.v, c.ln_s, c.ln_b))
+  beta, f = _val(c.beta), _val(c.f)
+  rs, gs = grad_factors(c.xb, k, v, ln_s, ln_b)
+  z, x_new, s_new = q, [], []
+  for l in range(L):
+    x_l, s_l = _val(c.x[l]), _val(c.s[l])
+    z = (beta * _mm_t(z, x_l) + f * _mm_t(z, s_l)
+         - _mm(_val(c.G[l]) * _mm_t(z, rs[l]), gs[l]))
+    if l < L - 1:
+      z = _gelu(z)
+    x_new.append(_val(c.beta_n) * x_l + _val(c.f_n) * s_l
+                 - _t_mm(gs[l] * _val(c.g_end[l]), rs[l]))
+    s_new.append(_val(c.mom_n) * s_l - _t_mm(gs[l] * _val(c.s_end[l]), rs[l]))
+  if L > 1:
+    xhat, _ = _normalize(z)
+    z = q + xhat * ln_s + ln_b
+  return z, tuple(x_new), tuple(s_new)
+
+
+# ------------------------------------------------------------------ kernels
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  interpret: bool
+  num_warps: int
+  pallas_bwd: bool      # False: the backward is the XLA vjp of chunk_math (too big for the kernel)
+
+
+def _spec(shape):
+  """[B, H, r, c] arrays: one (b, h) tile; [H, r, c] (the LN affine): shared over the batch."""
+  if len(shape) == 4:
+    return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda b, h: (b, h, 0, 0))
+  return pl.BlockSpec((None,) + tuple(shape[1:]), lambda b, h: (h, 0, 0))
+
+
+def _load(refs):
+  return [r[...].astype(f32) for r in refs]
+
+
+def _store(refs, xs):
+  for r, x in zip(refs, xs):
+    r[...] = x.astype(r.dtype)
+
+
+def _fwd_kernel(*refs, tree, n_in: int):
+  ins = jax.tree.unflatten(tree, [_Lazy(r) for r in refs[:n_in]])
+  _store(refs[n_in:], jax.tree.leaves(chunk_math(ins)))
+
+
+def _bwd_kernel(*refs, tree, ct_tree, n_in: int, n_ct: int):
+  ins = jax.tree.unflatten(tree, _load(refs[:n_in]))
+  cts = jax.tree.unflatten(ct_tree, _load(refs[n_in:n_in + n_ct]))
+  _, vjp = jax.vjp(chunk_math, ins)
+  _store(refs[n_in + n_ct:], jax.tree.leaves(vjp(cts)[0]))
+
+
+def _call(cfg, kernel, name, args, out_shapes):
+  B, H = args[0].shape[:2]
+  return pl.pallas_call(
+      kernel,
+      grid=(B, H),
+      in_specs=[_spec(a.shape) for a in args],
+      out_specs=[_spec(o.shape) for o in out_shapes],
+      out_shape=out_shapes,
+      # Triton params select the Triton lowering (jax 0.10 otherwise defaults to Mosaic GPU).
+      compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+      interpret=cfg.interpret,
+      name=name,
+  )(*args)
+
+
+def _forward(cfg, ins: ChunkIn):
+  leaves, tree = jax.tree.flatten(ins)
+  sds = lambda x: jax.ShapeDtypeStruct(x.shape, f32)
+  outs, out_tree = jax.tree.flatten((sds(ins.q), tuple(map(sds, ins.x)), tuple(map(sds, ins.s))))
+  kernel = functools.partial(_fwd_kernel, tree=tree, n_in=len(leaves))
+  return jax.tree.unflatten(out_tree, _call(cfg, kernel, "titans_memory_chunk_fwd", leaves, outs))
+
+
+def _backward(cfg, ins: ChunkIn, cts):
+  leaves, tree = jax.tree.flatten(ins)
+  ct_leaves, ct_tree = jax.tree.flatten(cts)
+  B, H = ins.q.shape[:2]
+  # every cotangent leaves per (b, h); the LN affine's [H, 1, D] ones are summed over b below
+  outs = [jax.ShapeDtypeStruct((B, H) + x.shape[-2:], f32) for x in leaves]
+  kernel = functools.partial(_bwd_kernel, tree=tree, ct_tree=ct_tree, n_in=len(leaves),
+                             n_ct=len(ct_leaves))
+  d = _call(cfg, kernel, "titans_memory_chunk_bwd", leaves + ct_leaves, outs)
+  d = [g.sum(axis=0) if x.ndim == 3 else g for g, x in zip(d, leaves)]
+  return jax.tree.unflatten(tree, [g.astype(x.dtype) for g, x in zip(d, leaves)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_call(cfg, ins):
+  return _forward(cfg, ins)
+
+
+def _chunk_call_fwd(cfg, ins):
+  return _forward(cfg, ins), ins       # residuals: the kernel inputs only
+
+
+def _backward_xla(ins: ChunkIn, cts):
+  """The backward kernel's VJP in plain JAX, vmapped over (b, h) (the LN affine is shared over b,
+  so vmap's transpose sums its cotangent)."""
+  axes = jax.tree.map(lambda _: 0, ins)._replace(ln_s=None, ln_b=None)
+  _, vjp = jax.vjp(jax.vmap(jax.vmap(chunk_math), in_axes=(axes,)), ins)
+  return vjp(cts)[0]
+
+
+def _chunk_call_bwd(cfg, ins, cts):
+  return (_backward(cfg, ins, cts) if cfg.pallas_bwd else _backward_xla(ins, cts),)
+
+
+_chunk_call.defvjp(_chunk_call_fwd, _chunk_call_bwd)
+
+
+def _chunk_fn(cfg, x, s, xb, q, k, v, theta, a, eta, delta, m, keep, c_HL, ln_s, ln_b):
+  """`memory_xla`'s chunk_fn: the batched `chunk_step` of the Titans rule for one chunk of every
+  (b, h). q, k, v [B, H, n, D]; theta [B, H, n, L]; a, eta [B, H, n]; m [B, n]; x, s, xb tuples of
+  [B, H, out, in]; ln_s, ln_b [H, D]. Returns (y [B, H, n, D], X_n, S_n, base = xb)."""
+  del delta, keep, c_HL                # Titans: no Huber threshold, no lag token, no KL scale
+  beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(a, eta, m)
+  col = lambda t: t[..., None]
+  G = tuple(AmB * theta[..., None, :, l] for l in range(len(x)))
+  ins = ChunkIn(
+      q=q, k=k, v=v, beta=col(beta), f=col(f), beta_n=col(beta[..., -1:]), f_n=col(f[..., -1:]),
+      mom_n=col(mom[..., -1:]), G=G, g_end=tuple(col(g[..., -1, :]) for g in G),
+      s_end=tuple(col(theta[..., l] * Bm[..., -1, :]) for l in range(len(x))),
+      x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=ln_s[:, None, :], ln_b=ln_b[:, None, :])
+  ins = jax.tree.map(lambda t: t.astype(f32), ins)
+  y, x_new, s_new = _chunk_call(cfg, ins)
+  return y, x_new, s_new, xb
+
+
+def _pow2_at_least_16(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
+
+
+def check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size) -> int:
+  """NotImplementedError (one line) for what the kernel does not handle; returns the depth L."""
+  name = "titans_memory"
+  leaves = jax.tree.leaves(((q, k, v, theta, eta, log_a, ln_scale, ln_bias),
+                            (state["w"], state["s"], state["w_base"])))
+  for x in leaves:
+    if jnp.dtype(x.dtype).type not in SUPPORTED_DTYPES:
+      raise NotImplementedError(f"{name}: pallas_gpu takes float32/bfloat16/float16 inputs, "
+                                f"got {x.dtype}")
+  if not _pow2_at_least_16(chunk_size):
+    raise NotImplementedError(f"{name}: pallas_gpu needs a power-of-two chunk_size >= 16 "
+                              f"(Triton dots), got {chunk_size}")
+  ws = tuple(state["w"])
+  if len(ws) > 2:
+    raise NotImplementedError(f"{name}: pallas_gpu supports memory depth 1 or 2, got {len(ws)}")
+  dims = {"D": q.shape[-1]} | ({"E": ws[0].shape[-2]} if len(ws) == 2 else {})
+  for n, d in dims.items():
+    if not _pow2_at_least_16(d):
+      raise NotImplementedError(f"{name}: pallas_gpu needs {n} a power of two >= 16, got {d}")
+  if _state_bytes(ws) > MAX_FWD_STATE_BYTES:
+    raise NotImplementedError(f"{name}: pallas_gpu keeps the memory weights of a head in one "
+                              f"program; needs <= {MAX_FWD_STATE_BYTES} bytes of float32 weights, "
+                              f"got {_state_bytes(ws)}")
+  return len(ws)
+
+
+def _state_bytes(ws) -> int:
+  """float32 bytes of one head's memory weights (all layers)."""
+  return sum(4 * w.shape[-2] * w.shape[-1] for w in ws)
+
+
+def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
+                             chunk_size=16, lengths=None, assume_aligned=False, interpret=False):
+  """`titans_memory` with the per-chunk step as a Pallas kernel; same signature and semantics
+  (inputs already validated). Raises NotImplementedError for what the kernel does not support."""
+  L = check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size)
+  cfg = _Config(interpret=interpret, num_warps=4 if L == 1 else 8,
+                pallas_bwd=_state_bytes(state["w"]) <= MAX_BWD_STATE_BYTES)
+  o, (w, s, wb, phase) = memory_xla(
+      TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
+      s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
+      lengths=lengths, assume_aligned=assume_aligned, chunk_fn=functools.partial(_chunk_fn, cfg))
+  return o, {"w": w, "s": s, "w_base": wb, "phase": phase}
