@@ -23,6 +23,15 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops each test module's compiled programs when it ends: one suite process compiles thousands
+  of programs, and a full run once crashed inside XLA's CPU compiler late in the suite (a
+  segfault that the same tests alone never show)."""
+  yield
+  jax.clear_caches()
+
+
 @pytest.fixture
 def x64():
   """float64 for tests where an equivalence must be exact."""
