@@ -25,6 +25,8 @@ Choices [ours]:
   need every dimension >= 16); K, V <= 256 (FLA's bound for a register-resident state).
 - The forward has no V-split yet: B*H programs, under-occupied when B*H < #SMs (§6.3); the
   backward has B*H*V/BV.
+- At head dims >= 128 the kernels run chunks of at most 32 with 8 warps (shared memory and
+  spills, read offline: see WIDE_MAX_CHUNK below).
 - Not yet measured on a GPU: parity is checked in interpret mode and the Triton lowering on CPU
   (tests/pallas_kernels/test_lowering.py); whether the backward's many live [C, C] and [K, BV]
   float32 tiles compile without spilling is for `scripts/bench.py --suite=kernels` on a device.
@@ -43,6 +45,19 @@ from pallas_kernels.gated_delta_rule import _common, _pallas_common
 
 MAX_DIM = 256
 BLOCK_V = 64
+# Resources of the compiled kernels, read offline for sm_90 (Triton 3.6 + ptxas -v through
+# scripts/triton_resources.py; no GPU timing yet). At K = V = 128 and C = 64 the backward needs
+# 320 KiB of shared memory (gated delta rule; 256 KiB linear attention) where an H100 block gets
+# 227 KiB, so it would not launch; at C = 32 it needs 88 KiB (forward 80 KiB). The chunked form is
+# exact for any chunk, so at head dims >= 128 the kernels run chunks of at most 32 whatever
+# chunk_size says. Every variant uses all 255 registers and spills; 8 warps halve the spill bytes
+# at K = V = 128 (gated delta rule fwd 2,912 -> 968, bwd 6,866 -> 3,816), not at 64.
+WIDE = 128
+WIDE_MAX_CHUNK = 32
+
+
+def _num_warps(K: int, V: int) -> int:
+  return 8 if max(K, V) >= WIDE else 4
 
 
 def _kernel(q_ref, k_ref, v_ref, b_ref, gc_ref, gr_ref, sc_ref, sr_ref, cin_ref, tail_ref, h0_ref,
@@ -85,7 +100,7 @@ def _forward(cfg, q, k, v, beta, G, h0, seg, cin, tail):
                  jax.ShapeDtypeStruct((B, H, K, V), f32),
                  jax.ShapeDtypeStruct((B, H, NT * K, V), f32)],
       # Triton params select the Triton lowering (jax 0.10 otherwise defaults to Mosaic GPU).
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=_num_warps(K, V), num_stages=1),
       interpret=cfg.interpret,
       name="gated_delta_rule_fwd" if cfg.delta else "linear_attention_fwd",
   )(q, k, v, col(beta), col(G), row(G), col(seg)[:, None], row(seg)[:, None], col(cin)[:, None],
@@ -147,7 +162,7 @@ def _backward(cfg, q, k, v, beta, G, seg, cin, tail, S_chunks, do, dS_final):
                  jax.ShapeDtypeStruct((NV, B, H, Tp, 1), f32),
                  jax.ShapeDtypeStruct((NV, B, H, Tp, 1), f32),
                  jax.ShapeDtypeStruct((B, H, K, V), f32)],
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=_num_warps(K, V), num_stages=1),
       interpret=cfg.interpret,
       name="gated_delta_rule_bwd" if cfg.delta else "linear_attention_bwd",
   )(q, k, v, col(beta), col(G), row(G), col(seg)[:, None], row(seg)[:, None], col(cin)[:, None],
@@ -165,10 +180,11 @@ def recurrence_pallas_gpu(q, k, v, beta, g, *, scale, initial_state, segment_ids
     raise NotImplementedError(f"{name}: pallas_gpu keeps S in registers; needs K, V <= {MAX_DIM}, "
                               f"got K={K}, V={V}")
   pad = lambda n: max(16, _common.next_pow2(n))
+  wide = max(pad(K), pad(V)) >= WIDE
   return _pallas_common.pallas_recurrence(
       q, k, v, beta, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-      chunk_size=chunk_size, delta=delta, interpret=interpret, kernel=_forward,
-      kernel_bwd=_backward, K_pad=pad(K), V_pad=pad(V))
+      chunk_size=min(chunk_size, WIDE_MAX_CHUNK) if wide else chunk_size, delta=delta,
+      interpret=interpret, kernel=_forward, kernel_bwd=_backward, K_pad=pad(K), V_pad=pad(V))
 
 
 def gated_delta_rule_pallas_gpu(q, k, v, beta, g, *, scale=None, initial_state=None,

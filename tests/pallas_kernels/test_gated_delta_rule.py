@@ -199,6 +199,8 @@ PALLAS_CASES = [
     pytest.param(2, 75, 2, 12, 20, 32, jnp.float32, True, id="f32-odd-dims-segments"),
     pytest.param(1, 40, 1, 64, 64, 16, jnp.bfloat16, True, id="bf16-d64"),
     pytest.param(1, 20, 1, 128, 128, 16, jnp.float32, True, id="f32-d128-segments"),
+    # chunk_size 64 at D = 128: the GPU kernels run chunks of 32 there (shared memory), exactly.
+    pytest.param(1, 40, 1, 128, 128, 64, jnp.float32, False, id="f32-d128-chunk64"),
 ]
 
 
