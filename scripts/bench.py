@@ -231,7 +231,7 @@ def recurrence_kernel_rows(args):
       progress(row)
   # FLA last: its Triton autotuning takes minutes on a first run.
   if backend == "gpu" and getattr(args, "fla", True):
-    for row in fla_rows(b, t, h, d, chunk, args.iters):
+    for row in fla_rows(b, t, h, d):
       rows.append(row)
       progress(row)
   for op in ops:
@@ -258,7 +258,7 @@ def recurrence_kernel_rows(args):
   return rows
 
 
-def fla_rows(b, t, h, d, chunk, iters):
+def fla_rows(b, t, h, d):
   """flash-linear-attention's Triton chunk kernels (chunk_gated_delta_rule; chunk_simple_gla, its
   scalar-gated linear attention) at our shape, bf16, run beside ours in the same process (the issue
   #9 comparison). Needs torch with CUDA and `fla` (carry the wheels to the GPU machine); returns no
