@@ -1,6 +1,7 @@
 """Shared helpers for kernel parity tests: tolerances, random inputs, gradient comparison."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import jax
@@ -47,6 +48,33 @@ def pallas_modes(*impls):
   if "pallas_gpu" in impls:
     modes.append(pytest.param("pallas_gpu", False, id="pallas_gpu-device", marks=pytest.mark.gpu))
   return modes
+
+
+def on_device(*values):
+  """One parametrize case compiled for the GPU, marked `gpu` (skipped without one)."""
+  import pytest
+  return pytest.param(*values, id="device", marks=pytest.mark.gpu)
+
+
+@contextlib.contextmanager
+def triton_modules():
+  """Collects the Triton module of every Pallas kernel the CUDA lowering builds in the block (a
+  list of MLIR modules; verified, and printable with `.operation.get_asm()`). Uses jax's private
+  Triton lowering entry point (the same in jax 0.10 and 0.11)."""
+  from jax._src.pallas.triton import lowering as triton_lowering
+  build, modules = triton_lowering.lower_jaxpr_to_triton_module, []
+
+  def build_and_keep(*args, **kwargs):
+    result = build(*args, **kwargs)
+    result.module.operation.verify()   # raises with the failing op, as the GPU compiler would
+    modules.append(result.module)
+    return result
+
+  triton_lowering.lower_jaxpr_to_triton_module = build_and_keep
+  try:
+    yield modules
+  finally:
+    triton_lowering.lower_jaxpr_to_triton_module = build
 
 
 def random_normal(key, shapes: Sequence[tuple[int, ...]], dtype=jnp.float32, scale: float = 1.0):

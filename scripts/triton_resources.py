@@ -25,14 +25,8 @@ NUM_WARPS = 4   # the kernels' compiler params (pltriton.CompilerParams) use 4 w
 def dump(out_dir, d=128, chunk=64):
   import jax
   import jax.numpy as jnp
-  from jax._src.pallas.triton import lowering as triton_lowering
+  from pallas_kernels.testing import triton_modules
   os.makedirs(out_dir, exist_ok=True)
-  build, modules = triton_lowering.lower_jaxpr_to_triton_module, []
-
-  def capture(*args, **kwargs):
-    result = build(*args, **kwargs)
-    modules.append(result.module.operation.get_asm(enable_debug_info=False))
-    return result
 
   S = jax.ShapeDtypeStruct
   bf16, f32 = jnp.bfloat16, jnp.float32
@@ -54,15 +48,12 @@ def dump(out_dir, d=128, chunk=64):
           (tok, S((b, 4, 63, h, d), bf16), S((b, 4, 63, h, d), bf16), S((b, t, h, 4), f32),
            S((b, t, 4), jnp.bool_))),
   }
-  triton_lowering.lower_jaxpr_to_triton_module = capture
-  try:
+  with triton_modules() as modules:
     for name, (fn, specs) in cases.items():
       loss = lambda *a, fn=fn: sum(jnp.sum(x.astype(f32) ** 2) for x in jax.tree.leaves(fn(*a)))
       argnums = tuple(i for i, s in enumerate(specs) if jnp.issubdtype(s.dtype, jnp.floating))
       jax.jit(jax.grad(loss, argnums=argnums)).trace(*specs).lower(lowering_platforms=("cuda",))
-  finally:
-    triton_lowering.lower_jaxpr_to_triton_module = build
-  for asm in modules:
+  for asm in (m.operation.get_asm(enable_debug_info=False) for m in modules):
     name = re.search(r"tt\.func public @(\w+)", asm).group(1)
     with open(os.path.join(out_dir, name + ".ttir"), "w") as f:
       f.write(asm)

@@ -10,7 +10,7 @@ import pytest
 
 from layers.attention import attend
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
-from pallas_kernels.testing import assert_close, grads_of, pallas_modes, rel_rms
+from pallas_kernels.testing import assert_close, grads_of, on_device, pallas_modes, rel_rms
 
 IMPLS = ("reference", "xla")
 
@@ -228,15 +228,12 @@ def _out_and_grads(fn, inputs, argnums):
   return jax.jit(both)(inputs)
 
 
-ON_DEVICE = dict(id="device", marks=pytest.mark.gpu)   # compiled for the GPU (skipped without one)
-
-
 @pytest.mark.parametrize("impl,decode,case,interpret", [
     ("pallas_gpu", False, 1, True), ("pallas_gpu", True, 2, True), ("pallas_gpu", False, 4, True),
     ("pallas_tpu", False, 2, True), ("pallas_tpu", True, 4, True),
-    pytest.param("pallas_gpu", False, 1, False, **ON_DEVICE),
-    pytest.param("pallas_gpu", True, 2, False, **ON_DEVICE),
-    pytest.param("pallas_gpu", False, 4, False, **ON_DEVICE)])
+    on_device("pallas_gpu", False, 1, False),
+    on_device("pallas_gpu", True, 2, False),
+    on_device("pallas_gpu", False, 4, False)])
 def test_pallas_interpret_matches_reference(impl, decode, case, interpret):
   """Training and decode forwards plus every gradient (q, blocks, gate, local keys/values), float32,
   over top-k / 'token' sharing / padded blocks / no local part (the CASES above)."""

@@ -9,7 +9,8 @@ from jax.test_util import check_grads
 
 from pallas_kernels.expert_gather import expert_gather, expert_mlp
 from pallas_kernels.expert_gather.bench import bench_expert_gather
-from pallas_kernels.testing import assert_close, assert_tree_close, grads_of, random_normal
+from pallas_kernels.testing import (assert_close, assert_tree_close, grads_of, on_device,
+                                    random_normal)
 
 N, E, F, T, K = 23, 6, 5, 11, 4
 
@@ -170,14 +171,11 @@ def _out_and_grads(fn, args, argnums):
   return jax.jit(both)(args)
 
 
-ON_DEVICE = dict(id="device", marks=pytest.mark.gpu)   # compiled for the GPU (skipped without one)
-
-
 @pytest.mark.parametrize("impl,op,kind,activation,interpret", [
     ("pallas_gpu", "mlp", "random", "gelu", True), ("pallas_gpu", "gather", "one_row", None, True),
     ("pallas_tpu", "mlp", "one_row", "silu", True), ("pallas_tpu", "gather", "dup", None, True),
-    pytest.param("pallas_gpu", "mlp", "random", "gelu", False, **ON_DEVICE),
-    pytest.param("pallas_gpu", "gather", "dup", None, False, **ON_DEVICE)])
+    on_device("pallas_gpu", "mlp", "random", "gelu", False),
+    on_device("pallas_gpu", "gather", "dup", None, False)])
 def test_pallas_interpret_matches_reference(monkeypatch, impl, op, kind, activation, interpret):
   """Outputs and every gradient (x, tables, weights) in float32: widths that are not powers of two
   (6, 20), N = 23 rows over several row blocks, all 44 entries on one row (one_row: several CSR

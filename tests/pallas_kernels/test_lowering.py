@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import gated_delta_rule, linear_attention
+from pallas_kernels.testing import triton_modules
 
 KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 IMPL = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}
@@ -25,28 +26,10 @@ def _lowering_context(platform):
   return jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev))
 
 
-@contextlib.contextmanager
-def _verified_triton_modules():
-  """Runs the MLIR verifier on every Triton module the CUDA lowering builds. The GPU compiler
-  verifies them first thing, so this catches on CPU what would fail on the device (seen there:
-  scf.for bounds of different integer types, from a fori_loop with a Python-int bound)."""
-  from jax._src.pallas.triton import lowering as triton_lowering  # private; both jax 0.10 / 0.11
-  build = triton_lowering.lower_jaxpr_to_triton_module
-
-  def build_and_verify(*args, **kwargs):
-    result = build(*args, **kwargs)
-    result.module.operation.verify()   # raises with the failing op
-    return result
-
-  triton_lowering.lower_jaxpr_to_triton_module = build_and_verify
-  try:
-    yield
-  finally:
-    triton_lowering.lower_jaxpr_to_triton_module = build
-
-
 def _lower(fn, specs, platform):
-  verify = _verified_triton_modules() if platform == "cuda" else contextlib.nullcontext()
+  # On CUDA every Triton module also goes through the MLIR verifier (seen on an H100: scf.for
+  # bounds of two integer types, from a fori_loop with a Python-int bound, failed to compile).
+  verify = triton_modules() if platform == "cuda" else contextlib.nullcontext()
   with _lowering_context(platform), verify:
     return jax.jit(fn).trace(*specs).lower(lowering_platforms=(platform,)).as_text()
 
