@@ -12,7 +12,8 @@ MQAR stream has no landmark token, so there it is an ordinary token with its own
 the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
 Parameters (size=tiny, MQAR vocab 256): 117,056.
 
-Passkey (issue #7; byte tokens, 512-token training rows, evaluated to 8k through the block cache):
+Passkey (issue #7; byte tokens, 512-token training rows with a landmark token closing every block,
+loss on every token; evaluated to 8k through the block cache):
   python scripts/train.py --config=configs/landmark.py:task=passkey --workdir=runs/landmark_passkey
   python scripts/eval.py --workdir=runs/landmark_passkey        # passkey at evals.lengths
 """
@@ -38,6 +39,9 @@ def get_config(arg=None):
   c.train.stop_at_accuracy = 0.99
   if a.task == "passkey":
     configs_lib.passkey_task(c, a)
+    # The paper's layout: a landmark token closes every block (training rows and, via the eval
+    # runner, every prompt), so a block's gate key is a learned token's, not an ordinary byte's.
+    c.data.landmark_block = c.model.mixer.landmark.block_size
   elif a.task != "mqar":
     raise ValueError(f"landmark: unknown task {a.task!r}; choose mqar or passkey")
   elif a.steps:

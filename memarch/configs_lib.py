@@ -82,8 +82,11 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       tokenizer="byte", spm_model="", pack=True,
       # BABILong-style qa1-qa5 (data.name = 'babilong'); length 0 = fit the context to data.seq_len:
       babilong_tasks=("qa1", "qa2", "qa3", "qa4", "qa5"), babilong_length=0,
-      # Passkey / S-NIAH-1 (data.name = 'passkey' | 'niah'); depth < 0 = uniform per example:
-      needle_depth=-1.0, niah_needles=1, niah_queries=1,
+      # Passkey / S-NIAH-1 (data.name = 'passkey' | 'niah'); depth < 0 = uniform per example;
+      # prompt_loss: loss on every token of the row (language modelling), not only the answer;
+      # landmark_block L > 0: rows in landmark attention's layout (a landmark token after every
+      # L - 1 content tokens; scripts/eval.py inserts them the same way):
+      needle_depth=-1.0, niah_needles=1, niah_queries=1, prompt_loss=False, landmark_block=0,
       # MAD memorization (data.name = 'memorization'; uses seq_len, vocab_size, batch_size): the
       # number of stored facts M, 0 = all (vocab_size - 1) // 2:
       num_facts=0))
@@ -112,6 +115,10 @@ def passkey_task(c, a) -> None:
   c.data.tokenizer = "byte"
   c.data.seq_len = a.seq_len or 512
   c.data.batch_size = 16
+  # Language-model loss on the whole row (as the landmark paper trains): the repeated filler and the
+  # key line's second copy of the key teach the copying (induction) circuit that the answer needs;
+  # with the loss on the five answer digits alone, 250 steps left the digit loss at chance [ours].
+  c.data.prompt_loss = True
   c.model.vocab_size = 0  # from the tokenizer (259 bytes + specials)
   c.opt.lr = 2e-3
   c.train.num_steps = a.steps or 600

@@ -48,10 +48,12 @@ def make_source(data_cfg, *, seed: int):
     depth = None if data_cfg.needle_depth < 0 else float(data_cfg.needle_depth)
     if name == "passkey":
       return PasskeySource(data_cfg.seq_len, batch_size=data_cfg.batch_size, seed=seed,
-                           tokenizer=tok, depth=depth)
+                           tokenizer=tok, depth=depth, prompt_loss=data_cfg.get("prompt_loss", False),
+                           landmark_block=data_cfg.get("landmark_block", 0))
     return NIAHSource(data_cfg.seq_len, num_needles=data_cfg.niah_needles,
                       num_queries=data_cfg.niah_queries, batch_size=data_cfg.batch_size, seed=seed,
-                      tokenizer=tok, depth=depth)
+                      tokenizer=tok, depth=depth, prompt_loss=data_cfg.get("prompt_loss", False),
+                      landmark_block=data_cfg.get("landmark_block", 0))
   if name == "memorization":
     from memarch.data.memorization import MemorizationSource
     return MemorizationSource(seq_len=data_cfg.seq_len, vocab_size=data_cfg.vocab_size,

@@ -158,17 +158,33 @@ class _PromptAnswerSource:
   """Rows prompt + answer, targets on the answer tokens only, under the data contract
   (memarch.data.text). Row i = step * batch_size + b is example i; its depth is `depth` or, if None,
   uniform in [0, 1] from `default_rng([seed, split, depth_stream, i])`. The prompt budget is
-  seq_len + 1 - (longest answer), so every row fits seq_len exactly without truncation."""
+  seq_len + 1 - (longest answer), so every row fits seq_len exactly without truncation.
+  `prompt_loss=True` puts the loss on every token of the row, as in language-model training
+  (prompt_answer_row); the evaluations still score the answer only. `landmark_block=L` > 0 writes
+  rows in landmark attention's layout (`layers.landmark.insert_landmarks`, Mohtashami & Jaggi
+  section 3.1): a landmark token (id = the tokenizer's vocabulary size, so `vocab_size` is one
+  larger) after every L - 1 content tokens, loss masked there; a row then holds seq_len - seq_len / L
+  content tokens and seq_len stream tokens."""
 
   max_answer: str = ""
 
   def __init__(self, seq_len: int, *, batch_size: int, seed: int = 0, tokenizer=None, split: int = 0,
-               depth: float | None = None):
+               depth: float | None = None, prompt_loss: bool = False, landmark_block: int = 0):
     self.seq_len, self.batch_size, self.seed, self.split = int(seq_len), int(batch_size), seed, split
+    self.prompt_loss = bool(prompt_loss)
     self.depth = depth
     self.tokenizer = tokenizer or ByteTokenizer()
     self.vocab_size = int(self.tokenizer.vocab_size)
-    self.prompt_length = self.seq_len + 1 - num_tokens(self.tokenizer, self.max_answer)
+    self.landmark_block = int(landmark_block)
+    self.content_len = self.seq_len
+    if self.landmark_block:
+      if self.landmark_block < 2 or self.seq_len % self.landmark_block:
+        raise ValueError(f"landmark_block={landmark_block} must be >= 2 and divide seq_len="
+                         f"{seq_len}; choose a seq_len that is a multiple of the block")
+      self.landmark_id = self.vocab_size
+      self.vocab_size += 1
+      self.content_len = self.seq_len - self.seq_len // self.landmark_block
+    self.prompt_length = self.content_len + 1 - num_tokens(self.tokenizer, self.max_answer)
 
   def _depth(self, i: int) -> float:
     if self.depth is not None:
@@ -179,10 +195,20 @@ class _PromptAnswerSource:
     raise NotImplementedError
 
   def encode(self, example: dict):
-    """(inputs, targets, segment_ids, answer_start) for one example dict."""
-    return prompt_answer_row(self.tokenizer.encode(example["prompt"]),
-                             self.tokenizer.encode(example["answer"]), self.seq_len,
-                             self.tokenizer.pad_id)
+    """(inputs, targets, segment_ids, answer_start) for one example dict (answer_start: the input
+    position whose target is the first answer token, counted in the row's own layout)."""
+    x, y, seg, start = prompt_answer_row(self.tokenizer.encode(example["prompt"]),
+                                         self.tokenizer.encode(example["answer"]), self.content_len,
+                                         self.tokenizer.pad_id, prompt_loss=self.prompt_loss)
+    if not self.landmark_block:
+      return x, y, seg, start
+    from layers.landmark import insert_landmarks
+    x_s, y_s = insert_landmarks(x[None], y[None], block_size=self.landmark_block,
+                                landmark_id=self.landmark_id)
+    to_stream = lambda i: i + i // (self.landmark_block - 1)  # content index -> stream index
+    last_real = to_stream(int(seg.sum()) - 1)
+    seg_s = (np.arange(self.seq_len) <= last_real).astype(seg.dtype)
+    return x_s[0], y_s[0], seg_s, to_stream(start)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     rows = [self.encode(self.example(step * self.batch_size + b)) for b in range(self.batch_size)]

@@ -109,8 +109,10 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int, pad_id: int):
   return row_from_tokens(tokens, seg, seq_len, pad_id)
 
 
-def prompt_answer_row(prompt_ids: np.ndarray, answer_ids: np.ndarray, seq_len: int, pad_id: int):
-  """Row for a question-answering example: targets only where the next token is an answer token.
+def prompt_answer_row(prompt_ids: np.ndarray, answer_ids: np.ndarray, seq_len: int, pad_id: int,
+                      prompt_loss: bool = False):
+  """Row for a question-answering example: targets only where the next token is an answer token, or,
+  with `prompt_loss`, on every next token of prompt + answer (language-model loss on the whole row).
 
   The sequence is prompt + answer; if it is longer than seq_len + 1 tokens, the *start* of the prompt is
   dropped so that the question and answer always survive [ours]. Returns (inputs, targets,
@@ -128,7 +130,8 @@ def prompt_answer_row(prompt_ids: np.ndarray, answer_ids: np.ndarray, seq_len: i
   tok[:n] = seq
   tgt_mask = np.zeros(seq_len + 1, bool)
   tgt_mask[:n] = is_answer
-  targets = np.where(tgt_mask[1:], tok[1:], IGNORE)
+  loss_mask = np.arange(seq_len + 1) < n if prompt_loss else tgt_mask
+  targets = np.where(loss_mask[1:], tok[1:], IGNORE)
   seg = np.zeros(seq_len, np.int64)
   seg[: min(n, seq_len)] = 1
   answer_start = int(np.argmax(tgt_mask[1:])) if tgt_mask[1:].any() else -1

@@ -26,6 +26,13 @@ Metrics (all teacher-forced unless stated; names as the reference asks results t
   the argmax given the prompt and the previous digits), swept over depth x length.
 - S-NIAH-1 (RULER): `accuracy` is the teacher-forced exact match of the answer ("v1, v2"); `score` is
   RULER's `string_match_all` on greedy decoding of as many tokens as the answer has, mean x 100.
+
+Landmark tokens: a runner made with `landmark_block=L` (models trained on rows in landmark
+attention's layout, `data.landmark_block`) feeds every prompt and continuation in that layout, a
+landmark after every L - 1 content tokens counted from the prompt's start (`layers.landmark.
+insert_landmarks`), and scores each content token from the logits of the content token before it,
+skipping landmarks, as the training targets do. Greedy decoding does not insert landmarks, so such a
+runner refuses `greedy` (S-NIAH's string_match score).
 """
 from __future__ import annotations
 
@@ -75,11 +82,15 @@ class StreamingRunner:
   it; `continuation` scores teacher-forced continuations from that state; `greedy` decodes.
   """
 
-  def __init__(self, model, *, segment_len: int = 512):
+  def __init__(self, model, *, segment_len: int = 512, landmark_block: int = 0,
+               landmark_id: int | None = None):
     if segment_len < 1:
       raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+    if landmark_block and (landmark_block < 2 or landmark_id is None):
+      raise ValueError(f"landmark_block={landmark_block} needs a block >= 2 and a landmark_id")
     self.segment_len = int(segment_len)
     self.vocab_size = int(model.cfg.vocab_size)
+    self.landmark_block, self.landmark_id = int(landmark_block), landmark_id
     self.graphdef, self.params = nnx.split(model)
     gd = self.graphdef
 
@@ -168,8 +179,33 @@ class StreamingRunner:
     assert (offset == np.asarray(lengths)).all(), (offset, lengths)
     return last, state
 
-  def continuation(self, state, last_BV, conts: Sequence[np.ndarray], *, pad_to: int = 8):
-    """Teacher-forced scores of continuation b after row b's prompt (state, last_BV from `prefill`).
+  def _stream(self, tokens: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(stream tokens, stream index of each content token) of content tokens that begin at content
+    index `start` of their sequence: landmarks after every L - 1 content tokens (identity without)."""
+    tokens = np.asarray(tokens, np.int32)
+    idx = start + np.arange(len(tokens))
+    if not self.landmark_block:
+      return tokens, idx - start
+    dst = idx + idx // (self.landmark_block - 1)
+    stream = np.full(dst[-1] + 1 - dst[0], self.landmark_id, np.int32)
+    stream[dst - dst[0]] = tokens
+    return stream, dst - dst[0]
+
+  def stream_len(self, num_content: int) -> int:
+    """Stream tokens (landmarks included) that `num_content` content tokens may take."""
+    b = self.landmark_block
+    return num_content + (num_content // (b - 1) + 1 if b else 0)
+
+  def prompt_stream(self, prompt: np.ndarray) -> np.ndarray:
+    """The tokens fed for a prompt (in the landmark layout: without a trailing landmark, which
+    belongs to the continuation)."""
+    stream, pos = self._stream(prompt)
+    return stream[:pos[-1] + 1]
+
+  def continuation(self, state, last_BV, conts: Sequence[np.ndarray], *,
+                   prompt_lens: Sequence[int] | None = None, pad_to: int = 8):
+    """Teacher-forced scores of continuation b after row b's prompt (state, last_BV from `prefill`;
+    `prompt_lens`, the prompts' content lengths, places the landmarks of a landmark runner).
 
     Returns (token log-probs [B, A], argmax-equals-token [B, A], mask [B, A]) with A the longest
     continuation; the call length is rounded up to `pad_to` so few shapes compile (padding sits after
@@ -177,18 +213,30 @@ class StreamingRunner:
     a = max(len(c) for c in conts)
     if a < 1:
       raise ValueError("continuations must be non-empty")
+    if self.landmark_block and prompt_lens is None:
+      raise ValueError("a landmark runner needs prompt_lens to place the continuation's landmarks")
     b = len(conts)
     tok = np.zeros((b, a), np.int32)
     mask = np.zeros((b, a), bool)
+    feeds, preds = [], np.zeros((b, a), np.int64)  # preds: index into [last, feed...] per token
     for i, c in enumerate(conts):
       tok[i, :len(c)], mask[i, :len(c)] = c, True
+      # The stream after the prompt's last content token, up to (not including) the last token;
+      # token j is predicted where its preceding content token was fed (0 = the prompt's last).
+      stream, pos = self._stream(np.concatenate([[0], c]), (prompt_lens[i] - 1) if prompt_lens
+                                 is not None else 0)
+      feeds.append(stream[1:pos[-1]])
+      preds[i, :len(c)] = pos[:-1]
     logits = last_BV[:, None]
-    if a > 1:
-      width = -(-(a - 1) // pad_to) * pad_to
+    w = max(len(f) for f in feeds)
+    if w:
+      width = -(-w // pad_to) * pad_to
       inp = np.zeros((b, width), np.int32)
-      inp[:, :a - 1] = tok[:, :a - 1]
+      for i, f in enumerate(feeds):
+        inp[i, :len(f)] = f
       more, _, _ = self._masked(self.params, jnp.asarray(inp), state, jnp.ones((b,), bool), last_BV)
-      logits = jnp.concatenate([logits, more[:, :a - 1]], axis=1)
+      logits = jnp.concatenate([logits, more], axis=1)
+    logits = jnp.take_along_axis(logits, jnp.asarray(preds)[..., None], axis=1)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     tok_logp = np.asarray(jnp.take_along_axis(logp, jnp.asarray(tok)[..., None], -1)[..., 0])
     hit = np.asarray(jnp.argmax(logits, -1)) == tok
@@ -196,6 +244,9 @@ class StreamingRunner:
 
   def greedy(self, state, last_BV, num_new: int) -> np.ndarray:
     """[B, num_new] greedy tokens following each prompt."""
+    if self.landmark_block:
+      raise NotImplementedError("greedy decoding does not insert landmark tokens; score landmark "
+                                "models teacher-forced (passkey, NIAH accuracy)")
     return np.asarray(self._greedy(self.params, state, last_BV, int(num_new)))
 
 
@@ -226,9 +277,11 @@ def score_labels(runner: StreamingRunner, prompts: Sequence[np.ndarray],
   """
   j = len(labels)
   max_len = max(len(p) for p in prompts) + max(len(l) for l in labels)
-  last, state = runner.prefill(prompts, max_len=max_len)
+  streams = [runner.prompt_stream(p) for p in prompts]
+  last, state = runner.prefill(streams, max_len=runner.stream_len(max_len))
   logp, _, _ = runner.continuation(repeat_rows(state, j), repeat_rows(last, j),
-                                   [l for _ in prompts for l in labels])
+                                   [l for _ in prompts for l in labels],
+                                   prompt_lens=[len(p) for p in prompts for _ in labels])
   return logp.sum(-1).reshape(len(prompts), j)
 
 
@@ -278,8 +331,10 @@ def _answer_eval(runner, examples, tok, batch_size, greedy: bool):
     prompts = [tok.encode(e["prompt"]) for e in batch]
     answers = [tok.encode(e["answer"]) for e in batch]
     a = max(len(x) for x in answers)
-    last, state = runner.prefill(prompts, max_len=max(len(p) for p in prompts) + a)
-    _, hit, mask = runner.continuation(state, last, answers)
+    streams = [runner.prompt_stream(p) for p in prompts]
+    max_len = runner.stream_len(max(len(p) for p in prompts) + a)
+    last, state = runner.prefill(streams, max_len=max_len)
+    _, hit, mask = runner.continuation(state, last, answers, prompt_lens=[len(p) for p in prompts])
     exact += list((hit == mask).all(-1)[:n])
     if greedy:
       out = runner.greedy(state, last, a)

@@ -155,7 +155,10 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
       raise EvalError(f"unknown BABILong task {t!r}; choose from {', '.join(babilong_lib.TASKS)}")
   if min(opts["lengths"]) < 1 or opts["num_examples"] < 1 or opts["segment_len"] < 1:
     raise EvalError("lengths, num_examples and segment_len must be positive")
-  runner = long_context.StreamingRunner(model, segment_len=opts["segment_len"])
+  # Models trained on rows in landmark attention's layout are fed prompts in that layout too.
+  runner = long_context.StreamingRunner(model, segment_len=opts["segment_len"],
+                                        landmark_block=getattr(data, "landmark_block", 0),
+                                        landmark_id=getattr(data, "landmark_id", None))
   trained_on = cfg.data.name
   out_dir = os.path.join(workdir, "eval")
   arch = "+".join(cfg.model.layer_pattern)

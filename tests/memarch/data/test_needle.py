@@ -110,3 +110,39 @@ def test_sources_rows(cls, kw):
   np.testing.assert_array_equal(cls(512, batch_size=4, seed=9, **kw).batch(5)["inputs"], b["inputs"])
   fixed = cls(512, batch_size=2, depth=0.0, **kw)
   assert all(fixed.example(i)["depth"] == 0.0 for i in range(2))
+
+
+def test_prompt_loss_targets_every_next_token():
+  answer_only = nd.PasskeySource(512, batch_size=2, seed=3).batch(0)
+  lm = nd.PasskeySource(512, batch_size=2, seed=3, prompt_loss=True).batch(0)
+  np.testing.assert_array_equal(lm["inputs"], answer_only["inputs"])
+  for r in range(2):
+    x, y, seg = lm["inputs"][r], lm["targets"][r], lm["segment_ids"][r]
+    n = int(seg.sum())                                  # real tokens; the rest is padding
+    np.testing.assert_array_equal(y[:n - 1], x[1:n])    # next-token targets over the whole prompt
+    assert (y[n - 1:] == -100).all()                   # the last token has no next token
+    a = answer_only["targets"][r]
+    np.testing.assert_array_equal(y[a != -100], a[a != -100])  # the answer targets are unchanged
+    assert (y != -100).sum() == n - 1 > (a != -100).sum()
+
+
+def test_landmark_layout_rows():
+  plain = nd.PasskeySource(480, batch_size=2, seed=4)
+  src = nd.PasskeySource(512, batch_size=2, seed=4, landmark_block=16)
+  assert src.vocab_size == plain.vocab_size + 1 and src.landmark_id == plain.vocab_size
+  b, p = src.batch(1), plain.batch(1)
+  x, y = b["inputs"], b["targets"]
+  assert x.shape == (2, 512)
+  is_lmk = np.arange(512) % 16 == 15
+  assert (x[:, is_lmk] == src.landmark_id).all() and (x[:, ~is_lmk] != src.landmark_id).all()
+  assert (y[:, is_lmk] == -100).all()
+  # Content positions hold the plain 480-token rows; the token before a landmark predicts the
+  # content token after it.
+  np.testing.assert_array_equal(x[:, ~is_lmk], p["inputs"])
+  np.testing.assert_array_equal(y[:, ~is_lmk], p["targets"])
+  for r in range(2):
+    real = int(p["segment_ids"][r].sum())
+    last = (real - 1) + (real - 1) // 15
+    assert b["segment_ids"][r, last] == 1 and b["segment_ids"][r, last + 1:].sum() == 0
+  with pytest.raises(ValueError, match="divide seq_len"):
+    nd.PasskeySource(500, batch_size=1, landmark_block=16)

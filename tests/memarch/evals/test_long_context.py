@@ -118,3 +118,43 @@ def test_pieces_cover_the_prompt():
   for n in (1, 7, 8, 9, 300, 513):
     full, bits = long_context._pieces(n, 8)
     assert full * 8 + sum(bits) == n and all(b < 8 for b in bits) and bits == sorted(bits)[::-1]
+
+
+class LandmarkProbe(Bigram):
+  """Bigram logits, plus -50 on token 0 wherever a landmark (id 5) sits off the layout's positions
+  (p mod 4 = 3) or a content token on one: a misplaced landmark shows in token 0's score."""
+
+  def __call__(self, tokens_BT, *, state=None, segment_ids_BT=None):
+    pos0 = state[0]["pos"] if state is not None else jnp.zeros(tokens_BT.shape[:1], jnp.int32)
+    pos = pos0[:, None] + jnp.arange(tokens_BT.shape[1])[None]
+    wrong = (tokens_BT == 5) != (pos % 4 == 3)
+    logits = self.table[...][tokens_BT].at[..., 0].add(-50.0 * wrong)
+    return logits, [{"pos": pos0 + tokens_BT.shape[1]}]
+
+
+def test_landmark_runner_layout_and_scores():
+  from layers.landmark import insert_landmarks
+  table = np.random.default_rng(0).normal(size=(6, 6))
+  runner = StreamingRunner(LandmarkProbe(table), segment_len=4, landmark_block=4, landmark_id=5)
+  # Prompts of 3 and 5 content tokens: the first ends exactly before a landmark, which then opens
+  # the continuation; the continuations cross further landmarks.
+  prompts = [np.array([1, 2, 3]), np.array([4, 1, 0, 2, 3])]
+  conts = [np.array([0, 1, 0, 2, 0]), np.array([0, 0, 4])]
+  for p, c in zip(prompts, conts):
+    full, _ = insert_landmarks(np.concatenate([p, c])[None], np.zeros((1, len(p) + len(c))),
+                               block_size=4, landmark_id=5)
+    ps = runner.prompt_stream(p)
+    assert ps[-1] == p[-1] and np.array_equal(ps, full[0, :len(ps)])
+  streams = [runner.prompt_stream(p) for p in prompts]
+  last, state = runner.prefill(streams, max_len=runner.stream_len(10))
+  logp, hit, mask = runner.continuation(state, last, conts, prompt_lens=[3, 5])
+  ref = jax.nn.log_softmax(jnp.asarray(table), -1)
+  for b, (p, c) in enumerate(zip(prompts, conts)):
+    seq = np.concatenate([p, c])
+    want = [float(ref[seq[len(p) + j - 1], c[j]]) for j in range(len(c))]  # landmarks skipped
+    np.testing.assert_allclose(logp[b, :len(c)], want, rtol=1e-5)
+    assert mask[b].sum() == len(c)
+  with pytest.raises(ValueError, match="prompt_lens"):
+    runner.continuation(state, last, conts)
+  with pytest.raises(NotImplementedError, match="landmark"):
+    runner.greedy(state, last, 2)
