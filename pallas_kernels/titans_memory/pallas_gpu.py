@@ -22,10 +22,27 @@ G^(l) = A diag(m) B diag(theta^(l)) [n, n], the carry columns G^(l)[n-1, :] and 
 loaded tile). Their gradients (and so theta's, eta's and log_a's) flow back through plain JAX.
 
 Backward: `jax.custom_vjp` around the per-chunk call; the residuals are the kernel inputs only. A
-second `pl.pallas_call` (grid (B, H)) reloads the tiles and runs `jax.vjp` of the same per-program
-function (`chunk_math`) with the loaded cotangents: the second-order terms of the inner gradient
-(the outer backward differentiates through step 1) come from autodiff of the hand-written
-backward. The LN-affine cotangents leave per (b, h) and are summed over b outside.
+second `pl.pallas_call` (grid (B, H)) runs `chunk_math_bwd`, the VJP of `chunk_math` written out by
+hand (option (a) of issue #9: one kernel, each weight tile short-lived):
+
+  4. Recompute the [n, *] rows of steps 1-2: the factors (r, g) with their LayerNorm and GELU
+     intermediates, and per layer its input Z, Z X_0^T, Z S_0^T, Z R^T and pre-activation.
+  5. Layers last to first, with P = dZ_out the cotangent of layer l's output (through the outer
+     LN at depth 2, through GELU' between the layers), M = G o Z R^T and Q = -(P Gamma^T) o G:
+       dX_0 = beta_n dX_n + (diag(beta) P)^T Z,   dS_0 = f_n dX_n + mom_n dS_n + (diag(f) P)^T Z,
+       dZ = diag(beta) P X_0 + diag(f) P S_0 + Q R,
+       dR = Q^T Z - diag(g_end) Gamma dX_n - diag(s_end) Gamma dS_n,
+       dGamma = -M^T P - diag(g_end) R dX_n^T - diag(s_end) R dS_n^T,
+       dG = -(P Gamma^T) o Z R^T,  dbeta = rowsum(P o Z X_0^T),  df = rowsum(P o Z S_0^T),
+       dg_end = -rowsum(Gamma o R dX_n^T),  ds_end = -rowsum(Gamma o R dS_n^T),
+       dbeta_n = <dX_n, X_0>,  df_n = <dX_n, S_0>,  dmom_n = <dS_n, S_0>  (summed over layers).
+  6. The factors' VJP back to k, v, W_base and the LN affine: the second-order terms of the inner
+     gradient (the backward of step 1's LayerNorm backward, GELU'' = phi (2 - x^2)).
+Every weight cotangent is stored as soon as it is formed, and each [out, in] input is read where a
+dot needs it (twice or three times per program in all; HBM traffic is cheap next to shared memory
+here), so at most two or three state tiles are staged at a time. The LN-affine cotangents leave
+per (b, h) and are summed over b outside. `jax.vjp` of `chunk_math` inside the kernel (the earlier
+backward) kept all residual tiles alive: 486 KiB at D = 64, E = 256, 125 KiB now.
 
 Choices [ours]:
 - Exact (erf) GELU as in `reference.gelu`; Triton has no erf lowering, so erf is Abramowitz &
@@ -36,26 +53,26 @@ Choices [ours]:
 - Supported: the Titans rule (l2 bias, identity retention, momentum), depth 1 (linear) and depth 2
   (MLP), D and E powers of two >= 16 and a power-of-two chunk >= 16 (Triton dots need every
   dimension >= 16). Anything else raises NotImplementedError (dispatch then falls back to xla).
-- Shared memory, measured (H100 run, and Triton 3.6 compiles for sm_90 of the lowered modules):
-  float32 IEEE dots run on FMA units and Triton stages every dot operand in shared memory from
-  its load on. With all inputs loaded up front the forward needed 401408 bytes at D = 64,
-  E = 256 (six [256, 64] state tiles resident; an H100 block gets 232448) and failed to launch.
-  The forward kernel therefore reads each input where it is used (`_Lazy`) and carries a layer
-  right after reading it: 172 KiB at D = 64, E = 256. The backward (jax.vjp of the same math,
-  whose residuals keep the tiles alive) needs about 7.6x the weights' bytes: 152 KiB at D = 32,
-  E = 128, 486 KiB at D = 64, E = 256. So the backward kernel runs up to
-  MAX_BWD_STATE_BYTES (32 KiB of weights per head); above it the custom VJP's backward is the
-  XLA vjp of `chunk_math` vmapped over (b, h) (same math, same residuals). Above
-  MAX_FWD_STATE_BYTES (128 KiB) the op raises NotImplementedError.
-- Register pressure [unmeasured]: at D = 64, E = 256 a program still holds X and S of one layer
-  (two [256, 64] float32 tiles, 64 floats per thread each at 8 warps) plus [n, E] activations;
-  Triton will spill. num_warps = 4 at depth 1, 8 at depth 2; num_stages = 1 (nothing is looped
-  over inside a program). No GPU timing exists yet: tiling E across programs (and a hand-written
-  backward whose per-layer reads stay short-lived) is the next step once
-  `scripts/bench.py --suite=kernels` has numbers.
-- Verified on an H100 (jax 0.11.2, compiled, not interpreted): parity with reference and xla in
-  outputs, final state and all gradients at depth 1 and 2 with D = 16, and at D = 64, E = 256
-  (forward kernel + XLA backward).
+- Shared memory, measured (H100 run, and Triton 3.6 compiles for sm_90 of the lowered modules,
+  `scripts/triton_resources.py --only=titans`): float32 IEEE dots run on FMA units and Triton
+  stages every dot operand in shared memory from its load on. With all inputs loaded up front the
+  forward needed 401408 bytes at D = 64, E = 256 (six [256, 64] state tiles resident; an H100
+  block gets 232448) and failed to launch. The forward kernel therefore reads each input where it
+  is used (`_Lazy`) and carries a layer right after reading it: 172 KiB at D = 64, E = 256. The
+  hand-written backward needs 125 KiB there (104 KiB at depth 1, D = 128, 4 warps); the jax.vjp
+  backward it replaces needed 486 KiB. Both kernels therefore run up to MAX_STATE_BYTES
+  (128 KiB of float32 weights per head); above it the op raises NotImplementedError (dispatch
+  falls back to xla).
+- Registers (ptxas -v on Triton's PTX, same tool): every Titans kernel spills; at D = 64,
+  E = 256 ptxas reports 32 registers with 47 KB (forward) and 113 KB (backward; 107 KB for the
+  jax.vjp one) of spill stores. A program holds [n, E] activations and, briefly, one or two
+  [256, 64] float32 tiles (64 floats per thread each at 8 warps). num_warps = 4 at depth 1, 8 at
+  depth 2; num_stages = 1 (nothing is looped over inside a program). No GPU timing exists yet:
+  tiling E across programs is the next step once `scripts/bench.py --suite=kernels` has numbers.
+- Verified on an H100 (jax 0.11.2, compiled, not interpreted), with the earlier jax.vjp backward:
+  parity with reference and xla in outputs, final state and all gradients at depth 1 and 2 with
+  D = 16, and at D = 64, E = 256 (forward kernel + XLA backward). The hand-written backward is
+  checked in interpret mode (the same tests) and lowered for CUDA; not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -76,10 +93,9 @@ from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
 
 f32 = jnp.float32
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Shared-memory bounds (module docstring): the forward needs about 1.4x, the backward about 7.6x the
+# Shared-memory bound (module docstring): the forward needs about 1.4x, the backward about 1x the
 # bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB.
-MAX_FWD_STATE_BYTES = 128 * 1024     # D = 64, E = 256: forward 172 KiB
-MAX_BWD_STATE_BYTES = 32 * 1024      # D = 32, E = 128: backward 152 KiB (D = 64, E = 256: 486 KiB)
+MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256: forward 172 KiB, backward 125 KiB
 
 
 # ------------------------------------------------------------------ per-program math (2-D tiles)
@@ -214,13 +230,141 @@ def chunk_math(c: ChunkIn):
   return z, tuple(x_new), tuple(s_new)
 
 
+def _rowsum(x):   # [n, m] -> [n, 1]
+  return jnp.sum(x, axis=1, keepdims=True)
+
+
+def _colsum(x):   # [n, m] -> [1, m]
+  return jnp.sum(x, axis=0, keepdims=True)
+
+
+def _total(x):    # [r, c] -> [1, 1]
+  return _colsum(_rowsum(x))
+
+
+def chunk_math_bwd(c: ChunkIn, cts, put):
+  """The VJP of `chunk_math`, written out by hand (module docstring, "Backward", steps 4-6).
+
+  cts = (dy [n, D], dX_n, dS_n). Each cotangent is handed to `put(field, l, value)` (l the layer of
+  a per-layer field, else None) once final: a weight cotangent right where it is formed, so at most
+  a couple of [out, in] tiles are live at a time. The forward intermediates are all [n, *] rows and
+  are recomputed first (`_val` reads each weight where it is used, twice or three times in all).
+  """
+  L = len(c.x)
+  dy, cx, cs = _val(cts[0]), cts[1], cts[2]
+  q, k, v, ln_s, ln_b = map(_val, (c.q, c.k, c.v, c.ln_s, c.ln_b))
+  beta, f = _val(c.beta), _val(c.f)
+  # ---- step 4: recompute step 1 (inner-gradient factors), keeping what its VJP needs
+  if L == 1:
+    rs, gs = (k,), (_mm_t(k, _val(c.xb[0])) - v,)
+  else:
+    a1 = _mm_t(k, _val(c.xb[0]))                       # [n, E]
+    h1, gp = _gelu(a1), _gelu_grad(a1)
+    xc = _mm_t(h1, _val(c.xb[1]))                      # o2 [n, D], centred below
+    xc = xc - _mean(xc)
+    rstd = lax.rsqrt(_mean(xc * xc) + LN_EPS)
+    xhat = xc * rstd
+    res = k + xhat * ln_s + ln_b - v                   # e = M_W(k) - v
+    dxhat = res * ln_s
+    m2 = _mean(dxhat * xhat)
+    g2 = rstd * (dxhat - _mean(dxhat) - xhat * m2)
+    c1 = _mm(g2, _val(c.xb[1]))                        # [n, E], g1 = c1 GELU'(a1)
+    rs, gs = (k, h1), (c1 * gp, g2)
+  # ---- step 4: recompute step 2 (the read), keeping each layer's input z, z X^T, z S^T, z R^T
+  zs, us, ws, zrs, ps, z = [], [], [], [], [], q
+  for l in range(L):
+    zs.append(z)
+    us.append(_mm_t(z, _val(c.x[l])))
+    ws.append(_mm_t(z, _val(c.s[l])))
+    zrs.append(_mm_t(z, rs[l]))
+    p = beta * us[l] + f * ws[l] - _mm(_val(c.G[l]) * zrs[l], gs[l])
+    ps.append(p)
+    z = _gelu(p) if l < L - 1 else p
+  # ---- output: y = z (depth 1) or q + LN(z) (depth 2)
+  if L == 1:
+    dp, dq = dy, jnp.zeros_like(q)
+    dln_s, dln_b = jnp.zeros_like(ln_s), jnp.zeros_like(ln_b)
+  else:
+    yc = z - _mean(z)
+    yrstd = lax.rsqrt(_mean(yc * yc) + LN_EPS)
+    yhat = yc * yrstd
+    dln_s, dln_b = _colsum(dy * yhat), _colsum(dy)
+    dyhat = dy * ln_s
+    dp = yrstd * (dyhat - _mean(dyhat) - yhat * _mean(dyhat * yhat))
+    dq = dy
+  # ---- step 5: steps 2-3 backward, last layer first; dp (P) is the cotangent of layer l's output
+  dbeta, df = jnp.zeros_like(beta), jnp.zeros_like(f)
+  dbeta_n = df_n = dmom_n = jnp.zeros((1, 1), f32)
+  drs, dgs = [None] * L, [None] * L
+  for l in reversed(range(L)):
+    z, r, g = zs[l], rs[l], gs[l]
+    G = _val(c.G[l])
+    dbeta += _rowsum(dp * us[l])
+    df += _rowsum(dp * ws[l])
+    dM = -_mm_t(dp, g)                                  # [n, n], M = G o (z R^T)
+    put("G", l, dM * zrs[l])
+    Q = dM * G                                          # cotangent of z R^T
+    dg = -_t_mm(G * zrs[l], dp)
+    dr = _t_mm(Q, z)
+    dz = _mm(beta * dp, _val(c.x[l])) + _mm(f * dp, _val(c.s[l])) + _mm(Q, r)
+    # carry: X_n = beta_n X + f_n S - (g o g_end)^T r,  S_n = mom_n S - (g o s_end)^T r
+    g_end, s_end = _val(c.g_end[l]), _val(c.s_end[l])
+    kx, ks = _mm_t(r, _val(cx[l])), _mm_t(r, _val(cs[l]))   # [n, out]
+    put("g_end", l, -_rowsum(g * kx))
+    put("s_end", l, -_rowsum(g * ks))
+    dg = dg - g_end * kx - s_end * ks
+    dr = dr - _mm(g * g_end, _val(cx[l])) - _mm(g * s_end, _val(cs[l]))
+    dbeta_n += _total(_val(cx[l]) * _val(c.x[l]))
+    df_n += _total(_val(cx[l]) * _val(c.s[l]))
+    dmom_n += _total(_val(cs[l]) * _val(c.s[l]))
+    put("x", l, _val(c.beta_n) * _val(cx[l]) + _t_mm(beta * dp, z))
+    put("s", l, _val(c.f_n) * _val(cx[l]) + _val(c.mom_n) * _val(cs[l]) + _t_mm(f * dp, z))
+    drs[l], dgs[l] = dr, dg
+    if l > 0:                                           # z = GELU(p_{l-1})
+      dp = dz * _gelu_grad(ps[l - 1])
+    else:
+      dq += dz
+  # ---- step 6: step 1 backward, (r, g) of every layer back to k, v, W_base and the LN affine
+  if L == 1:
+    dg = dgs[0]
+    dk = drs[0] + _mm(dg, _val(c.xb[0]))
+    put("xb", 0, _t_mm(dg, k))
+    dv = -dg
+  else:
+    dg1, dg2 = dgs
+    dc1, dgp = dg1 * gp, dg1 * c1
+    dg2 = dg2 + _mm_t(dc1, _val(c.xb[1]))
+    # g2 = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), a LayerNorm backward itself
+    e = rstd * dg2
+    me = _mean(e * xhat)
+    d_dxhat = e - _mean(e) - xhat * me
+    drstd = _rowsum(dg2 * (dxhat - _mean(dxhat) - xhat * m2))
+    dres = d_dxhat * ln_s
+    dln_s += _colsum(d_dxhat * res + dres * xhat)
+    dln_b += _colsum(dres)
+    dxh = dres * ln_s - e * m2 - dxhat * me
+    # xhat = xc rstd, rstd = (mean(xc^2) + eps)^(-1/2)
+    drstd += _rowsum(dxh * xc)
+    dxc = dxh * rstd - drstd * (rstd * rstd * rstd) * xc * (1.0 / xc.shape[-1])
+    do2 = dxc - _mean(dxc)
+    put("xb", 1, _t_mm(g2, dc1) + _t_mm(do2, h1))
+    phi = jnp.exp(-0.5 * a1 * a1) * (1.0 / math.sqrt(2.0 * math.pi))
+    da1 = (drs[1] + _mm(do2, _val(c.xb[1]))) * gp + dgp * phi * (2.0 - a1 * a1)   # GELU''
+    dk = drs[0] + dres + _mm(da1, _val(c.xb[0]))
+    put("xb", 0, _t_mm(da1, k))
+    dv = -dres
+  for name, val in (("q", dq), ("k", dk), ("v", dv), ("beta", dbeta), ("f", df),
+                    ("beta_n", dbeta_n), ("f_n", df_n), ("mom_n", dmom_n), ("ln_s", dln_s),
+                    ("ln_b", dln_b)):
+    put(name, None, val)
+
+
 # ------------------------------------------------------------------ kernels
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
   interpret: bool
   num_warps: int
-  pallas_bwd: bool      # False: the backward is the XLA vjp of chunk_math (too big for the kernel)
 
 
 def _spec(shape):
@@ -228,10 +372,6 @@ def _spec(shape):
   if len(shape) == 4:
     return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda b, h: (b, h, 0, 0))
   return pl.BlockSpec((None,) + tuple(shape[1:]), lambda b, h: (h, 0, 0))
-
-
-def _load(refs):
-  return [r[...].astype(f32) for r in refs]
 
 
 def _store(refs, xs):
@@ -245,10 +385,15 @@ def _fwd_kernel(*refs, tree, n_in: int):
 
 
 def _bwd_kernel(*refs, tree, ct_tree, n_in: int, n_ct: int):
-  ins = jax.tree.unflatten(tree, _load(refs[:n_in]))
-  cts = jax.tree.unflatten(ct_tree, _load(refs[n_in:n_in + n_ct]))
-  _, vjp = jax.vjp(chunk_math, ins)
-  _store(refs[n_in + n_ct:], jax.tree.leaves(vjp(cts)[0]))
+  ins = jax.tree.unflatten(tree, [_Lazy(r) for r in refs[:n_in]])
+  cts = jax.tree.unflatten(ct_tree, [_Lazy(r) for r in refs[n_in:n_in + n_ct]])
+  outs = jax.tree.unflatten(tree, refs[n_in + n_ct:])
+
+  def put(name, l, val):
+    ref = getattr(outs, name) if l is None else getattr(outs, name)[l]
+    ref[...] = val.astype(ref.dtype)
+
+  chunk_math_bwd(ins, cts, put)
 
 
 def _call(cfg, kernel, name, args, out_shapes):
@@ -296,16 +441,8 @@ def _chunk_call_fwd(cfg, ins):
   return _forward(cfg, ins), ins       # residuals: the kernel inputs only
 
 
-def _backward_xla(ins: ChunkIn, cts):
-  """The backward kernel's VJP in plain JAX, vmapped over (b, h) (the LN affine is shared over b,
-  so vmap's transpose sums its cotangent)."""
-  axes = jax.tree.map(lambda _: 0, ins)._replace(ln_s=None, ln_b=None)
-  _, vjp = jax.vjp(jax.vmap(jax.vmap(chunk_math), in_axes=(axes,)), ins)
-  return vjp(cts)[0]
-
-
 def _chunk_call_bwd(cfg, ins, cts):
-  return (_backward(cfg, ins, cts) if cfg.pallas_bwd else _backward_xla(ins, cts),)
+  return (_backward(cfg, ins, cts),)
 
 
 _chunk_call.defvjp(_chunk_call_fwd, _chunk_call_bwd)
@@ -352,9 +489,9 @@ def check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_
   for n, d in dims.items():
     if not _pow2_at_least_16(d):
       raise NotImplementedError(f"{name}: pallas_gpu needs {n} a power of two >= 16, got {d}")
-  if _state_bytes(ws) > MAX_FWD_STATE_BYTES:
+  if _state_bytes(ws) > MAX_STATE_BYTES:
     raise NotImplementedError(f"{name}: pallas_gpu keeps the memory weights of a head in one "
-                              f"program; needs <= {MAX_FWD_STATE_BYTES} bytes of float32 weights, "
+                              f"program; needs <= {MAX_STATE_BYTES} bytes of float32 weights, "
                               f"got {_state_bytes(ws)}")
   return len(ws)
 
@@ -369,8 +506,7 @@ def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, s
   """`titans_memory` with the per-chunk step as a Pallas kernel; same signature and semantics
   (inputs already validated). Raises NotImplementedError for what the kernel does not support."""
   L = check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size)
-  cfg = _Config(interpret=interpret, num_warps=4 if L == 1 else 8,
-                pallas_bwd=_state_bytes(state["w"]) <= MAX_BWD_STATE_BYTES)
+  cfg = _Config(interpret=interpret, num_warps=4 if L == 1 else 8)
   o, (w, s, wb, phase) = memory_xla(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,

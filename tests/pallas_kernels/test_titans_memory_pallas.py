@@ -12,6 +12,7 @@ from pallas_kernels import _dispatch
 from pallas_kernels.miras_memory import miras_memory
 from pallas_kernels.testing import assert_close, pallas_modes, tol_for
 from pallas_kernels.titans_memory import IMPLEMENTATIONS, init_memory_state, titans_memory
+from pallas_kernels.titans_memory import pallas_gpu
 
 ARG_NAMES = ("q", "k", "v", "theta", "eta", "log_a", "ln_scale", "ln_bias")
 CHUNK = 16
@@ -89,7 +90,7 @@ def assert_results_close(got, want, tol, what):
 CASES = [
     (1, 16, 17, jnp.float32),
     (2, 16, 17, jnp.float32),
-    (2, 64, 9, jnp.float32),       # E = 256, the Titans layers' expansion
+    (2, 64, 9, jnp.float32),       # E = 256, the Titans layers' expansion: both kernels run
     (2, 16, 17, jnp.bfloat16),
 ]
 
@@ -103,8 +104,9 @@ def test_pallas_matches_reference_and_xla(impl, interpret, depth, D, T, dtype):
   got = results(impl, args, fs, phase, lengths, interpret)
   if dtype == jnp.float32:  # same chunked algorithm as xla: agreement to float32 rounding
     assert_results_close(got, results("xla", args, fs, phase, lengths), 1e-5, "vs xla")
-  assert_results_close(got, results("reference", args, fs, phase, lengths), tol_for(dtype),
-                       "vs reference")
+  if D < 64:  # at D = 64 xla alone (xla == reference: test_titans_memory.py); saves ~5 s of compile
+    assert_results_close(got, results("reference", args, fs, phase, lengths), tol_for(dtype),
+                         "vs reference")
 
 
 def test_gradients_are_nonzero():
@@ -114,6 +116,40 @@ def test_gradients_are_nonzero():
   for name, g in list(zip(ARG_NAMES, ga)) + [(f"d{i}", g) for i, g in
                                             enumerate(jax.tree.leaves(gs))]:
     assert float(jnp.max(jnp.abs(g))) > 1e-4, name
+
+
+@pytest.mark.parametrize("depth,D,E", [(1, 16, 16), (2, 16, 64)])
+def test_hand_written_backward_matches_autodiff(depth, D, E):
+  """The backward kernel's math (`chunk_math_bwd`, plain JAX here) equals jax.vjp of the forward's
+  `chunk_math` on one random chunk, for every input field (including those whose cotangents the
+  engine only sees through the decay matrices: G, g_end, s_end, beta_n, f_n, mom_n)."""
+  rng = np.random.default_rng(depth)
+  r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  n, shapes = 16, [(D, D)] if depth == 1 else [(E, D), (D, E)]
+  tril = jnp.asarray(np.tril(np.ones((n, n))), jnp.float32)
+  per_layer = lambda make: tuple(make(s) for s in shapes)
+  c = pallas_gpu.ChunkIn(
+      q=r(n, D) / 4, k=r(n, D) / 4, v=r(n, D), beta=r(n, 1), f=r(n, 1), beta_n=r(1, 1),
+      f_n=r(1, 1), mom_n=r(1, 1), G=per_layer(lambda _: 0.3 * jnp.abs(r(n, n)) * tril),
+      g_end=per_layer(lambda _: r(n, 1)), s_end=per_layer(lambda _: r(n, 1)),
+      x=per_layer(lambda s: r(*s) / np.sqrt(s[1])), s=per_layer(lambda s: r(*s) / np.sqrt(s[1])),
+      xb=per_layer(lambda s: r(*s) / np.sqrt(s[1])), ln_s=1 + 0.2 * r(1, D), ln_b=0.2 * r(1, D))
+  cts = jax.tree.map(lambda x: r(*x.shape), jax.eval_shape(pallas_gpu.chunk_math, c))
+
+  @jax.jit
+  def both(c, cts):
+    got = {}
+    pallas_gpu.chunk_math_bwd(c, cts, lambda name, l, val: got.setdefault((name, l), val))
+    return jax.vjp(pallas_gpu.chunk_math, c)[1](cts)[0], got
+
+  want, got = both(c, cts)
+  for name in pallas_gpu.ChunkIn._fields:
+    w = getattr(c, name)
+    keys = [(name, l) for l in range(depth)] if isinstance(w, tuple) else [(name, None)]
+    for key, w_l in zip(keys, jax.tree.leaves(getattr(want, name))):
+      assert got[key].shape == w_l.shape, key
+      assert_close(got.pop(key), w_l, 1e-5, f"d{key}")
+  assert not got, f"unexpected cotangents {list(got)}"
 
 
 def _tiny(depth=1, T=5, D=16):
