@@ -5,9 +5,10 @@
 
 Training rows are `data.seq_len` = 512 byte tokens: a BABILong-style context of 442 bytes (the
 longest that fits with the question and answer), "\\nQuestion: ...\\nAnswer: " and the answer, with
-the loss on the answer tokens only (memarch.data.babilong). scripts/eval.py then scores qa1-qa5 at 512,
-1k, 2k and 4k context tokens segment by segment through the recurrent state (restricted argmax over
-the task's labels, memarch.evals.long_context). Results are "BABILong-style qaN (memarch generator,
+the loss on the answer tokens only (memarch.data.babilong). scripts/eval.py then scores qa1-qa5 at 512
+to 16k context tokens segment by segment through the recurrent state (restricted argmax over the
+task's labels, memarch.evals.long_context); on a CPU, full attention's 16k cells take minutes each
+(pass e.g. --lengths=512,1024,2048,4096 --num_examples=20). Results are "BABILong-style qaN (memarch generator,
 procedural noise, byte tokenizer)", never the official benchmark.
 
 Variants: `arch=gated_deltanet|transformer|swa|mom|titans_mac|titans_mag|titans_mal|titans_lmm` (the
@@ -51,7 +52,7 @@ def get_config(arg=None):
   c.train.eval_every = 0
   c.train.ckpt_every = 500
   c.evals.names = ("babilong",)
-  c.evals.lengths = (512, 1024, 2048, 4096)
+  c.evals.lengths = (512, 1024, 2048, 4096, 8192, 16384)
   c.evals.tasks = c.data.babilong_tasks
   c.evals.num_examples = 50
   c.evals.segment_len = 512

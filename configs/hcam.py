@@ -9,10 +9,11 @@ Variants: `size=tiny|small|base|170m|...`; `chunk=C`, `segment=S` (a multiple of
 read per query, 0 = all), `max_chunks=M` (memory size in chunks); CPU sizes default to C=8, S=16,
 k=2, M=64, the others to C=64, S=512, k=4, M=512. `seq_len=L,kv=K` set the MQAR task; a short
 segment makes recall depend on the memory rather than on the local attention. `task=mqar|passkey`
-(passkey: max_chunks defaults to 1024, i.e. 8k tokens of memory), `steps=N`.
+(passkey: CPU sizes default to C=16, S=64 and max_chunks to 1024, i.e. 16k tokens of memory),
+`steps=N`.
 Parameters (size=tiny, MQAR vocab 256): 158,016.
 
-Passkey (issue #7; byte tokens, 512-token training rows, evaluated to 8k through the chunk memory):
+Passkey (issue #7; byte tokens, 512-token training rows, evaluated to 16k through the chunk memory):
   python scripts/train.py --config=configs/hcam.py:task=passkey --workdir=runs/hcam_passkey
   python scripts/eval.py --workdir=runs/hcam_passkey            # passkey at evals.lengths
 """
@@ -26,10 +27,12 @@ def get_config(arg=None):
   cpu = a.size in ("tiny", "small")
   c.model.layer_pattern = ("hcam",)
   c.model.mixer = {"hcam": dict(
-      chunk_size=a.chunk or (8 if cpu else 64),
-      segment_len=a.segment or (16 if cpu else 512),
+      # task=passkey on CPU sizes: chunks of 16 and segments of 64 (the 8/16 MQAR default leaves
+      # the key line's own copy to the memory).
+      chunk_size=a.chunk or (64 if not cpu else 16 if a.task == "passkey" else 8),
+      segment_len=a.segment or (512 if not cpu else 64 if a.task == "passkey" else 16),
       top_k=a.k if a.k >= 0 else (2 if cpu else 4),
-      # task=passkey keeps every chunk of an 8k-token prompt, so evaluation never forgets the key.
+      # task=passkey keeps 1024 chunks (16k tokens at C = 16), so evaluation never forgets the key.
       max_chunks=a.max_chunks or (1024 if a.task == "passkey" else 64 if cpu else 512),
       implementation="")}
   if a.seq_len:
