@@ -96,6 +96,12 @@ class LandmarkConfig:
     return self.d_model // self.num_heads
 
 
+def stream_index(content_index, block_size: int):
+  """Stream position of content token i (counted from the stream's start) once a landmark follows
+  every block_size - 1 content tokens: i + i // (block_size - 1)."""
+  return content_index + content_index // (block_size - 1)
+
+
 def insert_landmarks(inputs_BL, targets_BL, *, block_size: int, landmark_id: int):
   """Inserts `landmark_id` after every block_size - 1 tokens; landmark targets become -100.
 
@@ -115,7 +121,7 @@ def insert_landmarks(inputs_BL, targets_BL, *, block_size: int, landmark_id: int
   n_lmk = length // ell
   out_len = length + n_lmk
   src = np.arange(length)
-  dst = src + src // ell  # content token i moves past the i // ell landmarks before it
+  dst = stream_index(src, block_size)  # content token i moves past the i // ell landmarks before it
   lmk_pos = np.arange(n_lmk) * block_size + ell
   inputs = xp.zeros((b, out_len), inputs_BL.dtype)
   targets = xp.full((b, out_len), IGNORE, targets_BL.dtype)

@@ -202,13 +202,12 @@ class _PromptAnswerSource:
                                          self.tokenizer.pad_id, prompt_loss=self.prompt_loss)
     if not self.landmark_block:
       return x, y, seg, start
-    from layers.landmark import insert_landmarks
+    from layers.landmark import insert_landmarks, stream_index
     x_s, y_s = insert_landmarks(x[None], y[None], block_size=self.landmark_block,
                                 landmark_id=self.landmark_id)
-    to_stream = lambda i: i + i // (self.landmark_block - 1)  # content index -> stream index
-    last_real = to_stream(int(seg.sum()) - 1)
+    last_real = stream_index(int(seg.sum()) - 1, self.landmark_block)
     seg_s = (np.arange(self.seq_len) <= last_real).astype(seg.dtype)
-    return x_s[0], y_s[0], seg_s, to_stream(start)
+    return x_s[0], y_s[0], seg_s, stream_index(start, self.landmark_block)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     rows = [self.encode(self.example(step * self.batch_size + b)) for b in range(self.batch_size)]

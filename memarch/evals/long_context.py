@@ -186,7 +186,8 @@ class StreamingRunner:
     idx = start + np.arange(len(tokens))
     if not self.landmark_block:
       return tokens, idx - start
-    dst = idx + idx // (self.landmark_block - 1)
+    from layers.landmark import stream_index
+    dst = stream_index(idx, self.landmark_block)
     stream = np.full(dst[-1] + 1 - dst[0], self.landmark_id, np.int32)
     stream[dst - dst[0]] = tokens
     return stream, dst - dst[0]
