@@ -8,6 +8,9 @@ from __future__ import annotations
 def make_source(data_cfg, *, seed: int):
   """The data source named by `data.name` (mqar | text | tfds | babilong | passkey | memorization)."""
   name = data_cfg.name
+  if data_cfg.get("landmark_block", 0) and name not in ("passkey", "niah"):
+    raise ValueError(f"data.landmark_block is supported for passkey and niah rows, not data.name="
+                     f"{name!r}; set data.landmark_block=0")
   if name == "mqar":
     from memarch.data.mqar import MQARSource
     return MQARSource(seq_len=data_cfg.seq_len, num_kv_pairs=data_cfg.num_kv_pairs,

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.landmark import stream_index
 from memarch.data import babilong, needle
 from memarch.data.tokenizer import ByteTokenizer
 from memarch.evals import metrics as string_metrics
@@ -186,7 +187,6 @@ class StreamingRunner:
     idx = start + np.arange(len(tokens))
     if not self.landmark_block:
       return tokens, idx - start
-    from layers.landmark import stream_index
     dst = stream_index(idx, self.landmark_block)
     stream = np.full(dst[-1] + 1 - dst[0], self.landmark_id, np.int32)
     stream[dst - dst[0]] = tokens

@@ -146,3 +146,9 @@ def test_landmark_layout_rows():
     assert b["segment_ids"][r, last] == 1 and b["segment_ids"][r, last + 1:].sum() == 0
   with pytest.raises(ValueError, match="divide seq_len"):
     nd.PasskeySource(500, batch_size=1, landmark_block=16)
+  from memarch import configs_lib
+  from memarch.data import make_source
+  cfg = configs_lib.base_config("tiny")
+  cfg.data.landmark_block = 16  # MQAR rows have no landmark layout: refused, not ignored
+  with pytest.raises(ValueError, match="landmark_block"):
+    make_source(cfg.data, seed=0)
