@@ -33,6 +33,12 @@ class Stat(nnx.Intermediate):
   """A scalar statistic sown by a layer (e.g. memory surprise norm); logged, not trained."""
 
 
+class MemoryInit(nnx.Param):
+  """A learned initial memory state (e.g. Titans' W_0). Trained like any parameter but exempt from
+  weight decay by default (`opt.decay_memory_init`): decay would shrink W_0, and the write gain of
+  an LN'd memory grows as 1/scale(W_0)^2, so the inner step size would drift up during training."""
+
+
 @runtime_checkable
 class SequenceMixer(Protocol):
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.base import reject_segment_ids
+from layers.base import MemoryInit, reject_segment_ids
 from layers.titans import NeuralMemory, TitansConfig, _const, _dense
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
 
@@ -54,7 +54,7 @@ class MirasConfig:
   num_persistent: int = 0
   conv_size: int = 4
   implementation: str | None = None  # kernel path of the memory op (None: best available)
-  theta_max: float | None = None  # None or 0: 1.0 for the linear memory, 0.1 for the MLP [ours]
+  theta_max: float | None = None  # None or 0: as Titans (1.0 linear, 0.3 / head_dim for the MLP)
   p: float = 3.0  # Moneta's l_p attentional bias
   q_norm: float = 4.0  # Moneta's l_q retention
 
@@ -101,7 +101,7 @@ class Miras(NeuralMemory):
     self.b_delta = _const(0.5413, (h,), (None,))  # softplus(0.5413) = 1
     if self.retention == "kl":  # logits Z_0 at unit scale, so the initial rows are not uniform
       self.w0 = nnx.List([
-          nnx.Param(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(
+          MemoryInit(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(
               rngs.params(), w.shape)) for w in self.w0])
     self.kl_scale = _const(1.0, (h, L), ("heads", None))
 

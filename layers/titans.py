@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention import attend
-from layers.base import Stat, reject_segment_ids, sow
+from layers.base import MemoryInit, Stat, reject_segment_ids, sow
 from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
 from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
@@ -49,7 +49,7 @@ class TitansConfig:
   memory_depth: int = 2
   expansion: int = 4
   chunk_size: int = 16
-  theta_max: float | None = None  # None or 0: 1.0 for the linear memory, 0.1 for the MLP [ours]
+  theta_max: float | None = None  # None or 0: 1.0 for the linear memory, 0.3 / head_dim for the MLP
   num_persistent: int = 16
   conv_size: int = 4
   segment_len: int = 32  # MAC segment C (paper: 512)
@@ -79,9 +79,17 @@ class TitansConfig:
 
   @property
   def theta_cap(self) -> float:
+    """theta_max: the config's, else the calibrated default (docs/architectures/titans.md).
+
+    With unit keys one write of step theta removes theta * e from the linear memory's error (the
+    delta rule), so 1.0 is its natural cap. The LN'd MLP memory amplifies a write: at init one
+    step moves M(k) along -e by about 1.1 * head_dim * theta (0.23 d_h from the first layer, 0.9 d_h
+    from the second; measured for d_h = 16..128), so 0.3 / head_dim gives the same ~0.3 fraction
+    of the error per write at every head size.
+    """
     if self.theta_max:
       return self.theta_max
-    return 1.0 if self.memory_depth == 1 else 0.1
+    return 1.0 if self.memory_depth == 1 else 0.3 / self.head_dim
 
 
 def _dense(rngs, shape, axes, std=None):
@@ -124,7 +132,7 @@ class NeuralMemory(nnx.Module):
       e = cfg.expansion * dh
       shapes = [(h, e, dh)] + [(h, e, e)] * (L - 2) + [(h, dh, e)]
     self.w0 = nnx.List([
-        nnx.Param(nnx.with_partitioning(
+        MemoryInit(nnx.with_partitioning(
             nnx.initializers.normal(s[-1] ** -0.5), ("heads", None, None))(rngs.params(), s))
         for s in shapes])
     self.ln_scale = _const(1.0, (h, dh), ("heads", None))

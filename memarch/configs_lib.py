@@ -92,7 +92,8 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       num_facts=0))
   c.opt = ml_collections.ConfigDict(dict(
       lr=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, schedule="cosine",
-      warmup_steps=50, decay_fraction=0.2, min_lr_ratio=0.0, grad_accum=1))
+      warmup_steps=50, decay_fraction=0.2, min_lr_ratio=0.0, grad_accum=1,
+      decay_memory_init=False))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=1000, log_every=25, eval_every=100, ckpt_every=250, keep_checkpoints=3,
       stop_at_accuracy=0.0,  # > 0: stop once eval/accuracy reaches it (Zoology stops at 0.99)

@@ -1,12 +1,16 @@
 """Optimizer: global-norm clipping -> AdamW with a warmup + cosine or WSD (warmup-stable-decay)
-schedule. Weight decay skips vectors (norm scales, biases) and learned memory initial states' gates
-are treated like any matrix."""
+schedule. Weight decay applies to matrices only: it skips vectors (norm scales, biases) and, unless
+`decay_memory_init=True`, learned initial memory states (`layers.base.MemoryInit`, e.g. W_0)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import optax
+from flax import nnx
+
+from layers.base import MemoryInit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +26,7 @@ class OptConfig:
   decay_fraction: float = 0.2  # WSD: share of steps in the final decay
   min_lr_ratio: float = 0.0
   grad_accum: int = 1
+  decay_memory_init: bool = False  # weight-decay learned initial memory states (MemoryInit)
 
   def __post_init__(self):
     if self.lr <= 0:
@@ -51,13 +56,38 @@ def schedule(cfg: OptConfig, num_steps: int) -> optax.Schedule:
       boundaries=[max(warmup, 1), max(warmup, 1) + stable])
 
 
-def decay_mask(params):
-  """Decay matrices only (ndim >= 2)."""
-  return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
 
 
-def make_optimizer(cfg: OptConfig, num_steps: int) -> optax.GradientTransformation:
+def paths_of(model: nnx.Module, variable_type) -> frozenset:
+  """The tree paths (as in `nnx.state(model, nnx.Param)`) of the model's `variable_type` leaves."""
+  params = nnx.state(model, nnx.Param)
+  found = []
+  jax.tree_util.tree_map_with_path(
+      lambda path, v: found.append(path) if isinstance(v, variable_type) else None, params,
+      is_leaf=_is_variable)
+  return frozenset(found)
+
+
+def decay_mask(params, no_decay_paths: frozenset = frozenset()):
+  """Decay matrices only (ndim >= 2), except the leaves at `no_decay_paths`.
+
+  optax calls the mask with Variables at init and with plain arrays at update, so the exemption is
+  by tree path (collected once from the model's variable types by `paths_of`), not by type.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: getattr(p, "ndim", 0) >= 2 and path not in no_decay_paths, params,
+      is_leaf=_is_variable)
+
+
+def make_optimizer(cfg: OptConfig, num_steps: int,
+                   model: nnx.Module | None = None) -> optax.GradientTransformation:
+  """The optimizer; with `model`, its `MemoryInit` leaves skip weight decay (unless the config
+  says `decay_memory_init`)."""
+  skip = frozenset() if model is None or cfg.decay_memory_init else paths_of(model, MemoryInit)
   return optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
       optax.adamw(schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay, mask=decay_mask))
+                  weight_decay=cfg.weight_decay, mask=functools.partial(decay_mask,
+                                                                        no_decay_paths=skip)))

@@ -129,7 +129,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
 
   with sharding.mesh_context(mesh):
     model = LM(lm_cfg, rngs=nnx.Rngs(config.seed))
-    tx = make_optimizer(opt_cfg, tc.num_steps)
+    tx = make_optimizer(opt_cfg, tc.num_steps, model)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   n_params = count_params(model)
   graphdef, state = nnx.split((model, optimizer))

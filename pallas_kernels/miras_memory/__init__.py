@@ -39,21 +39,24 @@ def init_miras_state(x0, batch_size: int, retention: str = "l2"):
     x0: tuple of per-layer initial states [H, out, in]: W_0 (l2), the dual A_0 (lq) or the logits
       Z_0 (kl); shapes as `titans_memory.init_memory_state`.
     batch_size: B. retention: "l2" | "lq" | "kl" (names the state key "w" | "a" | "z").
-  Returns: {key: tuple of [B, H, out, in], "base": the same tuple, "phase": int32 [B] zeros};
-    float32 (float64 for float64 x0).
+  Returns: {key: tuple of [B, H, out, in], "base": the same tuple, "base_decay": [B, H] ones (the
+    retention product since the base), "phase": int32 [B] zeros}; float32 (float64 for float64 x0).
   """
   if retention not in STATE_KEY:
     raise ValueError(f"init_miras_state: unknown retention {retention!r}; choose one of {RETENTIONS}")
   x = broadcast_initial("init_miras_state", "x0", x0, batch_size)
-  return {STATE_KEY[retention]: x, "base": x, "phase": jnp.zeros((batch_size,), jnp.int32)}
+  return {STATE_KEY[retention]: x, "base": x, "base_decay": jnp.ones(x[0].shape[:2], x[0].dtype),
+          "phase": jnp.zeros((batch_size,), jnp.int32)}
 
 
-def miras_weights(state, retention: str, *, q_norm=4.0, kl_scale_HL=None):
-  """The memory weights phi(state) (tuple of [B, H, out, in]) of a state, e.g. for `memory_apply`."""
+def miras_weights(state, retention: str, *, q_norm=4.0, kl_scale_HL=None, exact_read=False):
+  """The weights a read of `state` sees (tuple of [B, H, out, in]), e.g. for `memory_apply`:
+  phi(X) at a chunk end, the linearised weights mid-chunk (`rules.MemoryRule.read_weights`)."""
   xs = tuple(state[STATE_KEY[retention]])
   if kl_scale_HL is None:
     kl_scale_HL = jnp.ones((xs[0].shape[1], len(xs)), xs[0].dtype)
-  return MemoryRule(retention=retention, q_norm=q_norm).phi(xs, kl_scale_HL[None])
+  rule = MemoryRule(retention=retention, q_norm=q_norm, exact_read=exact_read)
+  return rule.read_weights(xs, tuple(state["base"]), state["base_decay"], kl_scale_HL[None])
 
 
 def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, retention,
@@ -65,20 +68,23 @@ def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, r
     raise ValueError(f"{name}: unknown retention {retention!r}; choose one of {RETENTIONS}")
   B, T, H, D = check_sequences(name, q, k, v, chunk_size)
   key = STATE_KEY[retention]
-  if not isinstance(state, dict) or set(state) != {key, "base", "phase"}:
+  if not isinstance(state, dict) or set(state) != {key, "base", "base_decay", "phase"}:
     raise ValueError(f"{name}: with retention={retention!r} state must be a dict with keys "
-                     f"{key}, base, phase (see init_miras_state), got "
+                     f"{key}, base, base_decay, phase (see init_miras_state), got "
                      f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
   L = check_state_and_gates(name, state, key, ("base",), theta, {"a": a, "delta": delta},
                             ln_scale, ln_bias, lengths, (B, T, H, D))
+  if state["base_decay"].shape != (B, H):
+    raise ValueError(f"{name}: state['base_decay'] must be [B, H] = {(B, H)}, got "
+                     f"{state['base_decay'].shape}")
   if kl_scale.shape != (H, L):
     raise ValueError(f"{name}: kl_scale must be [H, L] = {(H, L)}, got {kl_scale.shape}")
 
 
 def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD, *,
                  state, bias="l2", p=3.0, retention="l2", q_norm=4.0, kl_scale_HL=None,
-                 lag_token=False, chunk_size=16, lengths=None, assume_aligned=False, implementation=None,
-                 interpret=False):
+                 lag_token=False, exact_read=False, chunk_size=16, lengths=None, assume_aligned=False,
+                 implementation=None, interpret=False):
   """A Miras memory over a sequence: writes every token, reads after each write.
 
   Args:
@@ -94,6 +100,8 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
       q_norm: the l_q exponent; kl_scale_HL: Memora's per-matrix scale c (default ones).
     lag_token: Memora's lag token (§7.3): the first token of each chunk takes its own exact step
       (chunks of {1, b-1} tokens on the global grid).
+    exact_read: read phi(X_t) at every token instead of at chunk ends only (a check; ~10x the
+      cost of the chunked form). Irrelevant for retention "l2" (phi is the identity).
     chunk_size: b (part of the model). lengths: optional int [B] right-padding lengths.
     assume_aligned: static promise that every row starts at phase 0 (skips the phase shift).
     implementation: None (xla), "reference" or "xla". interpret: dispatch parity (no Pallas path).
@@ -107,9 +115,11 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
     kl_scale_HL = jnp.ones((H, L), compute_dtype(q_BTHD))
   _check(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD,
          kl_scale_HL, state, bias, retention, chunk_size, lengths)
-  state = {key: tuple(state[key]), "base": tuple(state["base"]), "phase": state["phase"]}
+  state = {key: tuple(state[key]), "base": tuple(state["base"]),
+           "base_decay": state["base_decay"], "phase": state["phase"]}
   kw = dict(state=state, bias=bias, p=float(p), retention=retention, q_norm=float(q_norm),
-            chunk_size=chunk_size, lengths=lengths, lag_token=bool(lag_token))
+            chunk_size=chunk_size, lengths=lengths, lag_token=bool(lag_token),
+            exact_read=bool(exact_read))
   if assume_aligned and implementation != "reference":
     kw["assume_aligned"] = True
   return dispatch("miras_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,

@@ -448,10 +448,11 @@ def _chunk_call_bwd(cfg, ins, cts):
 _chunk_call.defvjp(_chunk_call_fwd, _chunk_call_bwd)
 
 
-def _chunk_fn(cfg, x, s, xb, q, k, v, theta, a, eta, delta, m, keep, c_HL, ln_s, ln_b):
+def _chunk_fn(cfg, x, s, xb, q, k, v, theta, a, eta, delta, m, keep, c_HL, ln_s, ln_b, pb):
   """`memory_xla`'s chunk_fn: the batched `chunk_step` of the Titans rule for one chunk of every
   (b, h). q, k, v [B, H, n, D]; theta [B, H, n, L]; a, eta [B, H, n]; m [B, n]; x, s, xb tuples of
-  [B, H, out, in]; ln_s, ln_b [H, D]. Returns (y [B, H, n, D], X_n, S_n, base = xb)."""
+  [B, H, out, in]; ln_s, ln_b [H, D]; pb [B, H] (unused: phi is the identity). Returns
+  (y [B, H, n, D], X_n, S_n, base = xb, pb)."""
   del delta, keep, c_HL                # Titans: no Huber threshold, no lag token, no KL scale
   beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(a, eta, m)
   col = lambda t: t[..., None]
@@ -463,7 +464,7 @@ def _chunk_fn(cfg, x, s, xb, q, k, v, theta, a, eta, delta, m, keep, c_HL, ln_s,
       x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=ln_s[:, None, :], ln_b=ln_b[:, None, :])
   ins = jax.tree.map(lambda t: t.astype(f32), ins)
   y, x_new, s_new = _chunk_call(cfg, ins)
-  return y, x_new, s_new, xb
+  return y, x_new, s_new, xb, pb
 
 
 def _pow2_at_least_16(n: int) -> bool:
@@ -507,7 +508,7 @@ def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, s
   (inputs already validated). Raises NotImplementedError for what the kernel does not support."""
   L = check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size)
   cfg = _Config(interpret=interpret, num_warps=4 if L == 1 else 8)
-  o, (w, s, wb, phase) = memory_xla(
+  o, (w, s, wb, phase, _) = memory_xla(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
       lengths=lengths, assume_aligned=assume_aligned, chunk_fn=functools.partial(_chunk_fn, cfg))

@@ -102,34 +102,39 @@ def token_grads(rule, xb, c_L, ln_s, ln_b, k_D, v_D, delta):
 
 
 def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base,
-                     phase, chunk_size, lengths):
+                     phase, chunk_size, lengths, base_decay=None):
   """The engine's oracle: a lax.scan over tokens, for any `rules.MemoryRule`.
 
   Per token (all [B, H] at once), with u at W_base = phi(X_base):
       momentum:    S_t = eta_t S_{t-1} - theta_t u_t,  X_t = a_t X_{t-1} + S_t
       no momentum: X_t = a_t X_{t-1} - theta_t u_t
-      y_t = M_{phi(X_t)}(q_t)
+      y_t = M_{W_t}(q_t),  W_t = rule.read_weights(X_t, X_base, P_t)
+  where P_t is the product of a since the base (phi(X_t) after a chunk end, or always with an
+  identity phi or `exact_read`; see rules.py).
   Args: q, k, v [B, T, H, D]; theta [B, T, H, L]; a (linear retention factor), eta (None without
   momentum), delta (None unless Huber) [B, T, H]; ln_* [H, D]; c_HL [H, L] or None (the "kl" scale);
-  x, s (None without momentum), base: tuples of [B, H, out, in]; phase [B]; lengths [B] or None.
-  Returns: (o [B, T, H, D] in q's dtype, (x, s, base, phase)).
+  x, s (None without momentum), base: tuples of [B, H, out, in]; phase [B]; lengths [B] or None;
+  base_decay [B, H] or None (ones): P at the start.
+  Returns: (o [B, T, H, D] in q's dtype, (x, s, base, phase, base_decay)).
   """
   B, T, H, D = q.shape
   dt = compute_dtype(q, k, v, theta, a, eta, delta, ln_scale, ln_bias, x, s, base)
   cast = lambda xs: None if xs is None else tuple(t.astype(dt) for t in xs)
-  carry0 = (cast(x), cast(s), cast(base), phase.astype(jnp.int32))
+  pb0 = jnp.ones((B, H), dt) if base_decay is None else base_decay.astype(dt)
+  carry0 = (cast(x), cast(s), cast(base), phase.astype(jnp.int32), pb0)
   n_real = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
   ln_s, ln_b = ln_scale.astype(dt), ln_bias.astype(dt)
   c_HL = None if c_HL is None else c_HL.astype(dt)
   grad_bh = jax.vmap(jax.vmap(functools.partial(token_grads, rule), (0, 0, 0, 0, 0, 0, 0)),
                      (0, None, None, None, 0, 0, 0))
   read_bh = jax.vmap(jax.vmap(
-      lambda x_, c, s_, b_, q_: mlp_apply(rule.phi(x_, c), s_, b_, q_[None])[0], (0, 0, 0, 0, 0)),
-      (0, None, None, None, 0))
+      lambda x_, xb_, pb_, c, s_, b_, q_: mlp_apply(rule.read_weights(x_, xb_, pb_, c), s_, b_,
+                                                     q_[None])[0], (0, 0, 0, 0, 0, 0, 0)),
+      (0, 0, 0, None, None, None, 0))
   bc = lambda g: g[:, :, None, None]
 
   def step(carry, xs):
-    x, s, xb, phase = carry
+    x, s, xb, phase, pb = carry
     t, q_BHD, k_BHD, v_BHD, th_BHL, a_BH, eta_BH, d_BH = xs
     u = grad_bh(xb, c_HL, ln_s, ln_b, k_BHD, v_BHD, d_BH)
     upd = tuple(-bc(th_BHL[..., l]) * u_l for l, u_l in enumerate(u))
@@ -140,10 +145,11 @@ def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_H
     # the base refreshes when a chunk completes; with the lag token also after a chunk's first token
     fresh = (phase_new == 0) | ((phase_new == 1) & rule.lag_token)
     xb_new = tuple(jnp.where(fresh[:, None, None, None], x_l, b_l) for x_l, b_l in zip(x_new, xb))
+    pb_new = jnp.where(fresh[:, None], 1.0, pb * a_BH)
     real = t < n_real
     keep = lambda new, old: jnp.where(real.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
-    carry = jax.tree.map(keep, (x_new, s, xb_new, phase_new), carry)
-    return carry, read_bh(carry[0], c_HL, ln_s, ln_b, q_BHD)
+    carry = jax.tree.map(keep, (x_new, s, xb_new, phase_new, pb_new), carry)
+    return carry, read_bh(carry[0], carry[2], carry[4], c_HL, ln_s, ln_b, q_BHD)
 
   tok = lambda g: None if g is None else jnp.moveaxis(g.astype(dt), 1, 0)
   xs = (jnp.arange(T), tok(q), tok(k), tok(v), tok(theta), tok(a), tok(eta), tok(delta))
@@ -154,7 +160,7 @@ def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_H
 def titans_memory_reference(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
                             chunk_size=16, lengths=None):
   """The oracle: the engine with the Titans rule. Same signature and semantics as `titans_memory`."""
-  o, (w, s, wb, phase) = memory_reference(
+  o, (w, s, wb, phase, _) = memory_reference(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
       lengths=lengths)

@@ -8,7 +8,9 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
   output (the engine backpropagates g through M_W), with e = M_W(k) - v and
   sabs(x) = sqrt(x^2 + 1e-6), ssign(x) = x / sabs(x) (reference/titans_miras.md §7.1 [ours]):
     "l2":    g = e                                   (1/2 ||e||^2: Titans, Memora)
-    "lp":    g = p ssign(e) sabs(e)^(p-1)            (||e||_p^p: Moneta, Eq. 24; p = 2 gives 2e)
+    "lp":    g = ssign(e) sabs(e)^(p-1)              (||e||_p^p / p: Moneta, Eq. 24; the 1/p makes
+             p = 2 the l2 bias above, so one theta calibration serves both; Eq. 24's gradient
+             p ssign(e)|e|^(p-1) would step 3x larger at p = 3)
     "huber": g = e if ||e||_2 <= delta else delta ssign(e)   (Yaad, Eq. 26; delta gets no gradient
              through the mask, only through the second branch)
     "dot":   g = -v                                  (-<M(k), v>, Miras §3's linear-attention bias;
@@ -23,7 +25,14 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
           Eq. 21, 27: Softmax(a log W - theta grad) up to row constants).
 - Learning algorithm (`momentum`): with momentum (Titans, v1 Eq. 13-14) S_t = eta_t S_{t-1} -
   theta_t u_t and X_t = a_t X_{t-1} + S_t; without (all of Miras) X_t = a_t X_{t-1} - theta_t u_t.
-  `lag_token` (Memora, §7.3): the first token of every chunk takes its own exact step.
+  `lag_token` (Memora): the first token of every chunk takes its own exact step.
+- Where phi is applied (Miras §5.4: the non-linearities only at chunk ends). Within a chunk the
+  reads see the linearised weights W_t = X_t + P_t (phi(X_base) - X_base), P_t the retention product
+  since the base: the chunk's updates applied to the weights phi(X_base) directly, i.e.
+  W_t = beta_t phi(X_base) - sum_i G[t, i] g_i r_i^T, which the chunked form reads in the dual form
+  like an identity-phi memory. A token that ends a chunk reads phi(X_t) (so chunk size 1 is the
+  exact per-token recurrence). `exact_read=True` reads phi(X_t) at every token instead (per-token
+  weights in the chunked form: |W| per token, ~10x the time and memory; a check, not a default).
 
 The update u_t^(l) = g_t^(l) r_t^(l)^T of memory layer l is the gradient of the bias at
 W_base = phi(X_base), X_base the state at the chunk start (the frozen-base rule of §2, §7.3).
@@ -58,6 +67,7 @@ class MemoryRule:
   q_norm: float = 4.0
   momentum: bool = True
   lag_token: bool = False
+  exact_read: bool = False
 
   def __post_init__(self):
     if self.bias not in BIASES:
@@ -70,12 +80,26 @@ class MemoryRule:
     """phi is the identity: the chunked read can use the dual form (no per-token weights)."""
     return self.retention == "l2"
 
+  @property
+  def reads_linearised(self) -> bool:
+    """phi is not the identity and is applied at chunk ends only (the default; module docstring)."""
+    return not self.weights_are_state and not self.exact_read
+
+  def read_weights(self, x, base, since_base, c_L=None):
+    """The weights a read of the state sees: phi(X) when the rule reads exactly (or phi is the
+    identity); otherwise the linearised X + since_base (phi(base) - base), which is phi(X) right
+    after a chunk end (base = X, since_base = 1). since_base [...] broadcasts over [..., out, in]."""
+    if not self.reads_linearised:
+      return self.phi(x, c_L)
+    pb = since_base[..., None, None]
+    return tuple(x_ + pb * (p_ - b_) for x_, p_, b_ in zip(x, self.phi(base, c_L), base))
+
   def output_grad(self, e, v, delta):
     """g for rows e = M(k) - v and v [..., D]; delta [...] (Huber only, None otherwise)."""
     if self.bias == "l2":
       return e
     if self.bias == "lp":
-      return self.p * ssign(e) * sabs(e) ** (self.p - 1.0)
+      return ssign(e) * sabs(e) ** (self.p - 1.0)
     if self.bias == "huber":
       en = lax.stop_gradient(e)
       inside = jnp.sqrt(jnp.sum(en * en, axis=-1, keepdims=True)) <= delta[..., None]

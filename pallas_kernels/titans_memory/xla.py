@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.titans_memory.reference import compute_dtype, gelu, layer_norm, mlp_apply
+from pallas_kernels.titans_memory.reference import (compute_dtype, gelu, layer_norm, memory_apply,
+                                                    mlp_apply)
 from pallas_kernels.titans_memory.rules import TITANS
 
 _mm = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
@@ -102,13 +103,15 @@ def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n):
   return rs, gs
 
 
-def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L, ln_s, ln_b):
-  """One chunk of one (batch row, head): returns (y [n, D], X_n, S_n, the base of tokens 1..n-1).
+def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L, ln_s, ln_b, pb):
+  """One chunk of one (batch row, head): returns (y [n, D], X_n, S_n, the base of tokens 1..n-1,
+  the retention product since that base at the chunk's last token).
 
   x, s, xb: tuples of [out, in] (start state, momentum or None, gradient-base state); q, k, v
-  [n, D]; theta [n, L]; a, eta (or None), delta (or None), m [n]; c_L [L] or None; ln_s, ln_b [D].
-  keep_base (lag token only): token 0 is not real here (a call that starts mid-chunk), so tokens
-  1..n-1 keep the carried base xb.
+  [n, D]; theta [n, L]; a, eta (or None), delta (or None), m [n]; c_L [L] or None; ln_s, ln_b [D];
+  pb: the retention product from the base xb to the chunk start (1 unless the call started
+  mid-chunk). keep_base (lag token only): token 0 is not real here (a call that starts mid-chunk),
+  so tokens 1..n-1 keep the carried base xb.
   """
   L, n = len(x), q.shape[0]
   beta, f, AmB, mom, Bm = decay_matrices(a, eta, m)
@@ -120,35 +123,45 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
                  - _mm("so,s,si->oi", gs[l], G[l][t], rs[l]) for l in range(L))
 
   rs, gs = grad_factors(rule, rule.phi(xb, c_L), ln_s, ln_b, k, v, delta)
-  base = xb
+  base, since_base = xb, pb * beta                           # product of a from the base to t
   if rule.lag_token and n > 1:
     x1 = state_at(0, rs, gs)                                  # token 0 stepped at X_0 == xb
     base = tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
     rs1, gs1 = grad_factors(rule, rule.phi(base, c_L), ln_s, ln_b, k, v, delta)
     rs = tuple(jnp.concatenate([r0[:1], r1[1:]]) for r0, r1 in zip(rs, rs1))
     gs = tuple(jnp.concatenate([g0[:1], g1[1:]]) for g0, g1 in zip(gs, gs1))
-  if rule.weights_are_state:  # dual form: no per-token weights
+    since_base = jnp.where(keep_base, since_base, segment_products(a)[0][:, 0])
+  if rule.reads_linearised or rule.weights_are_state:
+    # Dual form (no per-token weights) over the linearised weights of rules.py:
+    # W_t = X_t + since_base_t (phi(base) - base); D = 0 when phi is the identity.
+    D = None if rule.weights_are_state else tuple(
+        p_ - b_ for p_, b_ in zip(rule.phi(base, c_L), base))
     z = q
     for l in range(L):
       z_out = beta[:, None] * _mm("ni,oi->no", z, x[l])
       if s is not None:
         z_out = z_out + f[:, None] * _mm("ni,oi->no", z, s[l])
+      if D is not None:
+        z_out = z_out + since_base[:, None] * _mm("ni,oi->no", z, D[l])
       z_out = z_out - _mm("ts,so->to", G[l] * _mm("ti,si->ts", z, rs[l]), gs[l])
       z = gelu(z_out) if l < L - 1 else z_out
     y = z if L == 1 else q + layer_norm(z, ln_s, ln_b)
-  else:  # per-token states X_t for the whole chunk, read with the exact phi(X_t)
+  else:  # exact_read: per-token states X_t for the whole chunk, read with phi(X_t)
     xs_t = tuple((beta[:, None, None] * x[l][None] if s is None else
                   beta[:, None, None] * x[l][None] + f[:, None, None] * s[l][None])
                  - _mm("ts,so,si->toi", G[l], gs[l], rs[l]) for l in range(L))
     y = mlp_apply(rule.phi(xs_t, c_L), ln_s[None], ln_b[None], q[:, None, :])[:, 0]
   x_new = state_at(n - 1, rs, gs)
+  if rule.reads_linearised:  # the chunk's last token ends it: it reads phi(X_n) (when real)
+    y_end = mlp_apply(rule.phi(x_new, c_L), ln_s, ln_b, q[-1:])
+    y = y.at[-1:].set(jnp.where(m[-1] > 0, y_end, y[-1:]))
   s_new = None if s is None else tuple(
       mom[-1] * s[l] - _mm("so,s,si->oi", gs[l], theta[:, l] * Bm[-1], rs[l]) for l in range(L))
-  return y, x_new, s_new, base
+  return y, x_new, s_new, base, since_base[-1]
 
 
 def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base, phase,
-               chunk_size, lengths, assume_aligned=False, chunk_fn=None):
+               chunk_size, lengths, base_decay=None, assume_aligned=False, chunk_fn=None):
   """The chunked engine; same arguments and result as `reference.memory_reference`.
 
   `assume_aligned=True` is the caller's promise that every row starts at a chunk boundary
@@ -191,33 +204,36 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   c_HL = None if c_HL is None else c_HL.astype(dt)
   cast = lambda xs: None if xs is None else tuple(t.astype(dt) for t in xs)
   x0, s0, xb0 = cast(x), cast(s), cast(base)
+  pb0 = jnp.ones((B, H), dt) if base_decay is None else base_decay.astype(dt)
   c_last = (phase0 + n_real - 1) // b                         # chunk of the last real token (-1: none)
   lag = rule.lag_token and b > 1
   # heads share the row's mask and lag flag; batch rows share the KL scale and LayerNorm affine
   step = functools.partial(chunk_step, dataclasses.replace(rule, lag_token=lag))
-  step_bh = jax.vmap(jax.vmap(step, in_axes=(0,) * 10 + (None, None, 0, 0, 0)),
-                     in_axes=(0,) * 12 + (None, None, None))
+  step_bh = jax.vmap(jax.vmap(step, in_axes=(0,) * 10 + (None, None, 0, 0, 0, 0)),
+                     in_axes=(0,) * 12 + (None, None, None, 0))
 
   @jax.checkpoint
   def compute(x, s, first, xs_c):
     xb = tuple(jnp.where(first, b0, x_) for b0, x_ in zip(xb0, x))
+    pb = jnp.where(first, pb0, 1.0)                             # [B, H]
     keep = first & (phase0 > 0)                                # [B]
-    return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c, keep, c_HL, ln_s, ln_b)
+    return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c, keep, c_HL, ln_s, ln_b, pb)
 
   def body(carry, inp):
-    x, s, sel = carry
+    x, s, sel, pb_sel = carry
     c, xs_c = inp
-    y, x_new, s_new, base = compute(x, s, c == 0, xs_c)
+    y, x_new, s_new, base, pb_end = compute(x, s, c == 0, xs_c)
     # A 0/1 blend instead of jnp.where: the backward then keeps a [B] flag per chunk, not a
     # predicate broadcast to |W|; with h in {0, 1} the blend is exact.
-    h = (c == c_last).astype(dt)[:, None, None, None]
-    sel = tuple(b_ * h + o * (1 - h) for b_, o in zip(base, sel))
-    return (x_new, s_new, sel), y
+    h = (c == c_last).astype(dt)
+    sel = tuple(b_ * h[:, None, None, None] + o * (1 - h[:, None, None, None])
+                for b_, o in zip(base, sel))
+    return (x_new, s_new, sel, pb_end * h[:, None] + pb_sel * (1 - h[:, None])), y
 
   # Short sequences (a few chunks: CPU-sized training, MAC segments, decode steps) are unrolled:
   # the while loop's per-iteration overhead dominates there.
-  (x_end, s_end, sel), y = lax.scan(body, (x0, s0, xb0), (jnp.arange(nc), xs),
-                                    unroll=nc if nc <= 4 else 1)
+  (x_end, s_end, sel, pb_sel), y = lax.scan(body, (x0, s0, xb0, pb0), (jnp.arange(nc), xs),
+                                            unroll=nc if nc <= 4 else 1)
   y = jnp.moveaxis(y, (0, 2), (1, 3)).reshape(B, tp, H, D)    # [nc, B, H, b, D] -> [B, tp, H, D]
   if assume_aligned:
     o = y[:, :T]
@@ -227,14 +243,21 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   fresh = (phase == 0) | ((phase == 1) & lag)                  # the base is the current state
   refresh = (fresh & (n_real > 0))[:, None, None, None]
   base = tuple(jnp.where(refresh, x_, o_) for x_, o_ in zip(x_end, sel))
-  return o.astype(q.dtype), (x_end, s_end, base, phase)
+  base_decay = jnp.where(refresh[:, :, 0, 0], 1.0, pb_sel)
+  if rule.reads_linearised and lengths is not None:
+    # Padding reads the weights of the last real token (as the oracle does). Inside the scan a
+    # chunk wholly after it would start from a fresh base; one read of the final state fixes that.
+    w_end = rule.read_weights(x_end, base, base_decay, None if c_HL is None else c_HL[None])
+    o_end = memory_apply(w_end, ln_s, ln_b, q)
+    o = jnp.where(real[:, :, None, None], o, o_end)
+  return o.astype(q.dtype), (x_end, s_end, base, phase, base_decay)
 
 
 def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, chunk_size=16,
                       lengths=None, assume_aligned=False):
   """The engine with the Titans rule; same signature and semantics as `titans_memory` (inputs
   already validated)."""
-  o, (w, s, wb, phase) = memory_xla(
+  o, (w, s, wb, phase, _) = memory_xla(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
       lengths=lengths, assume_aligned=assume_aligned)

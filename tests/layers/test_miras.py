@@ -56,8 +56,9 @@ def test_models_differ_and_state_keys():
     ys[model], st = apply(m, x, m.init_state(B))
     keys[model] = sorted(st["mem"])
     assert bool(jnp.all(jnp.isfinite(ys[model])))
-  assert keys == {"moneta": ["a", "base", "phase"], "yaad": ["base", "phase", "w"],
-                  "memora": ["base", "phase", "z"]}
+  assert keys == {"moneta": ["a", "base", "base_decay", "phase"],
+                  "yaad": ["base", "base_decay", "phase", "w"],
+                  "memora": ["base", "base_decay", "phase", "z"]}
   assert rel_rms(ys["moneta"], ys["yaad"]) > 1e-3 and rel_rms(ys["memora"], ys["yaad"]) > 1e-3
 
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory, miras_weights
+from pallas_kernels.miras_memory import (MODELS, STATE_KEY, init_miras_state, miras_memory,
+                                         miras_weights)
 from pallas_kernels.testing import assert_close, assert_tree_close, rel_rms
 from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
 
@@ -110,12 +111,11 @@ def test_yaad_infinite_delta_is_the_l2_memory(x64, chunk):
 
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_moneta_p2_q2_is_the_l2_memory(x64, chunk):
-  """||e||_2^2 has output gradient 2e, and phi_2(A) = A: Moneta(p=2, q=2) is the l2 memory at 2 theta."""
+  """||e||_2^2 / 2 has output gradient e, and phi_2(A) = A: Moneta(p=2, q=2) is the l2 memory."""
   args, x0, c = make_inputs(3)
   y, st = miras_memory(*args, state=init_miras_state(x0, 2, "lq"), bias="lp", p=2.0,
                        retention="lq", q_norm=2.0, chunk_size=chunk, implementation="xla")
-  args2 = args[:3] + (2 * args[3],) + args[4:]
-  y_l2, st_l2 = miras_memory(*args2, state=init_miras_state(x0, 2, "l2"), bias="l2",
+  y_l2, st_l2 = miras_memory(*args, state=init_miras_state(x0, 2, "l2"), bias="l2",
                              retention="l2", chunk_size=chunk, implementation="xla")
   assert_close(y, y_l2, TOL, "o")
   assert_tree_close(st["a"], st_l2["w"], TOL, "state")
@@ -139,8 +139,10 @@ def test_memora_lag_token(x64):
 
 
 def test_memora_rows_sum_to_c(x64):
-  args, x0, c = make_inputs(4)
+  """At a chunk end (T = 8, b = 4) the read weights are phi(Z) = c softmax_row(Z)."""
+  args, x0, c = make_inputs(4, T=8)
   _, st = run("memora", args, x0, c, chunk=4, impl="xla")
+  assert int(st["phase"][0]) == 0
   ws = miras_weights(st, "kl", kl_scale_HL=c)
   for l, w in enumerate(ws):
     assert bool(jnp.all(w > 0))
@@ -182,6 +184,48 @@ def test_split_invariance_and_padding(x64, model):
                     "padded state")
 
 
+@functools.partial(jax.jit, static_argnames=("model", "chunk", "impl", "exact"))
+def run_read(model, args, x0, c, *, chunk, impl, exact):
+  bias, ret = MODELS[model]
+  return miras_memory(*args, state=init_miras_state(x0, args[0].shape[0], ret), bias=bias,
+                      retention=ret, kl_scale_HL=c, lag_token=model == "memora", exact_read=exact,
+                      chunk_size=chunk, implementation=impl)
+
+
+@pytest.mark.parametrize("model", ["moneta", "memora"])
+def test_phi_at_chunk_ends_only(x64, model):
+  """The default read applies phi at chunk ends only: at b = 1 (every token ends a chunk) it is the
+  exact per-token read; at b = 4 it differs from it inside chunks but not at chunk ends, where both
+  read phi(X_t) of the same state; the opt-in exact read's xla path matches its oracle. Mid-chunk,
+  the linearised weights are beta_t phi(X_0) - (the chunk's updates), checked against a direct
+  construction from the state."""
+  T = 9
+  args, x0, c = make_inputs(11, T=T)
+  lin1, st1 = run_read(model, args, x0, c, chunk=1, impl="xla", exact=False)
+  ex1, sx1 = run_read(model, args, x0, c, chunk=1, impl="reference", exact=True)
+  assert_close(lin1, ex1, TOL, "b=1: linearised == exact")
+  assert_tree_close(st1, sx1, TOL, "b=1 state")
+  lin4, st4 = run_read(model, args, x0, c, chunk=4, impl="xla", exact=False)
+  ex4, sx4 = run_read(model, args, x0, c, chunk=4, impl="xla", exact=True)
+  ex4r, _ = run_read(model, args, x0, c, chunk=4, impl="reference", exact=True)
+  assert_close(ex4, ex4r, TOL, "exact read: xla == reference")
+  assert_tree_close(st4, sx4, TOL, "the read rule does not change the state")
+  ends = np.array([3, 7])  # tokens that end a chunk (the lag token also reads exactly at 0, 4, 8)
+  assert_close(lin4[:, ends], ex4[:, ends], TOL, "chunk ends read phi(X_t)")
+  inside = np.array([1, 2, 5, 6])
+  assert rel_rms(lin4[:, inside], ex4[:, inside]) > 1e-3
+  # the state after T = 9 tokens is one token into a chunk: its read weights are the linearised ones
+  ret = MODELS[model][1]
+  base_w = miras_weights({**st4, STATE_KEY[ret]: st4["base"], "base_decay": jnp.ones_like(
+      st4["base_decay"])}, ret, kl_scale_HL=c)            # phi(base)
+  lin_w = miras_weights(st4, ret, kl_scale_HL=c)
+  want = tuple(x + st4["base_decay"][..., None, None] * (p_ - b_)
+               for x, p_, b_ in zip(st4[STATE_KEY[ret]], base_w, st4["base"]))
+  assert_tree_close(lin_w, want, TOL, "linearised weights")
+  last = memory_apply(lin_w, args[6], args[7], args[0][:, -1:])
+  assert_close(lin4[:, -1:], last, TOL, "the last token reads the state's read weights")
+
+
 def test_linear_memory_and_dot_bias(x64):
   """Depth 1 (linear memory) and the dot-product bias also match the oracle."""
   args, x0, c = make_inputs(6, L=1)
@@ -202,7 +246,7 @@ def test_float32_and_errors():
   assert bool(jnp.all(jnp.isfinite(y)))
   with pytest.raises(ValueError, match="unknown bias"):
     miras_memory(*args32, state=init_miras_state(x32, 2), bias="l1")
-  with pytest.raises(ValueError, match="keys a, base, phase"):
+  with pytest.raises(ValueError, match="keys a, base, base_decay, phase"):
     miras_memory(*args32, state=init_miras_state(x32, 2, "l2"), retention="lq")
   with pytest.raises(ValueError, match="theta must be"):
     miras_memory(*args32[:3], args32[3][..., :1], *args32[4:], state=init_miras_state(x32, 2))
