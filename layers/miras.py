@@ -16,15 +16,16 @@ momentum):
     z = Memory(q, k, v, theta, a, delta)                 plain GD, chunked (gradients at the chunk base)
     o = W_o concat_h(RMSNorm_h(z) * SiLU(x W_g))
 
-    Moneta: l_3 bias, l_4 retention on a dual state A, W = phi_4(A)  (Eq. 24-25; rescaled map [ours])
+    Moneta: l_3 bias (||e||_3^3 / 3), l_4 retention on a dual state A, W = phi_4(A)
+                                                                      (Eq. 24-25; rescaled map [ours])
     Yaad:   Huber bias, l2 retention                                  (Eq. 26)
     Memora: l2 bias, KL retention on logits Z, W = c softmax_row(Z)   (Eq. 21, 27), with the
             paper's lag token (the first token of each chunk takes its own exact step, §7.3)
 
 Choices [ours] (§7.1): the paper's channel-wise gates from low-rank projections become scalars per
 (head, memory layer) for theta and per head for a and delta (the op's interface); b_alpha = -4.6
-(a ~ 0.99), b_delta = 0.5413 (delta = 1), b_theta = 0; theta_max = 0.1 for the MLP memory, 1.0 for
-the linear one, as in Titans. The initial state `w0` (W_0 for Yaad, the dual A_0 for Moneta, the
+(a ~ 0.99), b_delta = 1.8546 (delta = 2, a per-entry threshold on the RMS error), b_theta = 0;
+theta_max = 0.3 / head_dim for the MLP memory, 1.0 for the linear one, as in Titans. The initial state `w0` (W_0 for Yaad, the dual A_0 for Moneta, the
 logits Z_0 for Memora, unit-scale so the initial rows are not uniform) and Memora's scale c (init 1)
 are learned per head and memory layer. Titans' momentum gate (W_eta) is dropped: Miras is plain GD.
 Persistent tokens (num_persistent > 0) are consumed first, as in Titans: `init_state` runs the memory
@@ -98,7 +99,10 @@ class Miras(NeuralMemory):
     self.bias, self.retention = MODELS[cfg.model]
     del self.w_eta, self.b_eta  # plain GD: no momentum gate
     self.w_delta = _dense(rngs, (d, h), ("embed", None), std=0.02)
-    self.b_delta = _const(0.5413, (h,), (None,))  # softplus(0.5413) = 1
+    # delta is the per-entry Huber threshold, compared with the RMS error (titans_memory.rules):
+    # per-entry errors are ~1.2 at init, so delta = 2 writes typical tokens with the l2 branch
+    # and clips the outliers.
+    self.b_delta = _const(1.8546, (h,), (None,))  # softplus(1.8546) = 2
     if self.retention == "kl":  # logits Z_0 at unit scale, so the initial rows are not uniform
       self.w0 = nnx.List([
           MemoryInit(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(

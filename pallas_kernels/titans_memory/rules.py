@@ -11,8 +11,13 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
     "lp":    g = ssign(e) sabs(e)^(p-1)              (||e||_p^p / p: Moneta, Eq. 24; the 1/p makes
              p = 2 the l2 bias above, so one theta calibration serves both; Eq. 24's gradient
              p ssign(e)|e|^(p-1) would step 3x larger at p = 3)
-    "huber": g = e if ||e||_2 <= delta else delta ssign(e)   (Yaad, Eq. 26; delta gets no gradient
-             through the mask, only through the second branch)
+    "huber": g = e if rms(e) <= delta else delta ssign(e)   (Yaad, Eq. 26; delta gets no gradient
+             through the mask, only through the second branch). delta is a per-entry threshold
+             (the channel-wise clip of Eq. 14), so the test compares the RMS error with it,
+             ||e||_2 <= sqrt(D) delta: both branches then have RMS delta at the threshold. (Eq. 26
+             compares ||e||_2 with delta itself, where the sign branch is sqrt(D) times larger
+             than the l2 branch at the threshold and, with per-entry errors of order 1, every
+             write at D = 32 is sign-only.)
     "dot":   g = -v                                  (-<M(k), v>, Miras §3's linear-attention bias;
              keys only enter through the backprop [ours])
 - Retention (`retention`): which state X the engine carries and how it maps to the weights,
@@ -102,7 +107,7 @@ class MemoryRule:
       return ssign(e) * sabs(e) ** (self.p - 1.0)
     if self.bias == "huber":
       en = lax.stop_gradient(e)
-      inside = jnp.sqrt(jnp.sum(en * en, axis=-1, keepdims=True)) <= delta[..., None]
+      inside = jnp.sqrt(jnp.mean(en * en, axis=-1, keepdims=True)) <= delta[..., None]
       return jnp.where(inside, e, delta[..., None] * ssign(e))
     return -v + 0.0 * e  # "dot"
 

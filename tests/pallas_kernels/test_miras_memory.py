@@ -90,6 +90,26 @@ def test_chunk_size_changes_the_model(x64):
     assert rel_rms(y4, y1) > 1e-4, model
 
 
+def test_huber_threshold_is_per_entry():
+  """Yaad's delta thresholds the RMS error: just inside, g = e (RMS delta); just outside,
+  delta ssign(e) (RMS ~delta): the two branches meet at the threshold, for any width D."""
+  from pallas_kernels.titans_memory.rules import MemoryRule
+  rule = MemoryRule(bias="huber", momentum=False)
+  rng = np.random.default_rng(0)
+  for D in (4, 32, 128):
+    e = rng.standard_normal(D)
+    rms = float(np.sqrt(np.mean(e ** 2)))
+    for factor, expect_l2 in ((1.001, True), (0.999, False)):
+      delta = jnp.asarray(rms * factor)
+      g = np.asarray(rule.output_grad(jnp.asarray(e), None, delta))
+      if expect_l2:
+        np.testing.assert_allclose(g, e, rtol=1e-6)
+      else:
+        np.testing.assert_allclose(g, float(delta) * np.sign(e), rtol=1e-3, atol=0.05 * rms)
+      g_rms = float(np.sqrt(np.mean(g ** 2)))
+      assert abs(g_rms / rms - 1) < 0.01, (D, factor, g_rms, rms)
+
+
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_yaad_infinite_delta_is_the_l2_memory(x64, chunk):
   """Huber with delta -> inf is the l2 bias; with l2 retention that is Titans with eta = 0."""
