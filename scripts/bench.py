@@ -87,21 +87,26 @@ def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int):
 
 ARCHS = ["configs/transformer.py", "configs/titans.py:variant=mac", "configs/titans.py:variant=mag",
          "configs/titans.py:variant=mal", "configs/titans.py:variant=lmm",
-         "configs/gated_deltanet.py", "configs/mom.py"]
+         "configs/gated_deltanet.py", "configs/mom.py", "configs/miras.py:variant=yaad",
+         "configs/miras.py:variant=moneta", "configs/miras.py:variant=memora"]
 
 
 def suite_arch(args):
+  """Training-step time and compiled peak memory per config; ratios against the first config
+  (`--archs=a.py,b.py`, default: every family, the transformer first)."""
+  specs = args.archs.split(",") if args.archs else ARCHS
   rows = []
-  for spec in ARCHS:
+  for spec in specs:
     try:
       rows.append(lm_step_bench(spec, args.batch, args.seq_len, args.iters))
     except Exception as e:  # noqa: BLE001 - report and continue
       rows.append(dict(name=spec, error=f"{type(e).__name__}: {e}"[:200]))
-  base = next((r for r in rows if r["name"] == ARCHS[0] and "step_s" in r), None)
+    progress(rows[-1])
+  base = next((r for r in rows if r["name"] == specs[0] and "step_s" in r), None)
   for r in rows:
     if base and "step_s" in r:
-      r["speed_vs_transformer"] = base["step_s"] / r["step_s"]
-      r["memory_vs_transformer"] = r["peak_bytes"] / base["peak_bytes"]
+      r["step_vs_first"] = r["step_s"] / base["step_s"]
+      r["memory_vs_first"] = r["peak_bytes"] / base["peak_bytes"]
   return rows
 
 
@@ -465,6 +470,8 @@ def main():
   p.add_argument("--expert_sizes", default="65536,1048576", help="table rows N, comma-separated")
   p.add_argument("--expert_dim", type=int, default=256)
   p.add_argument("--expert_k", type=int, default=128, help="rows read per token")
+  p.add_argument("--archs", default="", help="arch suite: config specs, comma-separated "
+                 "(ratios are against the first)")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq_len", type=int, default=64)
   p.add_argument("--iters", type=int, default=5)

@@ -103,7 +103,8 @@ def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n):
   return rs, gs
 
 
-def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L, ln_s, ln_b, pb):
+def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L, ln_s, ln_b, pb,
+               q_prev=None):
   """One chunk of one (batch row, head): returns (y [n, D], X_n, S_n, the base of tokens 1..n-1,
   the retention product since that base at the chunk's last token).
 
@@ -112,6 +113,9 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
   pb: the retention product from the base xb to the chunk start (1 unless the call started
   mid-chunk). keep_base (lag token only): token 0 is not real here (a call that starts mid-chunk),
   so tokens 1..n-1 keep the carried base xb.
+  q_prev [D] (linearised reads only): the previous chunk's last query. That token ended its chunk
+  and reads phi(X_n) of the previous chunk, which is this chunk's phi(xb): it is read here, where
+  phi(xb) is computed anyway, and returned as a sixth result (`memory_xla` puts it in place).
   """
   L, n = len(x), q.shape[0]
   beta, f, AmB, mom, Bm = decay_matrices(a, eta, m)
@@ -122,27 +126,42 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
     return tuple((beta[t] * x[l] if s is None else beta[t] * x[l] + f[t] * s[l])
                  - _mm("so,s,si->oi", gs[l], G[l][t], rs[l]) for l in range(L))
 
-  rs, gs = grad_factors(rule, rule.phi(xb, c_L), ln_s, ln_b, k, v, delta)
-  base, since_base = xb, pb * beta                           # product of a from the base to t
-  if rule.lag_token and n > 1:
-    x1 = state_at(0, rs, gs)                                  # token 0 stepped at X_0 == xb
+  w_base = rule.phi(xb, c_L)
+  lag = rule.lag_token and n > 1
+  # With the lag token only token 0 takes its gradient at xb; the others take theirs at the base
+  # after it (below), so only row 0 is computed here.
+  rows = 1 if lag else n
+  rs, gs = grad_factors(rule, w_base, ln_s, ln_b, k[:rows], v[:rows],
+                        None if delta is None else delta[:rows])
+  base = xb
+  # The read's start term, coef_t * W0: the state's own beta_t X_0 plus, for a linearised read,
+  # P_t (phi(base) - base) with P_t the retention product since the base (rules.py). Both are
+  # proportional to one [n] vector, so W0 is a single matrix per layer: X_0 + pb (phi(xb) - xb)
+  # with coef = beta; after Memora's lag token (base X^(0)), beta_t = a_0 A[t, 0], so
+  # W0 = a_0 X_0 + phi(X^(0)) - X^(0) with coef = A[:, 0].
+  coef = beta
+  w0 = tuple(x_ + pb * (p_ - b_) for x_, p_, b_ in zip(x, w_base, xb)) if rule.reads_linearised \
+      else x
+  if lag:
+    x1 = tuple((beta[0] * x[l] if s is None else beta[0] * x[l] + f[0] * s[l])
+               - G[l][0, 0] * jnp.outer(gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
     base = tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
-    rs1, gs1 = grad_factors(rule, rule.phi(base, c_L), ln_s, ln_b, k, v, delta)
-    rs = tuple(jnp.concatenate([r0[:1], r1[1:]]) for r0, r1 in zip(rs, rs1))
-    gs = tuple(jnp.concatenate([g0[:1], g1[1:]]) for g0, g1 in zip(gs, gs1))
-    since_base = jnp.where(keep_base, since_base, segment_products(a)[0][:, 0])
+    w_base1 = rule.phi(base, c_L)
+    rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, k, v, delta)
+    rs = tuple(jnp.concatenate([r0, r1[1:]]) for r0, r1 in zip(rs, rs1))
+    gs = tuple(jnp.concatenate([g0, g1[1:]]) for g0, g1 in zip(gs, gs1))
+    if rule.reads_linearised:
+      w0 = tuple(jnp.where(keep_base, w_, a[0] * x_ + p_ - x1_)
+                 for w_, x_, p_, x1_ in zip(w0, x, w_base1, x1))
+      coef = jnp.where(keep_base, beta, segment_products(a)[0][:, 0])
+  since_base = pb * coef                                      # P_t (equal to pb beta_t without lag)
   if rule.reads_linearised or rule.weights_are_state:
-    # Dual form (no per-token weights) over the linearised weights of rules.py:
-    # W_t = X_t + since_base_t (phi(base) - base); D = 0 when phi is the identity.
-    D = None if rule.weights_are_state else tuple(
-        p_ - b_ for p_, b_ in zip(rule.phi(base, c_L), base))
+    # Dual form over W_t = coef_t W0 + f_t S_0 - sum_i G[t, i] g_i r_i^T: no per-token weights.
     z = q
     for l in range(L):
-      z_out = beta[:, None] * _mm("ni,oi->no", z, x[l])
+      z_out = coef[:, None] * _mm("ni,oi->no", z, w0[l])
       if s is not None:
         z_out = z_out + f[:, None] * _mm("ni,oi->no", z, s[l])
-      if D is not None:
-        z_out = z_out + since_base[:, None] * _mm("ni,oi->no", z, D[l])
       z_out = z_out - _mm("ts,so->to", G[l] * _mm("ti,si->ts", z, rs[l]), gs[l])
       z = gelu(z_out) if l < L - 1 else z_out
     y = z if L == 1 else q + layer_norm(z, ln_s, ln_b)
@@ -152,12 +171,11 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
                  - _mm("ts,so,si->toi", G[l], gs[l], rs[l]) for l in range(L))
     y = mlp_apply(rule.phi(xs_t, c_L), ln_s[None], ln_b[None], q[:, None, :])[:, 0]
   x_new = state_at(n - 1, rs, gs)
-  if rule.reads_linearised:  # the chunk's last token ends it: it reads phi(X_n) (when real)
-    y_end = mlp_apply(rule.phi(x_new, c_L), ln_s, ln_b, q[-1:])
-    y = y.at[-1:].set(jnp.where(m[-1] > 0, y_end, y[-1:]))
   s_new = None if s is None else tuple(
       mom[-1] * s[l] - _mm("so,s,si->oi", gs[l], theta[:, l] * Bm[-1], rs[l]) for l in range(L))
-  return y, x_new, s_new, base, since_base[-1]
+  if q_prev is None:
+    return y, x_new, s_new, base, since_base[-1]
+  return y, x_new, s_new, base, since_base[-1], mlp_apply(w_base, ln_s, ln_b, q_prev[None])[0]
 
 
 def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base, phase,
@@ -209,20 +227,27 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   lag = rule.lag_token and b > 1
   # heads share the row's mask and lag flag; batch rows share the KL scale and LayerNorm affine
   step = functools.partial(chunk_step, dataclasses.replace(rule, lag_token=lag))
-  step_bh = jax.vmap(jax.vmap(step, in_axes=(0,) * 10 + (None, None, 0, 0, 0, 0)),
-                     in_axes=(0,) * 12 + (None, None, None, 0))
+  lin = rule.reads_linearised
+  step_bh = jax.vmap(jax.vmap(step, in_axes=(0,) * 10 + (None, None, 0, 0, 0, 0) + (0,) * lin),
+                     in_axes=(0,) * 12 + (None, None, None, 0) + (0,) * lin)
+  if lin:  # each chunk also gets the previous chunk's last query (chunk_step: q_prev)
+    q_last = xs[0][:, :, :, -1]                                # [nc, B, H, D]
+    xs = xs + (jnp.concatenate([jnp.zeros_like(q_last[:1]), q_last[:-1]]),)
 
   @jax.checkpoint
   def compute(x, s, first, xs_c):
     xb = tuple(jnp.where(first, b0, x_) for b0, x_ in zip(xb0, x))
     pb = jnp.where(first, pb0, 1.0)                             # [B, H]
     keep = first & (phase0 > 0)                                # [B]
-    return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c, keep, c_HL, ln_s, ln_b, pb)
+    return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c[:8], keep, c_HL, ln_s, ln_b,
+                                                       pb, *xs_c[8:])
 
   def body(carry, inp):
     x, s, sel, pb_sel = carry
     c, xs_c = inp
-    y, x_new, s_new, base, pb_end = compute(x, s, c == 0, xs_c)
+    y, x_new, s_new, base, pb_end, *y_prev = compute(x, s, c == 0, xs_c)
+    if y_prev:
+      y = (y, y_prev[0])
     # A 0/1 blend instead of jnp.where: the backward then keeps a [B] flag per chunk, not a
     # predicate broadcast to |W|; with h in {0, 1} the blend is exact.
     h = (c == c_last).astype(dt)
@@ -230,10 +255,22 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
                 for b_, o in zip(base, sel))
     return (x_new, s_new, sel, pb_end * h[:, None] + pb_sel * (1 - h[:, None])), y
 
-  # Short sequences (a few chunks: CPU-sized training, MAC segments, decode steps) are unrolled:
-  # the while loop's per-iteration overhead dominates there.
+  # Titans over a few chunks (CPU-sized training, MAC segments, decode steps) is unrolled: the
+  # while loop's per-iteration overhead dominated there. Without momentum (Miras) the rolled loop
+  # measured as fast and used 40-65% less temporary memory (XLA keeps the unrolled chunks'
+  # recomputed temporaries alive together), so it stays rolled.
+  unroll = nc if nc <= 4 and rule.momentum else 1
   (x_end, s_end, sel, pb_sel), y = lax.scan(body, (x0, s0, xb0, pb0), (jnp.arange(nc), xs),
-                                            unroll=nc if nc <= 4 else 1)
+                                            unroll=unroll)
+  if lin:
+    # Token b-1 of every chunk ends it and reads phi(X_n): chunk c + 1 read it (chunk_step's
+    # q_prev); the last chunk's reads phi(X_n) of the final state here. Only real tokens are set.
+    y, y_prev = y
+    y_last = mlp_apply(rule.phi(x_end, None if c_HL is None else c_HL[None]), ln_s[None],
+                       ln_b[None], q_last[-1][:, :, None, :])[:, :, 0]          # [B, H, D]
+    y_ends = jnp.concatenate([y_prev[1:], y_last[None]])       # [nc, B, H, D]
+    ends_real = xs[7][:, :, -1] > 0                            # [nc, B]
+    y = y.at[:, :, :, -1].set(jnp.where(ends_real[:, :, None, None], y_ends, y[:, :, :, -1]))
   y = jnp.moveaxis(y, (0, 2), (1, 3)).reshape(B, tp, H, D)    # [nc, B, H, b, D] -> [B, tp, H, D]
   if assume_aligned:
     o = y[:, :T]
