@@ -52,6 +52,7 @@ class TitansConfig:
   theta_max: float | None = None  # None or 0: 1.0 for the linear memory, 0.3 / head_dim for the MLP
   num_persistent: int = 16
   conv_size: int = 4
+  momentum: bool = True  # False: eta = 0 (plain GD; v1 Table 5's "w/o momentum" ablation)
   segment_len: int = 32  # MAC segment C (paper: 512)
   window: int = 64  # MAG / MAL sliding window (paper: 2048)
   implementation: str | None = None  # kernel path of the memory op (None: best available)
@@ -182,6 +183,8 @@ class NeuralMemory(nnx.Module):
     b = x_BTD.shape[0]
     q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B)
     eta = jax.nn.sigmoid(x32 @ self.w_eta[...] + self.b_eta[...])
+    if not cfg.momentum:
+      eta = jnp.zeros_like(eta)
     log_a = jax.nn.log_sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
     z, mem = titans_memory(q, k, v, theta, eta, log_a, self.ln_scale[...], self.ln_bias[...],
                            state=state["mem"], chunk_size=cfg.chunk_size,
