@@ -34,6 +34,7 @@ over them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,8 @@ from flax import nnx
 from layers.base import MemoryInit, reject_segment_ids
 from layers.titans import NeuralMemory, TitansConfig, _const, _dense
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
+from pallas_kernels.titans_memory.reference import mlp_apply, token_grads
+from pallas_kernels.titans_memory.rules import MemoryRule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +89,51 @@ class MirasConfig:
 
   @property
   def theta_cap(self) -> float:
-    return self.titans().theta_cap
+    """theta_max: the config's, else Titans' calibrated cap (1.0 linear, 0.3 / head_dim MLP)
+    times write_gain(l2) / write_gain(this retention), so that one write moves a chunk-end read
+    as far as it does in the identity-phi memory (docs/architectures/miras.md)."""
+    if self.theta_max:
+      return self.theta_max
+    cap = self.titans().theta_cap
+    retention = MODELS[self.model][1]
+    if retention == "l2":
+      return cap
+    shape = (self.head_dim, self.expansion, self.memory_depth)
+    return cap * write_gain("l2", self.q_norm, *shape) / write_gain(retention, self.q_norm, *shape)
+
+
+@functools.lru_cache(maxsize=None)
+def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, depth: int,
+               num_probes: int = 256, seed: int = 0) -> float:
+  """How far one write moves the memory's chunk-end read along -e, per unit step:
+  -<M_{phi(X_0 - u)}(k) - M_{phi(X_0)}(k), e> / ||e||^2 to first order, u the l2 bias' gradient
+  at k (all memory layers), e = M(k) - v; the median over random unit keys and SiLU values, with
+  X_0 drawn like the layer's initial state (N(0, 1/fan_in), or unit-scale logits for "kl").
+
+  A deterministic probe of the initialisation, run eagerly (also while a model is being traced)
+  and cached: a Python float.
+  """
+  with jax.ensure_compile_time_eval():
+    rule = MemoryRule(retention=retention, q_norm=q_norm, momentum=False)
+    e_dim = expansion * head_dim
+    shapes = [(head_dim, head_dim)] if depth == 1 else (
+        [(e_dim, head_dim)] + [(e_dim, e_dim)] * (depth - 2) + [(head_dim, e_dim)])
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 2)
+    x0 = tuple(jax.random.normal(kk, sh) * (1.0 if retention == "kl" else sh[1] ** -0.5)
+               for kk, sh in zip(keys, shapes))
+    k = jax.random.normal(keys[-2], (num_probes, head_dim))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.nn.silu(jax.random.normal(keys[-1], (num_probes, head_dim)))
+    ln_s, ln_b, c_L = jnp.ones(head_dim), jnp.zeros(head_dim), jnp.ones(len(shapes))
+
+    def gain(k_D, v_D):
+      read = lambda x: mlp_apply(rule.phi(x, c_L), ln_s, ln_b, k_D[None])[0]
+      e = read(x0) - v_D
+      u = token_grads(rule, x0, c_L, ln_s, ln_b, k_D, v_D, None)
+      _, dm = jax.jvp(read, (x0,), (tuple(-u_ for u_ in u),))
+      return -jnp.dot(dm, e) / jnp.dot(e, e)
+
+    return float(jnp.median(jax.jit(jax.vmap(gain))(k, v)))
 
 
 class Miras(NeuralMemory):
