@@ -89,29 +89,22 @@ class MirasConfig:
 
   @property
   def theta_cap(self) -> float:
-    """theta_max: the config's, else Titans' calibrated cap (1.0 linear, 0.3 / head_dim MLP)
-    times write_gain(l2) / write_gain(this retention), so that one write moves a chunk-end read
-    as far as it does in the identity-phi memory (docs/architectures/miras.md)."""
-    if self.theta_max:
-      return self.theta_max
-    cap = self.titans().theta_cap
-    retention = MODELS[self.model][1]
-    if retention == "l2":
-      return cap
-    shape = (self.head_dim, self.expansion, self.memory_depth)
-    return cap * write_gain("l2", self.q_norm, *shape) / write_gain(retention, self.q_norm, *shape)
+    """theta_max: the config's, else Titans' calibrated cap (1.0 linear, 0.3 / head_dim MLP) for
+    every retention. `write_gain` shows how far that is from equal write gains through phi; scaling
+    the cap by it made Moneta unstable (docs/architectures/miras.md)."""
+    return self.titans().theta_cap
 
 
 @functools.lru_cache(maxsize=None)
 def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, depth: int,
-               num_probes: int = 256, seed: int = 0) -> float:
-  """How far one write moves the memory's chunk-end read along -e, per unit step:
+               num_probes: int = 256, seed: int = 0, linearised: bool = False) -> float:
+  """A diagnostic: how far one write moves the memory's chunk-end read along -e, per unit step:
   -<M_{phi(X_0 - u)}(k) - M_{phi(X_0)}(k), e> / ||e||^2 to first order, u the l2 bias' gradient
   at k (all memory layers), e = M(k) - v; the median over random unit keys and SiLU values, with
   X_0 drawn like the layer's initial state (N(0, 1/fan_in), or unit-scale logits for "kl").
 
-  A deterministic probe of the initialisation, run eagerly (also while a model is being traced)
-  and cached: a Python float.
+  `linearised=True`: the read inside a chunk instead, where the same update acts on the weights
+  phi(X_0) directly. A deterministic probe of the initialisation, run eagerly and cached.
   """
   with jax.ensure_compile_time_eval():
     rule = MemoryRule(retention=retention, q_norm=q_norm, momentum=False)
@@ -126,11 +119,15 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
     v = jax.nn.silu(jax.random.normal(keys[-1], (num_probes, head_dim)))
     ln_s, ln_b, c_L = jnp.ones(head_dim), jnp.zeros(head_dim), jnp.ones(len(shapes))
 
+    w0 = rule.phi(x0, c_L)
+
     def gain(k_D, v_D):
       read = lambda x: mlp_apply(rule.phi(x, c_L), ln_s, ln_b, k_D[None])[0]
+      read_w = lambda w: mlp_apply(w, ln_s, ln_b, k_D[None])[0]
       e = read(x0) - v_D
       u = token_grads(rule, x0, c_L, ln_s, ln_b, k_D, v_D, None)
-      _, dm = jax.jvp(read, (x0,), (tuple(-u_ for u_ in u),))
+      step = tuple(-u_ for u_ in u)
+      _, dm = jax.jvp(read_w, (w0,), (step,)) if linearised else jax.jvp(read, (x0,), (step,))
       return -jnp.dot(dm, e) / jnp.dot(e, e)
 
     return float(jnp.median(jax.jit(jax.vmap(gain))(k, v)))

@@ -96,19 +96,16 @@ def test_config_errors():
     build("memora")(x_in(), segment_ids_BT=jnp.ones((B, T), jnp.int32))
 
 
-def test_write_gain_and_calibrated_caps():
+def test_write_gain_probe():
   """The write-gain probe: exactly 1 for the linear identity-phi memory (unit keys, 1/2||e||^2:
-  a write of theta removes theta e), ~1.1 head_dim for the LN'd MLP memory at init; the default
-  caps give every retention the chunk-end write gain of the identity-phi memory."""
+  a write of theta removes theta e), ~1.1 head_dim for the LN'd MLP memory at init, the same inside
+  a chunk as at its end for an identity phi; the KL map's linearised read is far more sensitive
+  than its chunk-end read (the Memora row of docs/results.md)."""
   from layers.miras import write_gain
   assert abs(write_gain("l2", 4.0, 8, 4, 1) - 1.0) < 1e-4
   g = write_gain("l2", 4.0, 16, 4, 2)
   assert 0.8 * 16 < g < 1.4 * 16, g
-  yaad = MirasConfig(32, 2, model="yaad")
-  assert yaad.theta_cap == pytest.approx(0.3 / 16)
-  for model, ret in (("moneta", "lq"), ("memora", "kl")):
-    cap = MirasConfig(32, 2, model=model).theta_cap
-    assert cap * write_gain(ret, 4.0, 16, 4, 2) == pytest.approx(yaad.theta_cap * g, rel=1e-6)
-  # at head dim 16 the l_4 map halves the gain (the KL map leaves it near the identity's)
-  assert MirasConfig(32, 2, model="moneta").theta_cap > 1.5 * yaad.theta_cap
+  assert write_gain("l2", 4.0, 16, 4, 2, linearised=True) == pytest.approx(g, rel=1e-5)
+  assert write_gain("kl", 4.0, 16, 4, 2, linearised=True) > 20 * write_gain("kl", 4.0, 16, 4, 2)
+  assert MirasConfig(32, 2, model="moneta").theta_cap == pytest.approx(0.3 / 16)
   assert MirasConfig(32, 2, model="moneta", theta_max=0.5).theta_cap == 0.5
