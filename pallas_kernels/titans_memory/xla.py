@@ -16,9 +16,11 @@ that gives the factors (g_i, r_i); its retention phi decides the read:
 - phi = identity ("l2": Titans, Yaad): the dual form per layer (§3.2 step 3), with Z the layer's
   input rows, Z_out = diag(beta) Z X_0^T + diag(f) Z S_0^T - (G o Z R^T) Gamma; depth 1 is the
   closed form of §3.3 (E = K W_base^T - V). No per-token weights.
-- otherwise ("lq": Moneta, "kl": Memora): the per-token states X_t are materialised for the chunk
-  (transient n |W|, recomputed in backward, as §7.3 allows) and read with the exact phi(X_t) [ours,
-  §7.3].
+- otherwise ("lq": Moneta, "kl": Memora), phi at chunk ends only (Miras §5.4; rules.py): the same
+  dual form over the linearised weights, with beta X_0 replaced by beta (X_0 + P (phi(X_base) -
+  X_base)); the token that ends a chunk reads phi(X_n), evaluated by the next chunk (whose base
+  phi(X_base) is that same matrix) or, for the last chunk, after the scan. `rule.exact_read`
+  materialises the per-token states X_t of a chunk instead (n |W|) and reads phi(X_t) (a check).
 The chunk-end carry is §3.2 step 4. X_0 (the chunk's starting state) and X_base coincide except in
 the first chunk of a call that starts mid-chunk, where the carried base is the gradient base.
 
