@@ -25,8 +25,8 @@ def get_config(arg=None):
   cpu = a.size in ("tiny", "small")
   name = a.variant
   c.model.layer_pattern = (name, "swa") if a.hybrid else (name,)
-  # Persistent tokens as in the Titans LMM block that Miras builds on (one chunk of them on CPU):
-  # without them Yaad stayed at the 0.25 MQAR plateau for 1,500 steps, with them it left it at ~500.
+  # Persistent tokens as in the Titans LMM block that Miras builds on (one chunk of them on CPU);
+  # without them the Miras memories do not leave the MQAR plateau (docs/architectures/miras.md).
   c.model.mixer = {name: dict(memory_depth=a.depth, expansion=4, chunk_size=a.chunk,
                               theta_max=0.0,  # 0: the per-depth default
                               num_persistent=a.chunk if cpu else 128, conv_size=4,

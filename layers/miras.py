@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.base import MemoryInit, reject_segment_ids
-from layers.titans import NeuralMemory, TitansConfig, _const, _dense
+from layers.titans import NeuralMemory, TitansConfig, _const, _dense, memory_shapes
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
 from pallas_kernels.titans_memory.reference import mlp_apply, token_grads
 from pallas_kernels.titans_memory.rules import MemoryRule
@@ -108,9 +108,7 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
   """
   with jax.ensure_compile_time_eval():
     rule = MemoryRule(retention=retention, q_norm=q_norm, momentum=False)
-    e_dim = expansion * head_dim
-    shapes = [(head_dim, head_dim)] if depth == 1 else (
-        [(e_dim, head_dim)] + [(e_dim, e_dim)] * (depth - 2) + [(head_dim, e_dim)])
+    shapes = memory_shapes(head_dim, expansion, depth)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 2)
     x0 = tuple(jax.random.normal(kk, sh) * (1.0 if retention == "kl" else sh[1] ** -0.5)
                for kk, sh in zip(keys, shapes))

@@ -84,13 +84,21 @@ class TitansConfig:
 
     With unit keys one write of step theta removes theta * e from the linear memory's error (the
     delta rule), so 1.0 is its natural cap. The LN'd MLP memory amplifies a write: at init one
-    step moves M(k) along -e by about 1.1 * head_dim * theta (0.23 d_h from the first layer, 0.9 d_h
-    from the second; measured for d_h = 16..128), so 0.3 / head_dim gives the same ~0.3 fraction
-    of the error per write at every head size.
+    step moves M(k) along -e by about 1.1 * head_dim * theta at init (the table is in the docs),
+    so 0.3 / head_dim gives the same ~0.3 fraction of the error per write at every head size.
     """
     if self.theta_max:
       return self.theta_max
     return 1.0 if self.memory_depth == 1 else 0.3 / self.head_dim
+
+
+def memory_shapes(head_dim: int, expansion: int, depth: int) -> list[tuple[int, int]]:
+  """[out, in] of each memory layer: W x at depth 1, else head_dim -> expansion * head_dim -> ...
+  -> head_dim."""
+  if depth == 1:
+    return [(head_dim, head_dim)]
+  e = expansion * head_dim
+  return [(e, head_dim)] + [(e, e)] * (depth - 2) + [(head_dim, e)]
 
 
 def _dense(rngs, shape, axes, std=None):
@@ -127,11 +135,7 @@ class NeuralMemory(nnx.Module):
       self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
       self.out_norm_scale = _const(1.0, (h, dh), ("heads", None))
     # Learned initial memory W_0 per head (a zero init gives a deep memory zero gradients).
-    if L == 1:
-      shapes = [(h, dh, dh)]
-    else:
-      e = cfg.expansion * dh
-      shapes = [(h, e, dh)] + [(h, e, e)] * (L - 2) + [(h, dh, e)]
+    shapes = [(h, *s) for s in memory_shapes(dh, cfg.expansion, L)]
     self.w0 = nnx.List([
         MemoryInit(nnx.with_partitioning(
             nnx.initializers.normal(s[-1] ** -0.5), ("heads", None, None))(rngs.params(), s))

@@ -90,14 +90,16 @@ class MemoryRule:
     """phi is not the identity and is applied at chunk ends only (the default; module docstring)."""
     return not self.weights_are_state and not self.exact_read
 
-  def read_weights(self, x, base, since_base, c_L=None):
+  def read_weights(self, x, base, since_base, c_L=None, phi_base=None):
     """The weights a read of the state sees: phi(X) when the rule reads exactly (or phi is the
     identity); otherwise the linearised X + since_base (phi(base) - base), which is phi(X) right
-    after a chunk end (base = X, since_base = 1). since_base [...] broadcasts over [..., out, in]."""
+    after a chunk end (base = X, since_base = 1). since_base [...] broadcasts over [..., out, in];
+    phi_base: phi(base) when the caller already has it."""
     if not self.reads_linearised:
       return self.phi(x, c_L)
-    pb = since_base[..., None, None]
-    return tuple(x_ + pb * (p_ - b_) for x_, p_, b_ in zip(x, self.phi(base, c_L), base))
+    pb = jnp.asarray(since_base)[..., None, None]
+    phi_base = self.phi(base, c_L) if phi_base is None else phi_base
+    return tuple(x_ + pb * (p_ - b_) for x_, p_, b_ in zip(x, phi_base, base))
 
   def output_grad(self, e, v, delta):
     """g for rows e = M(k) - v and v [..., D]; delta [...] (Huber only, None otherwise)."""

@@ -142,8 +142,7 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
   # with coef = beta; after Memora's lag token (base X^(0)), beta_t = a_0 A[t, 0], so
   # W0 = a_0 X_0 + phi(X^(0)) - X^(0) with coef = A[:, 0].
   coef = beta
-  w0 = tuple(x_ + pb * (p_ - b_) for x_, p_, b_ in zip(x, w_base, xb)) if rule.reads_linearised \
-      else x
+  w0 = rule.read_weights(x, xb, pb, c_L, phi_base=w_base) if rule.reads_linearised else x
   if lag:
     x1 = tuple((beta[0] * x[l] if s is None else beta[0] * x[l] + f[0] * s[l])
                - G[l][0, 0] * jnp.outer(gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
@@ -259,8 +258,8 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
 
   # Titans over a few chunks (CPU-sized training, MAC segments, decode steps) is unrolled: the
   # while loop's per-iteration overhead dominated there. Without momentum (Miras) the rolled loop
-  # measured as fast and used 40-65% less temporary memory (XLA keeps the unrolled chunks'
-  # recomputed temporaries alive together), so it stays rolled.
+  # is as fast and XLA does not keep every unrolled chunk's recomputed temporaries alive at once
+  # (docs/results.md, Miras step cost).
   unroll = nc if nc <= 4 and rule.momentum else 1
   (x_end, s_end, sel, pb_sel), y = lax.scan(body, (x0, s0, xb0, pb0), (jnp.arange(nc), xs),
                                             unroll=unroll)

@@ -36,16 +36,16 @@ def make_inputs(seed, B=2, T=7, H=2, D=3, E=2, L=2):
   return args, x0, c
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk", "impl", "lag"))
-def run(model, args, x0, c, *, chunk, impl, state=None, lengths=None, lag=None):
+@functools.partial(jax.jit, static_argnames=("model", "chunk", "impl", "lag", "exact"))
+def run(model, args, x0, c, *, chunk, impl, state=None, lengths=None, lag=None, exact=False):
   """One jitted call (a single compile is much cheaper than eager op-by-op dispatch).
 
-  Memora runs with its lag token unless lag=False."""
+  Memora runs with its lag token unless lag=False; exact=True reads phi(X_t) at every token."""
   bias, ret = MODELS[model]
   lag = model == "memora" if lag is None else lag
   state = init_miras_state(x0, args[0].shape[0], ret) if state is None else state
   return miras_memory(*args, state=state, bias=bias, retention=ret, kl_scale_HL=c, lag_token=lag,
-                      chunk_size=chunk, implementation=impl, lengths=lengths)
+                      exact_read=exact, chunk_size=chunk, implementation=impl, lengths=lengths)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -204,14 +204,6 @@ def test_split_invariance_and_padding(x64, model):
                     "padded state")
 
 
-@functools.partial(jax.jit, static_argnames=("model", "chunk", "impl", "exact"))
-def run_read(model, args, x0, c, *, chunk, impl, exact):
-  bias, ret = MODELS[model]
-  return miras_memory(*args, state=init_miras_state(x0, args[0].shape[0], ret), bias=bias,
-                      retention=ret, kl_scale_HL=c, lag_token=model == "memora", exact_read=exact,
-                      chunk_size=chunk, implementation=impl)
-
-
 @pytest.mark.parametrize("model", ["moneta", "memora"])
 def test_phi_at_chunk_ends_only(x64, model):
   """The default read applies phi at chunk ends only: at b = 1 (every token ends a chunk) it is the
@@ -221,13 +213,13 @@ def test_phi_at_chunk_ends_only(x64, model):
   construction from the state."""
   T = 9
   args, x0, c = make_inputs(11, T=T)
-  lin1, st1 = run_read(model, args, x0, c, chunk=1, impl="xla", exact=False)
-  ex1, sx1 = run_read(model, args, x0, c, chunk=1, impl="reference", exact=True)
+  lin1, st1 = run(model, args, x0, c, chunk=1, impl="xla", exact=False)
+  ex1, sx1 = run(model, args, x0, c, chunk=1, impl="reference", exact=True)
   assert_close(lin1, ex1, TOL, "b=1: linearised == exact")
   assert_tree_close(st1, sx1, TOL, "b=1 state")
-  lin4, st4 = run_read(model, args, x0, c, chunk=4, impl="xla", exact=False)
-  ex4, sx4 = run_read(model, args, x0, c, chunk=4, impl="xla", exact=True)
-  ex4r, _ = run_read(model, args, x0, c, chunk=4, impl="reference", exact=True)
+  lin4, st4 = run(model, args, x0, c, chunk=4, impl="xla", exact=False)
+  ex4, sx4 = run(model, args, x0, c, chunk=4, impl="xla", exact=True)
+  ex4r, _ = run(model, args, x0, c, chunk=4, impl="reference", exact=True)
   assert_close(ex4, ex4r, TOL, "exact read: xla == reference")
   assert_tree_close(st4, sx4, TOL, "the read rule does not change the state")
   ends = np.array([3, 7])  # tokens that end a chunk (the lag token also reads exactly at 0, 4, 8)
