@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from pallas_kernels._dispatch import dispatch
 from pallas_kernels.miras_memory.reference import STATE_KEY, miras_memory_reference
 from pallas_kernels.miras_memory.xla import miras_memory_xla
-from pallas_kernels.titans_memory import broadcast_initial, check_sequences, check_state_and_gates
+from pallas_kernels.titans_memory import (broadcast_initial, check_resets, check_sequences,
+                                          check_state_and_gates)
 from pallas_kernels.titans_memory.reference import compute_dtype, memory_apply
 from pallas_kernels.titans_memory.rules import BIASES, RETENTIONS, MemoryRule
 
@@ -60,7 +61,7 @@ def miras_weights(state, retention: str, *, q_norm=4.0, kl_scale_HL=None, exact_
 
 
 def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, retention,
-           chunk_size, lengths):
+           chunk_size, lengths, resets, reset_state):
   name = "miras_memory"
   if bias not in BIASES:
     raise ValueError(f"{name}: unknown bias {bias!r}; choose one of {BIASES}")
@@ -79,12 +80,13 @@ def _check(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, state, bias, r
                      f"{state['base_decay'].shape}")
   if kl_scale.shape != (H, L):
     raise ValueError(f"{name}: kl_scale must be [H, L] = {(H, L)}, got {kl_scale.shape}")
+  check_resets(name, resets, reset_state, state, (B, T))
 
 
 def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD, *,
                  state, bias="l2", p=3.0, retention="l2", q_norm=4.0, kl_scale_HL=None,
-                 lag_token=False, exact_read=False, chunk_size=16, lengths=None, assume_aligned=False,
-                 implementation=None, interpret=False):
+                 lag_token=False, exact_read=False, chunk_size=16, lengths=None, resets_BT=None,
+                 reset_state=None, assume_aligned=False, implementation=None, interpret=False):
   """A Miras memory over a sequence: writes every token, reads after each write.
 
   Args:
@@ -103,6 +105,7 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
     exact_read: read phi(X_t) at every token instead of at chunk ends only (a check; ~10x the
       cost of the chunked form). Irrelevant for retention "l2" (phi is the identity).
     chunk_size: b (part of the model). lengths: optional int [B] right-padding lengths.
+    resets_BT, reset_state: packed documents, as in `titans_memory` (a Miras state at phase 0).
     assume_aligned: static promise that every row starts at phase 0 (skips the phase shift).
     implementation: None (xla), "reference" or "xla". interpret: dispatch parity (no Pallas path).
   Returns:
@@ -114,12 +117,14 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
   if kl_scale_HL is None:
     kl_scale_HL = jnp.ones((H, L), compute_dtype(q_BTHD))
   _check(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD,
-         kl_scale_HL, state, bias, retention, chunk_size, lengths)
-  state = {key: tuple(state[key]), "base": tuple(state["base"]),
-           "base_decay": state["base_decay"], "phase": state["phase"]}
+         kl_scale_HL, state, bias, retention, chunk_size, lengths, resets_BT, reset_state)
+  as_tuples = lambda st: None if st is None else {
+      key: tuple(st[key]), "base": tuple(st["base"]), "base_decay": st["base_decay"],
+      "phase": st["phase"]}
+  state, reset_state = as_tuples(state), as_tuples(reset_state)
   kw = dict(state=state, bias=bias, p=float(p), retention=retention, q_norm=float(q_norm),
             chunk_size=chunk_size, lengths=lengths, lag_token=bool(lag_token),
-            exact_read=bool(exact_read))
+            exact_read=bool(exact_read), resets=resets_BT, reset_state=reset_state)
   if assume_aligned and implementation != "reference":
     kw["assume_aligned"] = True
   return dispatch("miras_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,

@@ -37,11 +37,17 @@ def miras_rule(bias, p, retention, q_norm, lag_token, exact_read=False) -> Memor
 
 def miras_memory_reference(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, *, state, bias,
                            p, retention, q_norm, chunk_size, lengths, lag_token=False,
-                           exact_read=False):
+                           exact_read=False, resets=None, reset_state=None):
   """The oracle: the engine's token loop with a Miras rule. Same semantics as `miras_memory`."""
   key = STATE_KEY[retention]
   o, (x, _, base, phase, pb) = memory_reference(
       miras_rule(bias, p, retention, q_norm, lag_token, exact_read), q, k, v, theta, a, None, delta,
       ln_scale, ln_bias, kl_scale, x=state[key], s=None, base=state["base"], phase=state["phase"],
-      base_decay=state["base_decay"], chunk_size=chunk_size, lengths=lengths)
+      base_decay=state["base_decay"], chunk_size=chunk_size, lengths=lengths, resets=resets,
+      reset=miras_reset(reset_state, key))
   return o, {key: x, "base": base, "base_decay": pb, "phase": phase}
+
+
+def miras_reset(state, key):
+  """A Miras state dict -> the engine's reset tuple (x, s, base, base_decay), or None."""
+  return None if state is None else (state[key], None, state["base"], state["base_decay"])

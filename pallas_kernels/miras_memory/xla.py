@@ -13,18 +13,18 @@ docstring for padding, the phase shift, checkpointing and precision.
 """
 from __future__ import annotations
 
-from pallas_kernels.miras_memory.reference import STATE_KEY, miras_rule
+from pallas_kernels.miras_memory.reference import STATE_KEY, miras_reset, miras_rule
 from pallas_kernels.titans_memory.xla import memory_xla
 
 
 def miras_memory_xla(q, k, v, theta, a, delta, ln_scale, ln_bias, kl_scale, *, state, bias, p,
                      retention, q_norm, chunk_size, lengths, lag_token=False, exact_read=False,
-                     assume_aligned=False):
+                     resets=None, reset_state=None, assume_aligned=False):
   """Chunked form; same semantics as `miras_memory` (inputs already validated)."""
   key = STATE_KEY[retention]
   o, (x, _, base, phase, pb) = memory_xla(
       miras_rule(bias, p, retention, q_norm, lag_token, exact_read), q, k, v, theta, a, None, delta,
       ln_scale, ln_bias, kl_scale, x=state[key], s=None, base=state["base"], phase=state["phase"],
-      base_decay=state["base_decay"], chunk_size=chunk_size, lengths=lengths,
-      assume_aligned=assume_aligned)
+      base_decay=state["base_decay"], chunk_size=chunk_size, lengths=lengths, resets=resets,
+      reset=miras_reset(reset_state, key), assume_aligned=assume_aligned)
   return o, {key: x, "base": base, "base_decay": pb, "phase": phase}

@@ -20,6 +20,7 @@ it has passed parity on an H100 but has no timing yet]. The first two are the me
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels._dispatch import dispatch
@@ -126,19 +127,36 @@ def check_sequences(name, q, k, v, chunk_size) -> tuple[int, int, int, int]:
   return B, T, H, D
 
 
-def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size, lengths):
+def check_resets(name, resets, reset_state, state, shape_BT) -> None:
+  """resets [B, T] bool needs a reset_state shaped like state (one-line ValueErrors)."""
+  if resets is None:
+    return
+  if resets.shape != tuple(shape_BT) or resets.dtype != jnp.bool_:
+    raise ValueError(f"{name}: resets must be bool [B, T] = {tuple(shape_BT)}, got "
+                     f"{resets.dtype} {resets.shape}")
+  if (not isinstance(reset_state, dict) or set(reset_state) != set(state)
+      or jax.tree.structure(reset_state) != jax.tree.structure(state)
+      or any(a.shape != b.shape for a, b in zip(jax.tree.leaves(reset_state),
+                                                 jax.tree.leaves(state)))):
+    raise ValueError(f"{name}: resets need reset_state, a state shaped like `state` (the state "
+                     "each document starts from, at phase 0)")
+
+
+def check_inputs(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size, lengths,
+                 resets=None, reset_state=None):
   name = "titans_memory"
   shape = check_sequences(name, q, k, v, chunk_size)
   if not isinstance(state, dict) or set(state) != {"w", "s", "w_base", "phase"}:
     raise ValueError(f"{name}: state must be a dict with keys w, s, w_base, phase "
                      f"(see init_memory_state), got {type(state).__name__}")
+  check_resets(name, resets, reset_state, state, shape[:2])
   check_state_and_gates(name, state, "w", ("s", "w_base"), theta, {"eta": eta, "log_a": log_a},
                         ln_scale, ln_bias, lengths, shape)
 
 
 def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,
-                  *, state, chunk_size=16, lengths=None, assume_aligned=False, implementation=None,
-                  interpret=False):
+                  *, state, chunk_size=16, lengths=None, resets_BT=None, reset_state=None,
+                  assume_aligned=False, implementation=None, interpret=False):
   """Titans memory over a sequence: writes every token, reads after each write.
 
   Args:
@@ -153,6 +171,11 @@ def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_sca
     chunk_size: b, the frozen-base chunk (part of the model: keep it between training and decoding).
     lengths: optional int [B]; only the first lengths[b] tokens of row b are real (right padding
       [ours]): later tokens leave the state untouched and read the state at the last real token.
+    resets_BT: optional bool [B, T], True at the first token of each packed document after the
+      first: the state becomes `reset_state` (the state a document starts from, at phase 0, e.g.
+      `init_memory_state`) before that token and the chunk grid restarts there. The reference
+      takes resets anywhere; the chunked paths need them on chunk starts (`layers.packing` moves
+      documents there) and return NaN otherwise.
     assume_aligned: static promise that every row starts at a chunk boundary (phase 0), e.g. a
       fresh training sequence; lets the chunked path skip the phase shift and its extra chunk.
     implementation: None (xla everywhere until the kernel is measured faster; module docstring),
@@ -165,13 +188,14 @@ def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_sca
     inputs) with w_base the gradient base of the chunk in progress (== w when phase == 0).
   """
   check_inputs(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,
-               state, chunk_size, lengths)
-  state = {"w": tuple(state["w"]), "s": tuple(state["s"]), "w_base": tuple(state["w_base"]),
-           "phase": state["phase"]}
+               state, chunk_size, lengths, resets_BT, reset_state)
+  as_tuples = lambda st: None if st is None else {
+      "w": tuple(st["w"]), "s": tuple(st["s"]), "w_base": tuple(st["w_base"]), "phase": st["phase"]}
+  state, reset_state = as_tuples(state), as_tuples(reset_state)
   if implementation is None:
     implementation = "xla"   # the kernel is opt-in until measured faster (module docstring)
   return dispatch("titans_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,
                   v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD, state=state,
-                  chunk_size=chunk_size, lengths=lengths,
+                  chunk_size=chunk_size, lengths=lengths, resets=resets_BT, reset_state=reset_state,
                   **({"assume_aligned": True} if assume_aligned and implementation != "reference"
                      else {}))

@@ -87,7 +87,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.titans_memory.reference import LN_EPS
+from pallas_kernels.titans_memory.reference import LN_EPS, titans_reset
 from pallas_kernels.titans_memory.rules import TITANS
 from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
 
@@ -503,7 +503,8 @@ def _state_bytes(ws) -> int:
 
 
 def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
-                             chunk_size=16, lengths=None, assume_aligned=False, interpret=False):
+                             chunk_size=16, lengths=None, resets=None, reset_state=None,
+                             assume_aligned=False, interpret=False):
   """`titans_memory` with the per-chunk step as a Pallas kernel; same signature and semantics
   (inputs already validated). Raises NotImplementedError for what the kernel does not support."""
   L = check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size)
@@ -511,5 +512,6 @@ def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, s
   o, (w, s, wb, phase, _) = memory_xla(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
-      lengths=lengths, assume_aligned=assume_aligned, chunk_fn=functools.partial(_chunk_fn, cfg))
+      lengths=lengths, resets=resets, reset=titans_reset(reset_state),
+      assume_aligned=assume_aligned, chunk_fn=functools.partial(_chunk_fn, cfg))
   return o, {"w": w, "s": s, "w_base": wb, "phase": phase}

@@ -102,7 +102,7 @@ def token_grads(rule, xb, c_L, ln_s, ln_b, k_D, v_D, delta):
 
 
 def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base,
-                     phase, chunk_size, lengths, base_decay=None):
+                     phase, chunk_size, lengths, base_decay=None, resets=None, reset=None):
   """The engine's oracle: a lax.scan over tokens, for any `rules.MemoryRule`.
 
   Per token (all [B, H] at once), with u at W_base = phi(X_base):
@@ -114,7 +114,9 @@ def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_H
   Args: q, k, v [B, T, H, D]; theta [B, T, H, L]; a (linear retention factor), eta (None without
   momentum), delta (None unless Huber) [B, T, H]; ln_* [H, D]; c_HL [H, L] or None (the "kl" scale);
   x, s (None without momentum), base: tuples of [B, H, out, in]; phase [B]; lengths [B] or None;
-  base_decay [B, H] or None (ones): P at the start.
+  base_decay [B, H] or None (ones): P at the start. resets [B, T] bool or None: before a token
+  with resets[b, t] (a packed document's first token) the state becomes `reset` = (x, s, base,
+  base_decay) and the chunk grid restarts there (phase 0), as if the document ran alone.
   Returns: (o [B, T, H, D] in q's dtype, (x, s, base, phase, base_decay)).
   """
   B, T, H, D = q.shape
@@ -133,9 +135,18 @@ def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_H
       (0, 0, 0, None, None, None, 0))
   bc = lambda g: g[:, :, None, None]
 
+  if resets is not None:
+    r_x, r_s, r_b = cast(reset[0]), cast(reset[1]), cast(reset[2])
+    r_pb = jnp.ones((B, H), dt) if reset[3] is None else reset[3].astype(dt)
+    reset_carry = (r_x, r_s, r_b, jnp.zeros((B,), jnp.int32), r_pb)
+
   def step(carry, xs):
-    x, s, xb, phase, pb = carry
     t, q_BHD, k_BHD, v_BHD, th_BHL, a_BH, eta_BH, d_BH = xs
+    if resets is not None:
+      r = resets[:, t] & (t < n_real)
+      carry = jax.tree.map(lambda n, o: jnp.where(r.reshape((B,) + (1,) * (o.ndim - 1)), n, o),
+                           reset_carry, carry)
+    x, s, xb, phase, pb = carry
     u = grad_bh(xb, c_HL, ln_s, ln_b, k_BHD, v_BHD, d_BH)
     upd = tuple(-bc(th_BHL[..., l]) * u_l for l, u_l in enumerate(u))
     if rule.momentum:
@@ -158,10 +169,15 @@ def memory_reference(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_H
 
 
 def titans_memory_reference(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
-                            chunk_size=16, lengths=None):
+                            chunk_size=16, lengths=None, resets=None, reset_state=None):
   """The oracle: the engine with the Titans rule. Same signature and semantics as `titans_memory`."""
   o, (w, s, wb, phase, _) = memory_reference(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
-      lengths=lengths)
+      lengths=lengths, resets=resets, reset=titans_reset(reset_state))
   return o, {"w": w, "s": s, "w_base": wb, "phase": phase}
+
+
+def titans_reset(state):
+  """A Titans state dict -> the engine's reset tuple (x, s, base, base_decay), or None."""
+  return None if state is None else (state["w"], state["s"], state["w_base"], None)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.titans_memory.reference import (compute_dtype, gelu, layer_norm, memory_apply,
-                                                    mlp_apply)
+                                                    mlp_apply, titans_reset)
 from pallas_kernels.titans_memory.rules import TITANS
 
 _mm = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
@@ -180,7 +180,8 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
 
 
 def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base, phase,
-               chunk_size, lengths, base_decay=None, assume_aligned=False, chunk_fn=None):
+               chunk_size, lengths, base_decay=None, resets=None, reset=None, assume_aligned=False,
+               chunk_fn=None):
   """The chunked engine; same arguments and result as `reference.memory_reference`.
 
   `assume_aligned=True` is the caller's promise that every row starts at a chunk boundary
@@ -189,6 +190,9 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   same arguments and results, batched ([B, H, ...] per-head arrays, mask m and keep [B, ...], c_HL,
   ln_s, ln_b [H, ...]); the scan, checkpointing, phase shift, masks and carry stay as they are
   (e.g. the Pallas kernel of `pallas_gpu.py`).
+  `resets`/`reset` as in the oracle, but every reset must start a chunk of the global grid
+  (phase + t a multiple of b; `layers.packing` moves packed documents there): the chunk then starts
+  from `reset`. A reset anywhere else makes every output NaN rather than silently wrong.
   """
   B, T, H, D = q.shape
   b = chunk_size
@@ -219,11 +223,17 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
         chunks(shift(jnp.where(real[..., None, None], theta, 0), 0.0)),
         gate(a, 1.0), gate(eta, 1.0), gate(delta, 1.0),
         jnp.moveaxis(shift(real, 0.0).reshape(B, nc, b), 1, 0))
+  if resets is not None:
+    r_bc = shift(resets & real, 0.0).reshape(B, nc, b) > 0
+    misplaced = jnp.any(r_bc[:, :, 1:])
+    resets_c = jnp.moveaxis(r_bc[:, :, 0], 1, 0)               # [nc, B]: chunk c starts a document
   ln_s, ln_b = ln_scale.astype(dt), ln_bias.astype(dt)
   c_HL = None if c_HL is None else c_HL.astype(dt)
   cast = lambda xs: None if xs is None else tuple(t.astype(dt) for t in xs)
   x0, s0, xb0 = cast(x), cast(s), cast(base)
   pb0 = jnp.ones((B, H), dt) if base_decay is None else base_decay.astype(dt)
+  if resets is not None:
+    r_x, r_s = cast(reset[0]), cast(reset[1])
   c_last = (phase0 + n_real - 1) // b                         # chunk of the last real token (-1: none)
   lag = rule.lag_token and b > 1
   # heads share the row's mask and lag flag; batch rows share the KL scale and LayerNorm affine
@@ -237,18 +247,37 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
 
   @jax.checkpoint
   def compute(x, s, first, xs_c):
-    xb = tuple(jnp.where(first, b0, x_) for b0, x_ in zip(xb0, x))
-    pb = jnp.where(first, pb0, 1.0)                             # [B, H]
+    first = jnp.broadcast_to(first, (B,))
+    xb = tuple(jnp.where(first[:, None, None, None], b0, x_) for b0, x_ in zip(xb0, x))
+    pb = jnp.where(first[:, None], pb0, 1.0)                    # [B, H]
     keep = first & (phase0 > 0)                                # [B]
     return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c[:8], keep, c_HL, ln_s, ln_b,
                                                        pb, *xs_c[8:])
 
+  def end_read(x, q_BHD):
+    """M_{phi(X)}(q) for one query per (row, head): the read of a chunk-ending token."""
+    w = rule.phi(x, None if c_HL is None else c_HL[None])
+    return mlp_apply(w, ln_s[None], ln_b[None], q_BHD[:, :, None, :])[:, :, 0]
+
   def body(carry, inp):
     x, s, sel, pb_sel = carry
-    c, xs_c = inp
-    y, x_new, s_new, base, pb_end, *y_prev = compute(x, s, c == 0, xs_c)
+    c, xs_c, *r = inp
+    first = c == 0
+    if resets is not None:  # a document starts here: the chunk runs from the reset state, as alone
+      r = r[0]
+      rf = r.astype(dt)[:, None, None, None]
+      rb = lambda n, o: n * rf + o * (1 - rf)   # a 0/1 blend, like `sel` below
+      x_pre = x
+      x = tuple(map(rb, r_x, x))
+      s = None if s is None else tuple(map(rb, r_s, s))
+      first = first & ~r
+    y, x_new, s_new, base, pb_end, *y_prev = compute(x, s, first, xs_c)
     if y_prev:
-      y = (y, y_prev[0])
+      y_prev = y_prev[0]
+      if resets is not None:
+        # the previous chunk's last token reads phi of ITS end state, not of the reset state
+        y_prev = jnp.where(r[:, None, None], end_read(x_pre, xs_c[8]), y_prev)
+      y = (y, y_prev)
     # A 0/1 blend instead of jnp.where: the backward then keeps a [B] flag per chunk, not a
     # predicate broadcast to |W|; with h in {0, 1} the blend is exact.
     h = (c == c_last).astype(dt)
@@ -261,14 +290,13 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   # is as fast and XLA does not keep every unrolled chunk's recomputed temporaries alive at once
   # (docs/results.md, Miras step cost).
   unroll = nc if nc <= 4 and rule.momentum else 1
-  (x_end, s_end, sel, pb_sel), y = lax.scan(body, (x0, s0, xb0, pb0), (jnp.arange(nc), xs),
-                                            unroll=unroll)
+  scanned = (jnp.arange(nc), xs) + (() if resets is None else (resets_c,))
+  (x_end, s_end, sel, pb_sel), y = lax.scan(body, (x0, s0, xb0, pb0), scanned, unroll=unroll)
   if lin:
     # Token b-1 of every chunk ends it and reads phi(X_n): chunk c + 1 read it (chunk_step's
     # q_prev); the last chunk's reads phi(X_n) of the final state here. Only real tokens are set.
     y, y_prev = y
-    y_last = mlp_apply(rule.phi(x_end, None if c_HL is None else c_HL[None]), ln_s[None],
-                       ln_b[None], q_last[-1][:, :, None, :])[:, :, 0]          # [B, H, D]
+    y_last = end_read(x_end, q_last[-1])                       # [B, H, D]
     y_ends = jnp.concatenate([y_prev[1:], y_last[None]])       # [nc, B, H, D]
     ends_real = xs[7][:, :, -1] > 0                            # [nc, B]
     y = y.at[:, :, :, -1].set(jnp.where(ends_real[:, :, None, None], y_ends, y[:, :, :, -1]))
@@ -288,15 +316,18 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
     w_end = rule.read_weights(x_end, base, base_decay, None if c_HL is None else c_HL[None])
     o_end = memory_apply(w_end, ln_s, ln_b, q)
     o = jnp.where(real[:, :, None, None], o, o_end)
+  if resets is not None:
+    o = jnp.where(misplaced, jnp.nan, o)
   return o.astype(q.dtype), (x_end, s_end, base, phase, base_decay)
 
 
 def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, chunk_size=16,
-                      lengths=None, assume_aligned=False):
+                      lengths=None, resets=None, reset_state=None, assume_aligned=False):
   """The engine with the Titans rule; same signature and semantics as `titans_memory` (inputs
   already validated)."""
   o, (w, s, wb, phase, _) = memory_xla(
       TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
       s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
-      lengths=lengths, assume_aligned=assume_aligned)
+      lengths=lengths, resets=resets, reset=titans_reset(reset_state),
+      assume_aligned=assume_aligned)
   return o, {"w": w, "s": s, "w_base": wb, "phase": phase}
