@@ -54,7 +54,7 @@ def load_trained(workdir: str):
   for section in ("layer_pattern", "channel_pattern"):
     cfg.model[section] = tuple(cfg.model[section])
   from memarch.data import make_source
-  data = make_source(cfg.data, seed=cfg.seed)
+  data = make_source(cfg.data, seed=cfg.seed, workdir=workdir, may_train_tokenizer=False)
   lm_cfg = configs_lib.lm_config(cfg, data.vocab_size)
   from memarch.optim import make_optimizer
   with sharding.mesh_context():

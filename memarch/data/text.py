@@ -1,4 +1,5 @@
-"""Real-text data sources: local text files and TFDS datasets, packed into fixed-length rows.
+"""Real-text data sources: in-memory documents (local text files, the embedded Shakespeare plays)
+and TFDS datasets, packed into fixed-length rows.
 
 Data contract (shared by every source in memarch.data): `vocab_size` and
 `batch(step) -> {"inputs", "targets", "segment_ids"}`, int32 [B, L]; targets are the next token or -100
@@ -15,9 +16,11 @@ Order. Row g = step * batch_size + b lives in epoch g // R at position g % R (R 
 position goes through a seeded bijection of [0, R) drawn per epoch (`permute_indices`, a Feistel
 network with cycle walking, O(1) memory, so even a 30M-document TFDS split needs no permutation table).
 
-`LocalTextSource` tokenizes its files once and cuts the token stream into windows (stride seq_len,
-exact packing, nothing dropped). `TFDSTextSource` never tokenizes a whole split: a row takes a block of
-k permuted documents, tokenized on demand (see its docstring).
+`DocumentSource` (local files: `LocalTextSource`; the embedded plays: `memarch.data.shakespeare`)
+tokenizes its documents once and cuts the token stream into windows (stride seq_len, exact packing,
+nothing dropped). Files are read as bytes: the byte tokenizer sees them unchanged. `TFDSTextSource`
+never tokenizes a whole split: a row takes a block of k permuted documents, tokenized on demand (see
+its docstring).
 """
 from __future__ import annotations
 
@@ -149,68 +152,165 @@ def _epoch_positions(step: int, batch_size: int, rows_per_epoch: int):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Local text files.
+# In-memory documents (local text files, the embedded Shakespeare corpus).
 
 
-class LocalTextSource:
-  """Local UTF-8 text files as a packed (or one-document-per-row) language-modelling stream.
+def read_documents(paths: Sequence[str], doc_separator: str | None = None) -> list[tuple[str, bytes]]:
+  """(origin, raw bytes) of each document of local files: one per file, or, with `doc_separator`,
+  the file's pieces between separators (whitespace-only pieces dropped). Nothing is decoded here."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  docs = []
+  for p in paths:
+    if not os.path.isfile(p):
+      raise FileNotFoundError(f"no such text file {str(p)!r}")
+    with open(p, "rb") as f:
+      data = f.read()
+    if doc_separator:
+      pieces = data.split(doc_separator.encode("utf-8"))
+      docs += [(f"{str(p)!r} (document {i})", d) for i, d in enumerate(pieces) if d.strip()]
+    elif data.strip():
+      docs.append((repr(str(p)), data))
+  return docs
 
-  Each file is one document, or, with `doc_separator` (e.g. "\\n\\n"), split into documents on it
-  (empty pieces dropped). Files are tokenized once at construction and held as int32 (4 bytes per
-  token): meant for corpora up to a few hundred MB; use TFDS for more.
 
-  pack=True: the token stream (documents + EOS, in file order) is cut into windows of seq_len + 1
-  tokens with stride seq_len, so every token except the first is a target exactly once per epoch;
-  windows are shuffled per epoch. pack=False: one document per row, truncated to seq_len + 1 tokens and
-  padded (segment 0, target -100).
+class _Windows:
+  """Documents (tokens, each ending in EOS) as one stream cut into windows of seq_len + 1 tokens with
+  stride seq_len: every token but the first is a target exactly once."""
+
+  def __init__(self, docs: Sequence[np.ndarray], seq_len: int, pad_id: int):
+    self.seq_len, self.pad_id = seq_len, pad_id
+    self.tokens = np.concatenate(docs).astype(np.int32)
+    # doc_starts[j] = stream offset of document j: the document of position p is found by search.
+    self.doc_starts = np.cumsum([0] + [d.size for d in docs[:-1]]).astype(np.int64)
+    self.num_windows = (self.tokens.size - 1) // seq_len
+
+  def row(self, w: int):
+    start = w * self.seq_len
+    tokens = self.tokens[start:start + self.seq_len + 1]
+    doc = np.searchsorted(self.doc_starts, np.arange(start, start + tokens.size), side="right") - 1
+    return row_from_tokens(tokens, doc - doc[0] + 1, self.seq_len, self.pad_id)
+
+
+class DocumentSource:
+  """Documents held in memory as a packed (or one-document-per-row) language-modelling stream, with
+  an optional held-out split for evaluation.
+
+  `documents` and `eval_documents` are (origin, raw bytes) pairs, tokenized once at construction by
+  `tokenizer.encode_document` (raw bytes for the byte tokenizer; strict UTF-8 text, or a one-line
+  error naming the origin, for the others) and held as int32 (4 bytes per token): meant for corpora up
+  to a few hundred MB; use TFDS for more.
+
+  pack=True: the token stream (documents + EOS, in order) is cut into windows of seq_len + 1 tokens
+  with stride seq_len, so every token except the first is a target exactly once per epoch; windows are
+  shuffled per epoch. pack=False: one document per row, truncated to seq_len + 1 tokens and padded
+  (segment 0, target -100).
+
+  `eval_set(n)` holds n fixed rows of the held-out documents (laid out as the training rows), spread
+  evenly over the held-out stream, with the UTF-8 bytes of each row's targets for bits per byte.
   """
 
-  def __init__(self, paths: Sequence[str], *, seq_len: int, batch_size: int, tokenizer, seed: int = 0,
-               pack: bool = True, doc_separator: str | None = None):
-    if isinstance(paths, (str, os.PathLike)):
-      paths = [paths]
-    if not paths:
-      raise ValueError("LocalTextSource needs at least one text file")
+  lm_eval = True  # the training loop reports loss, bits per byte and perplexity on eval_set rows
+
+  def __init__(self, documents: Sequence[tuple[str, bytes]], *, seq_len: int, batch_size: int,
+               tokenizer, seed: int = 0, pack: bool = True,
+               eval_documents: Sequence[tuple[str, bytes]] = (), name: str = "text"):
+    self.name = name
     self.seq_len, self.batch_size, self.seed, self.pack = int(seq_len), int(batch_size), seed, pack
     self.tokenizer = tokenizer
     self.vocab_size = int(tokenizer.vocab_size)
-    eos = np.asarray([tokenizer.eos_id], np.int32)
-    docs = []
-    for p in paths:
-      if not os.path.isfile(p):
-        raise FileNotFoundError(f"LocalTextSource: no such text file {str(p)!r}")
-      with open(p, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-      pieces = text.split(doc_separator) if doc_separator else [text]
-      docs += [np.concatenate([tokenizer.encode(t), eos]) for t in pieces if t.strip()]
+    docs = self._tokenize(documents)
     if not docs:
-      raise ValueError(f"LocalTextSource: the files {list(map(str, paths))} hold no text")
+      raise ValueError(f"{name}: no text to train on")
     if pack:
-      self._stream = np.concatenate(docs).astype(np.int32)
-      # doc_starts[j] = stream offset of document j: the document of position p is found by search.
-      self._doc_starts = np.cumsum([0] + [d.size for d in docs[:-1]]).astype(np.int64)
-      self.rows_per_epoch = (self._stream.size - 1) // self.seq_len
+      self._train = _Windows(docs, self.seq_len, tokenizer.pad_id)
+      self.rows_per_epoch = self._train.num_windows
       if self.rows_per_epoch < 1:
-        raise ValueError(f"LocalTextSource: {self._stream.size} tokens cannot fill one row of "
+        raise ValueError(f"{name}: {self._train.tokens.size} tokens cannot fill one row of "
                          f"seq_len={self.seq_len}; add text or lower data.seq_len")
     else:
       self._docs = docs
       self.rows_per_epoch = len(docs)
     self.num_documents = len(docs)
+    self._eval_docs = self._tokenize(eval_documents) or None
+
+  def _tokenize(self, documents) -> list[np.ndarray]:
+    from memarch.data.tokenizer import encode_document  # pylint: disable=import-outside-toplevel
+    eos = np.asarray([self.tokenizer.eos_id], np.int32)
+    return [np.concatenate([encode_document(self.tokenizer, data, origin), eos])
+            for origin, data in documents]
+
+  @property
+  def token_bytes(self) -> np.ndarray:
+    return self.tokenizer.token_bytes
 
   def row(self, epoch: int, position: int):
     w = int(permute_indices(position, self.rows_per_epoch, self.seed, epoch))
     if not self.pack:
       d = self._docs[w]
       return pack_documents([d[: self.seq_len + 1]], self.seq_len, self.tokenizer.pad_id)
-    start = w * self.seq_len
-    tokens = self._stream[start:start + self.seq_len + 1]
-    doc = np.searchsorted(self._doc_starts, np.arange(start, start + tokens.size), side="right") - 1
-    return row_from_tokens(tokens, doc - doc[0] + 1, self.seq_len, self.tokenizer.pad_id)
+    return self._train.row(w)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     epochs, positions = _epoch_positions(step, self.batch_size, self.rows_per_epoch)
     return _stack([self.row(int(e), int(p)) for e, p in zip(epochs, positions)])
+
+  def eval_documents(self) -> list[np.ndarray] | None:
+    """Tokens of each held-out document, EOS included (None without a held-out split)."""
+    return None if self._eval_docs is None else list(self._eval_docs)
+
+  def eval_set(self, n: int) -> dict[str, np.ndarray] | None:
+    """n fixed held-out rows (fewer if the split is shorter), or None without a held-out split."""
+    if self._eval_docs is None or n < 1:
+      return None
+    pad = self.tokenizer.pad_id
+    if self.pack:
+      windows = _Windows(self._eval_docs, self.seq_len, pad)
+      if windows.num_windows < 1:  # a held-out split shorter than a row: one padded row
+        rows = [pack_documents(self._eval_docs, self.seq_len, pad)]
+      else:
+        rows = [windows.row(int(w)) for w in _spread(n, windows.num_windows)]
+    else:
+      rows = [pack_documents([self._eval_docs[int(i)][: self.seq_len + 1]], self.seq_len, pad)
+              for i in _spread(n, len(self._eval_docs))]
+    out = _stack(rows)
+    out["target_bytes"] = target_bytes(out["targets"], self.token_bytes)
+    return out
+
+
+def _spread(n: int, total: int) -> np.ndarray:
+  """min(n, total) distinct indices spread evenly over [0, total)."""
+  return np.unique(np.linspace(0, total - 1, min(int(n), total)).round().astype(np.int64))
+
+
+def target_bytes(targets: np.ndarray, token_bytes: np.ndarray) -> np.ndarray:
+  """UTF-8 bytes of each row's labelled targets (the denominator of bits per byte)."""
+  t = np.asarray(targets)
+  return np.where(t != IGNORE, np.asarray(token_bytes)[np.where(t != IGNORE, t, 0)], 0).sum(-1)
+
+
+class LocalTextSource(DocumentSource):
+  """Local text files (read as bytes) as a `DocumentSource`; `eval_paths` are the held-out split.
+
+  Each file is one document, or, with `doc_separator` (e.g. "\\n\\n"), split into documents on it
+  (empty pieces dropped).
+  """
+
+  def __init__(self, paths: Sequence[str], *, seq_len: int, batch_size: int, tokenizer, seed: int = 0,
+               pack: bool = True, doc_separator: str | None = None, eval_paths: Sequence[str] = ()):
+    if isinstance(paths, (str, os.PathLike)):
+      paths = [paths]
+    if not paths:
+      raise ValueError("LocalTextSource needs at least one text file")
+    try:
+      docs = read_documents(paths, doc_separator)
+      eval_docs = read_documents(eval_paths, doc_separator) if eval_paths else []
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"LocalTextSource: {e}") from None
+    if not docs:
+      raise ValueError(f"LocalTextSource: the files {list(map(str, paths))} hold no text")
+    super().__init__(docs, seq_len=seq_len, batch_size=batch_size, tokenizer=tokenizer, seed=seed,
+                     pack=pack, eval_documents=eval_docs, name="LocalTextSource")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,8 +366,13 @@ class TFDSTextSource:
   so successive epochs see different parts of each book [ours]. pack=False: the first seq_len + 1
   tokens of one document per row, padded.
 
-  `text_key` names the text feature; bytes are decoded as UTF-8 (errors replaced).
+  `text_key` names the text feature. Byte strings go to the byte tokenizer as they are; tokenizers
+  that need text get strict UTF-8 (a record that is not valid UTF-8 fails with one line naming it).
+  `eval_source`, another TFDSTextSource on the held-out split (data.tfds_eval_split), gives
+  `eval_set`.
   """
+
+  lm_eval = True
 
   SAMPLE_DOCS = 64
 
@@ -294,20 +399,43 @@ class TFDSTextSource:
       self.docs_per_row = max(1, math.ceil((self.seq_len + 1) / mean_len))
     self.docs_per_row = min(self.docs_per_row, self.num_documents)
     self.rows_per_epoch = self.num_documents // self.docs_per_row
+    self.eval_source: TFDSTextSource | None = None
 
-  def text(self, i: int) -> str:
+  def _value(self, i: int):
     record = self._source[int(i)]
     if self.text_key not in record:
       raise KeyError(f"TFDS dataset {self.name!r} has no feature {self.text_key!r}; its features are "
                      f"{sorted(record)} (set data.text_key)")
     value = record[self.text_key]
-    if isinstance(value, np.ndarray):
-      value = value.item()
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+    return value.item() if isinstance(value, np.ndarray) else value
+
+  def _origin(self, i: int) -> str:
+    return f"TFDS {self.name!r} split {self.split!r} record {int(i)}"
+
+  def text(self, i: int) -> str:
+    from memarch.data.tokenizer import decode_utf8  # pylint: disable=import-outside-toplevel
+    value = self._value(i)
+    return decode_utf8(value, self._origin(i)) if isinstance(value, bytes) else str(value)
 
   def document(self, i: int) -> np.ndarray:
     """Tokens of document i followed by EOS."""
-    return np.concatenate([self.tokenizer.encode(self.text(i)), self._eos])
+    from memarch.data.tokenizer import encode_document  # pylint: disable=import-outside-toplevel
+    value = self._value(i)
+    data = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    return np.concatenate([encode_document(self.tokenizer, data, self._origin(i)), self._eos])
+
+  @property
+  def token_bytes(self) -> np.ndarray:
+    return self.tokenizer.token_bytes
+
+  def eval_set(self, n: int) -> dict[str, np.ndarray] | None:
+    """n fixed rows of `eval_source` (epoch 0, positions spread over it), or None without one."""
+    ev = self.eval_source
+    if ev is None or n < 1:
+      return None
+    out = _stack([ev.row(0, int(p)) for p in _spread(n, ev.rows_per_epoch)])
+    out["target_bytes"] = target_bytes(out["targets"], self.token_bytes)
+    return out
 
   def row(self, epoch: int, position: int):
     k = self.docs_per_row

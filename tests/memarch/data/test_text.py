@@ -112,6 +112,45 @@ def test_local_errors(tmp_path):
     text.LocalTextSource([str(p)], seq_len=64, batch_size=1, tokenizer=TOK)
 
 
+def test_local_files_are_read_as_raw_bytes(tmp_path):
+  # Latin-1 bytes (not UTF-8) and CRLF line ends: the byte tokenizer sees them unchanged (no U+FFFD,
+  # whose UTF-8 bytes are EF BF BD, and no newline translation).
+  raw = b"caf\xe9 au lait\r\nsecond line \xff end\r\n" * 3
+  p = tmp_path / "latin1.txt"
+  p.write_bytes(raw)
+  src = text.LocalTextSource([str(p)], seq_len=16, batch_size=2, tokenizer=TOK)
+  np.testing.assert_array_equal(src._train.tokens, np.append(np.frombuffer(raw, np.uint8), EOS))
+  stream = src._train.tokens.astype(np.uint8).tobytes()
+  assert b"\xef\xbf\xbd" not in stream and b"\r\n" in stream
+
+
+def test_text_tokenizer_refuses_invalid_utf8_in_one_line(tmp_path):
+  from memarch.data.tokenizer import train_bpe
+  bpe = train_bpe(["plain ascii text for a tiny vocabulary"], 270)
+  good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+  good.write_text("perfectly good text " * 4, "utf-8")
+  bad.write_bytes(b"fine so far \xff\xfe then broken")
+  with pytest.raises(ValueError) as e:
+    text.LocalTextSource([str(good), str(bad)], seq_len=8, batch_size=1, tokenizer=bpe)
+  msg = str(e.value)
+  assert "\n" not in msg and "bad.txt" in msg and "not valid UTF-8" in msg and "byte 12" in msg
+  src = text.LocalTextSource([str(good)], seq_len=8, batch_size=1, tokenizer=bpe)
+  assert bpe.decode(src._train.tokens) == "perfectly good text " * 4
+
+
+def test_local_eval_paths_give_fixed_held_out_rows(tmp_path):
+  paths = _write(tmp_path)
+  held = tmp_path / "held.txt"
+  held.write_text("held-out text, never trained on: " * 5, "utf-8")
+  src = text.LocalTextSource(paths, seq_len=16, batch_size=2, tokenizer=TOK, eval_paths=[str(held)])
+  ev = src.eval_set(3)
+  assert ev["inputs"].shape == (3, 16) and src.eval_set(3)["inputs"].tolist() == ev["inputs"].tolist()
+  assert all(TOK.decode(x) in held.read_text() for x in ev["inputs"])
+  np.testing.assert_array_equal(ev["target_bytes"], (ev["targets"] != text.IGNORE).sum(-1)
+                                - (ev["targets"] == EOS).sum(-1))
+  assert text.LocalTextSource(paths, seq_len=16, batch_size=2, tokenizer=TOK).eval_set(3) is None
+
+
 def test_prompt_answer_row():
   x, y, s, start = text.prompt_answer_row(np.arange(10, 16), np.array([7, 8]), 10, pad_id=0)
   np.testing.assert_array_equal(x, [10, 11, 12, 13, 14, 15, 7, 8, 0, 0])
