@@ -8,8 +8,9 @@ inside segments of S tokens plus a top-k read of the C-token chunks of earlier s
 Variants: `size=tiny|small|base|170m|...`; `chunk=C`, `segment=S` (a multiple of C), `k=N` (chunks
 read per query, 0 = all), `max_chunks=M` (memory size in chunks); CPU sizes default to C=8, S=16,
 k=2, M=64, the others to C=64, S=512, k=4, M=512. `seq_len=L,kv=K` set the MQAR task; a short
-segment makes recall depend on the memory rather than on the local attention. `task=mqar|passkey`
-(passkey: CPU sizes default to C=16, S=64 and max_chunks to 1024, i.e. 16k tokens of memory),
+segment makes recall depend on the memory rather than on the local attention.
+`task=mqar|passkey|text` (passkey and text: CPU sizes default to C=16, S=64 and max_chunks to 1024,
+i.e. 16k tokens of memory; text: the embedded Shakespeare plays, configs_lib.text_task),
 `steps=N`.
 Parameters (size=tiny, MQAR vocab 256): 158,016.
 
@@ -25,15 +26,16 @@ def get_config(arg=None):
                             kv=0, task="mqar", steps=0)
   c = configs_lib.base_config(a.size)
   cpu = a.size in ("tiny", "small")
+  long = a.task in ("passkey", "text")
   c.model.layer_pattern = ("hcam",)
   c.model.mixer = {"hcam": dict(
       # task=passkey on CPU sizes: chunks of 16 and segments of 64 (the 8/16 MQAR default leaves
       # the key line's own copy to the memory).
-      chunk_size=a.chunk or (64 if not cpu else 16 if a.task == "passkey" else 8),
-      segment_len=a.segment or (512 if not cpu else 64 if a.task == "passkey" else 16),
+      chunk_size=a.chunk or (64 if not cpu else 16 if long else 8),
+      segment_len=a.segment or (512 if not cpu else 64 if long else 16),
       top_k=a.k if a.k >= 0 else (2 if cpu else 4),
       # task=passkey keeps 1024 chunks (16k tokens at C = 16), so evaluation never forgets the key.
-      max_chunks=a.max_chunks or (1024 if a.task == "passkey" else 64 if cpu else 512),
+      max_chunks=a.max_chunks or (1024 if long else 64 if cpu else 512),
       implementation="")}
   if a.seq_len:
     c.data.seq_len = a.seq_len
@@ -41,10 +43,5 @@ def get_config(arg=None):
     c.data.num_kv_pairs = a.kv
   c.train.num_steps = 1500
   c.train.stop_at_accuracy = 0.99
-  if a.task == "passkey":
-    configs_lib.passkey_task(c, a)
-  elif a.task != "mqar":
-    raise ValueError(f"hcam: unknown task {a.task!r}; choose mqar or passkey")
-  elif a.steps:
-    c.train.num_steps = a.steps
+  configs_lib.apply_task(c, a, "hcam")
   return configs_lib.finalize(c)

@@ -7,7 +7,7 @@ over the own block, the W most recent blocks and the top-k older blocks (layers/
 Variants: `size=tiny|small|base|170m|...`; `block=L` (block length, landmark included; CPU sizes
 16, else 64), `k=N` (older blocks retrieved per query; 0 = all, the paper's training form),
 `recent=W` (always-visible recent blocks), `share=token_head|token`, `positions=exact|none`,
-`seq_len=L,kv=K` (MQAR task), `task=mqar|passkey`, `steps=N`. Every L-th stream position acts as the block's landmark; the default
+`seq_len=L,kv=K` (MQAR task), `task=mqar|passkey|text`, `steps=N`. Every L-th stream position acts as the block's landmark; the default
 MQAR stream has no landmark token, so there it is an ordinary token with its own loss [ours]. For
 the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
 Parameters (size=tiny, MQAR vocab 256): 117,056.
@@ -37,13 +37,9 @@ def get_config(arg=None):
     c.data.num_kv_pairs = a.kv
   c.train.num_steps = 1500
   c.train.stop_at_accuracy = 0.99
+  configs_lib.apply_task(c, a, "landmark")
   if a.task == "passkey":
-    configs_lib.passkey_task(c, a)
     # The paper's layout: a landmark token closes every block (training rows and, via the eval
     # runner, every prompt), so a block's gate key is a learned token's, not an ordinary byte's.
     c.data.landmark_block = c.model.mixer.landmark.block_size
-  elif a.task != "mqar":
-    raise ValueError(f"landmark: unknown task {a.task!r}; choose mqar or passkey")
-  elif a.steps:
-    c.train.num_steps = a.steps
   return configs_lib.finalize(c)

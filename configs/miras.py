@@ -6,7 +6,8 @@
 Variants: `variant=moneta|yaad|memora`, `hybrid=True` (the "-H" models: memory layers interleaved
 with sliding-window attention, Titans' MAL layout), `size=tiny|small|base|170m|340m|760m`,
 `depth=N` (memory MLP depth, 1 = linear memory), `chunk=N` (inner mini-batch b; the paper uses 16 or
-64), `seq_len=L,kv=K` (MQAR task).
+64), `seq_len=L,kv=K` (MQAR task), `task=mqar|passkey|text` (configs_lib; text needs
+packed-document support in the mixer).
 Parameters (size=tiny, MQAR vocab 256): moneta 163,032; yaad 163,032; memora 163,032
 (hybrid=True: 140,044 each). The three share one parameter set (Memora's scale c is kept, unused,
 by the others).
@@ -18,7 +19,7 @@ VARIANTS = ("moneta", "yaad", "memora")
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, variant="moneta", size="tiny", depth=2, chunk=16, hybrid=False,
-                            seq_len=0, kv=0)
+                            seq_len=0, kv=0, task="mqar")
   if a.variant not in VARIANTS:
     raise ValueError(f"miras: unknown variant {a.variant!r}; choose moneta, yaad or memora")
   c = configs_lib.base_config(a.size)
@@ -40,4 +41,5 @@ def get_config(arg=None):
   c.train.num_steps = 2000
   c.train.stop_at_accuracy = 0.99
   c.train.stats_every = 100
+  configs_lib.apply_task(c, a, "miras")
   return configs_lib.finalize(c)

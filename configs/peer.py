@@ -15,7 +15,8 @@ Variants:
       the SwiGLU FFN.
   `n=N` sub-keys per side (N = n^2 experts; 0 = the size's default: 32 at tiny, 128 above),
   `k=K` experts per head (0 = 8 at tiny, 16 above), `heads=H` retrieval heads (0 = 4 at tiny, 8 above),
-  `size=tiny|small|...`, `data=memorization|mqar`.
+  `size=tiny|small|...`, `data=memorization|mqar|text` (text: the embedded Shakespeare plays,
+  configs_lib.text_task).
 Parameters (size=tiny, memorization vocab 256, n=32, h=4, k=8): middle 223,552; all 330,048
 """
 from memarch import configs_lib
@@ -57,6 +58,9 @@ def _set_data(c, data):
     c.train.num_steps = 2000
   elif data == "mqar":
     c.train.num_steps = 1500
+  elif data == "text":
+    configs_lib.text_task(c, {})
+    return
   else:
-    raise ValueError(f"unknown data {data!r}; choose memorization or mqar")
+    raise ValueError(f"unknown data {data!r}; choose memorization, mqar or text")
   c.train.stop_at_accuracy = 0.99

@@ -4,7 +4,8 @@
   python scripts/train.py --config=configs/titans.py:variant=mag,size=tiny --workdir=runs/mag
 
 Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m`, `depth=N` (memory MLP
-depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR task).
+depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR task),
+`task=mqar|passkey|text` (configs_lib; text needs packed-document support in the mixer).
 Parameters (size=tiny, MQAR vocab 256): mac 196,048; mag 187,728; mal 195,920; lmm 163,024.
 """
 from memarch import configs_lib
@@ -13,7 +14,8 @@ MIXER = {"mac": "titans_mac", "mag": "titans_mag", "mal": "titans_mal", "lmm": "
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, variant="mac", size="tiny", depth=2, chunk=16, seq_len=0, kv=0)
+  a = configs_lib.parse_arg(arg, variant="mac", size="tiny", depth=2, chunk=16, seq_len=0, kv=0,
+                            task="mqar")
   if a.variant not in MIXER:
     raise ValueError(f"titans: unknown variant {a.variant!r}; choose mac, mag, mal or lmm")
   c = configs_lib.base_config(a.size)
@@ -34,4 +36,5 @@ def get_config(arg=None):
   c.train.eval_every = 50
   c.train.stop_at_accuracy = 0.99
   c.train.stats_every = 100
+  configs_lib.apply_task(c, a, "titans")
   return configs_lib.finalize(c)

@@ -15,7 +15,8 @@ Variants:
       layer's FLOPs (`layers.ultramem.ffn_hidden_for_share`; the paper finds ~17% best), `default`
       keeps the SwiGLU's 8/3 d width.
   `n=N` keys per side (N = n^2 rows; 0 = the size's default: 32 at tiny, 128 above), `k=M` TopM rows
-  per token (0 = 16 at tiny, 64 above), `share=F` (0.17), `size=tiny|small|...`, `data=memorization|mqar`.
+  per token (0 = 16 at tiny, 64 above), `share=F` (0.17), `size=tiny|small|...`,
+  `data=memorization|mqar|text` (text: the embedded Shakespeare plays, configs_lib.text_task).
 Parameters (size=tiny, memorization vocab 256, n=32, k=16): default 211,552; shared 349,792
 """
 from memarch import configs_lib
@@ -44,7 +45,9 @@ def get_config(arg=None):
     c.train.num_steps = 2000
   elif a.data == "mqar":
     c.train.num_steps = 1500
-  else:
-    raise ValueError(f"unknown data {a.data!r}; choose memorization or mqar")
+  elif a.data != "text":
+    raise ValueError(f"unknown data {a.data!r}; choose memorization, mqar or text")
   c.train.stop_at_accuracy = 0.99
+  if a.data == "text":
+    configs_lib.text_task(c, {})
   return configs_lib.finalize(c)

@@ -77,9 +77,14 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       name="mqar", seq_len=p["seq_len"], batch_size=p["batch_size"],
       num_kv_pairs=p["num_kv_pairs"], vocab_size=p["mqar_vocab"], power_a=0.01,
       random_non_queries=False, eval_examples=1000,
-      # Real text (data.name = 'text' for local files, 'tfds' for a prepared TFDS dataset):
-      paths=(), tfds_name="", tfds_data_dir="", tfds_split="train", text_key="text",
-      tokenizer="byte", spm_model="", pack=True,
+      # Real text (data.name = 'shakespeare' for the embedded plays, 'text' for local files,
+      # 'tfds' for a prepared TFDS dataset; docs/data.md). tokenizer: byte | sentencepiece (with
+      # spm_model) | bpe (a byte-level BPE of data.vocab_size ids trained on the training split,
+      # saved as <workdir>/tokenizer.json) | /path/to/tokenizer.json. Held-out split: the fixed
+      # plays, eval_paths (local files) or tfds_eval_split; eval_rows of it are scored every
+      # train.eval_every steps (loss, bits per byte, perplexity):
+      paths=(), eval_paths=(), tfds_name="", tfds_data_dir="", tfds_split="train",
+      tfds_eval_split="", text_key="text", tokenizer="byte", spm_model="", pack=True, eval_rows=32,
       # BABILong-style qa1-qa5 (data.name = 'babilong'); length 0 = fit the context to data.seq_len:
       babilong_tasks=("qa1", "qa2", "qa3", "qa4", "qa5"), babilong_length=0,
       # Passkey / S-NIAH-1 (data.name = 'passkey' | 'niah'); depth < 0 = uniform per example;
@@ -115,7 +120,7 @@ def passkey_task(c, a) -> None:
   the landmark and HCAM configs (`task=passkey`); `a` needs seq_len and steps."""
   c.data.name = "passkey"
   c.data.tokenizer = "byte"
-  c.data.seq_len = a.seq_len or 512
+  c.data.seq_len = a.get("seq_len", 0) or 512
   c.data.batch_size = 16
   # Language-model loss on the whole row (as the landmark paper trains): the repeated filler and the
   # key line's second copy of the key teach the copying (induction) circuit that the answer needs;
@@ -123,7 +128,7 @@ def passkey_task(c, a) -> None:
   c.data.prompt_loss = True
   c.model.vocab_size = 0  # from the tokenizer (259 bytes + specials)
   c.opt.lr = 2e-3
-  c.train.num_steps = a.steps or 2400
+  c.train.num_steps = a.get("steps", 0) or 2400
   c.train.stop_at_accuracy = 0.0  # no fixed eval set in the stream; train the full budget
   c.train.eval_every = 0
   c.train.ckpt_every = 200
@@ -132,6 +137,51 @@ def passkey_task(c, a) -> None:
   c.evals.depths = (0.0, 0.25, 0.5, 0.75, 1.0)
   c.evals.num_examples = 16
   c.evals.segment_len = 512
+
+
+def text_task(c, a) -> None:
+  """task=text: language modelling on the embedded Shakespeare plays (data.name=shakespeare, 34
+  training plays packed into rows of `seq_len` byte tokens, default 512; docs/data.md), with the
+  held-out plays scored every 100 steps (eval/loss, eval/bits_per_byte, eval/perplexity) and
+  scripts/eval.py's perplexity eval at 512 to 4k tokens, streamed through the mixer's state in
+  training-length segments. Packed rows carry segment ids, so only mixers that reset at document
+  boundaries run; the others refuse with one line. `--config.data.tokenizer=bpe` switches to a
+  byte-level BPE of data.vocab_size ids (default here 4096). `a` may hold seq_len and steps."""
+  c.data.name = "shakespeare"
+  c.data.tokenizer = "byte"
+  c.data.vocab_size = 4096  # read only by data.tokenizer=bpe
+  c.data.seq_len = a.get("seq_len", 0) or 512
+  c.data.batch_size = 16
+  c.data.pack = True
+  c.data.eval_rows = 32
+  c.model.vocab_size = 0  # from the tokenizer
+  c.opt.lr = 2e-3
+  c.opt.warmup_steps = 100
+  c.train.num_steps = a.get("steps", 0) or 2000
+  c.train.stop_at_accuracy = 0.0  # language modelling: train the full budget
+  c.train.eval_every = 100
+  c.train.ckpt_every = 250
+  c.evals.names = ("perplexity",)
+  c.evals.lengths = (512, 1024, 2048, 4096)
+  c.evals.segment_len = c.data.seq_len
+
+
+TASKS = ("mqar", "passkey", "text")
+
+
+def apply_task(c, a, family: str) -> None:
+  """The `task=mqar|passkey|text` option every family config shares: mqar keeps the family's MQAR
+  setting (`steps=N`, when the config has it, sets the step count), passkey is `passkey_task`, text
+  is `text_task`."""
+  task = a.get("task", "mqar")
+  if task == "passkey":
+    passkey_task(c, a)
+  elif task == "text":
+    text_task(c, a)
+  elif task != "mqar":
+    raise ValueError(f"{family}: unknown task {task!r}; choose {', '.join(TASKS)}")
+  elif a.get("steps", 0):
+    c.train.num_steps = a.steps
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -55,6 +55,8 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def plot_curves(metrics_path: str, png_path: str, title: str = "") -> str | None:
+  """Training loss (with eval/loss on the same axes), then one panel per other eval metric
+  (accuracy on [0, 1]; bits per byte, perplexity on their own scales)."""
   rows = read_metrics(metrics_path)
   if not rows:
     return None
@@ -62,18 +64,26 @@ def plot_curves(metrics_path: str, png_path: str, title: str = "") -> str | None
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   loss = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-  evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
-  fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.6), squeeze=False)
+  eval_loss = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+  evals = sorted({k for r in rows for k in r if k.startswith("eval/")} - {"eval/loss"})
+  n = 1 + len(evals)
+  fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6), squeeze=False)
   ax = axes[0, 0]
   if loss:
-    ax.plot(*zip(*loss), lw=1.2)
-  ax.set_xlabel("step"); ax.set_ylabel("train loss"); ax.set_yscale("log"); ax.grid(alpha=.3)
-  if evals:
-    ax2 = axes[0, 1]
-    for k in evals:
-      pts = [(r["step"], r[k]) for r in rows if k in r]
-      ax2.plot(*zip(*pts), marker="o", ms=3, label=k)
-    ax2.set_xlabel("step"); ax2.set_ylim(-0.02, 1.02); ax2.grid(alpha=.3); ax2.legend()
+    ax.plot(*zip(*loss), lw=1.2, label="train/loss")
+  if eval_loss:
+    ax.plot(*zip(*eval_loss), marker="o", ms=3, label="eval/loss")
+    ax.legend()
+  ax.set_xlabel("step"); ax.set_ylabel("loss (nats per token)"); ax.set_yscale("log")
+  ax.grid(alpha=.3)
+  for ax2, k in zip(axes[0, 1:], evals):
+    pts = [(r["step"], r[k]) for r in rows if k in r]
+    ax2.plot(*zip(*pts), marker="o", ms=3, color="tab:orange")
+    ax2.set_xlabel("step"); ax2.set_ylabel(k); ax2.grid(alpha=.3)
+    if "accuracy" in k:
+      ax2.set_ylim(-0.02, 1.02)
+    elif k.endswith("perplexity"):
+      ax2.set_yscale("log")
   if title:
     fig.suptitle(title)
   fig.tight_layout()

@@ -76,7 +76,8 @@ def check_workdir(workdir: str, config) -> None:
   for section in ("model", "data"):
     o, n = old.get(section, {}), json.loads(json.dumps(new[section], default=str))
     keys = sorted(set(o) | set(n))
-    diff = [k for k in keys if (section == "model" or k in ("name", "seq_len", "vocab_size"))
+    diff = [k for k in keys if (section == "model" or k in ("name", "seq_len", "vocab_size",
+                                                            "tokenizer"))
             and o.get(k) != n.get(k)]
     if diff:
       k = diff[0]
@@ -109,7 +110,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   # ---- everything that can be wrong with the config fails here, before any compute ----
   sharding.maybe_initialize_distributed(config.mesh.distributed)
-  data = make_source(config.data, seed=config.seed)
+  data = make_source(config.data, seed=config.seed, workdir=workdir)
   lm_cfg = configs_lib.lm_config(config, data.vocab_size)
   opt_cfg = configs_lib.opt_config(config)
   tc = config.train
@@ -204,33 +205,51 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   step_fn = jax.jit(train_step, donate_argnums=0, static_argnums=2)
 
   # ---- evaluation ----
-  eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
+  # Text sources (lm_eval) score fixed rows of their held-out split: loss, bits per byte and
+  # perplexity; the synthetic tasks score their eval set by accuracy and loss.
+  lm_eval = bool(getattr(data, "lm_eval", False))
+  if lm_eval:
+    eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
+  else:
+    eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
 
   @jax.jit
-  def predict(state, inputs, segment_ids):
+  def predict(state, inputs, segment_ids, targets):
+    """(argmax [B, T], negative log-likelihood of each target [B, T], 0 where ignored)."""
     model, _ = nnx.merge(graphdef, state)
     logits, _ = model(inputs, segment_ids_BT=segment_ids if packed else None)
-    return jnp.argmax(logits, -1), logits
+    mask = targets != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.argmax(logits, -1), jnp.where(mask, nll, 0.0)
 
   def evaluate(state) -> dict[str, float]:
     if eval_set is None:
       return {}
     bs = config.data.batch_size
     n = len(eval_set["inputs"])
-    correct, loss_sum, count = [], 0.0, 0
+    correct, nats, count, nbytes = [], 0.0, 0, 0
     for i in range(0, n, bs):
       sl = {k: v[i:i + bs] for k, v in eval_set.items()}
       pad = bs - len(sl["inputs"])
       if pad:  # keep one compiled shape
         sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
-      preds, logits = predict(state, sl["inputs"], sl["segment_ids"])
-      preds, tgt = np.asarray(preds)[:bs - pad], sl["targets"][:bs - pad]
+      preds, nll = predict(state, sl["inputs"], sl["segment_ids"], sl["targets"])
+      preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
+      tgt = sl["targets"][:bs - pad]
       mask = tgt != IGNORE
       correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-      l, c = cross_entropy(logits[:bs - pad], tgt)
-      loss_sum += float(l) * int(c)
-      count += int(c)
-    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss_sum / max(count, 1)}
+      nats += float(nll.sum())
+      count += int(mask.sum())
+      if "target_bytes" in sl:
+        nbytes += int(sl["target_bytes"][:bs - pad].sum())
+    loss = nats / max(count, 1)
+    if lm_eval:
+      # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand for,
+      # so byte-level and BPE models compare (docs/data.md).
+      return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+              "eval/perplexity": math.exp(min(loss, 700.0))}
+    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
 
   writer = metrics_lib.MetricWriter(workdir)
   progress = None
@@ -286,9 +305,10 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
             last.update(row)
             writer.write(pending[0], row)
             if progress is not None:
+              shown = (dict(bpb=f"{last.get('eval/bits_per_byte', float('nan')):.3f}") if lm_eval
+                       else dict(acc=f"{last.get('eval/accuracy', float('nan')):.3f}"))
               progress.set_postfix(loss=f"{row['train/loss']:.4f}",
-                                   tok_s=f"{row['train/tokens_per_sec']:.0f}",
-                                   acc=f"{last.get('eval/accuracy', float('nan')):.3f}")
+                                   tok_s=f"{row['train/tokens_per_sec']:.0f}", **shown)
         pending = (step, m)
         if progress is not None:
           progress.update(1)
@@ -300,7 +320,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
           ev = evaluate(state)
           last.update(ev)
           writer.write(step, ev)
-          if tc.stop_at_accuracy and ev["eval/accuracy"] >= tc.stop_at_accuracy:
+          if tc.stop_at_accuracy and ev.get("eval/accuracy", 0.0) >= tc.stop_at_accuracy:
             stopped_early = True
         if over_budget and not stopped_early:
           log(f"memarch: time budget of {tc.time_budget_s:.0f}s used up at step {step}; stopping")

