@@ -1,12 +1,16 @@
-"""Evaluate a trained memarch workdir: BABILong-style, passkey, S-NIAH-1 and MQAR.
+"""Evaluate a trained memarch workdir: BABILong-style, passkey, S-NIAH-1, MQAR and held-out
+perplexity (bits per byte) against context length.
 
   python scripts/eval.py --workdir=runs/babilong_gdn                        # the config's evals.names
   python scripts/eval.py --workdir=runs/babilong_gdn --evals=babilong,passkey --lengths=1024,4096
   python scripts/eval.py --workdir=runs/transformer --evals=mqar --mqar_settings=64:4,128:8
+  python scripts/eval.py --workdir=runs/tf_text --evals=perplexity --lengths=512,2048,8192
+  python scripts/eval.py --workdir=runs/tf_text --evals=perplexity --text_paths=a.txt,b.txt
   python scripts/eval.py --workdir=/tmp/w --train_first --config=configs/babilong.py \\
       --config.train.num_steps=50                                           # train a tiny model first
 
-Writes <workdir>/eval/<name>.json and <name>.png (MQAR also mqar.md). See memarch/evals/runner.py.
+Writes <workdir>/eval/<name>.json and <name>.png (MQAR also mqar.md; perplexity.json is a list that
+later runs merge into). See memarch/evals/runner.py and memarch/evals/perplexity.py.
 """
 import os
 import sys
@@ -17,7 +21,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir with checkpoints", required=True)
-_EVALS = flags.DEFINE_string("evals", None, "comma-separated: babilong,passkey,niah,mqar "
+_EVALS = flags.DEFINE_string("evals", None, "comma-separated: babilong,passkey,niah,mqar,perplexity "
                              "(default: the config's evals.names)")
 _LENGTHS = flags.DEFINE_list("lengths", None, "context/prompt lengths in tokens, e.g. 1024,2048")
 _DEPTHS = flags.DEFINE_list("depths", None, "needle/passkey depths in [0, 1], e.g. 0,0.5,1")
@@ -27,6 +31,10 @@ _SEGMENT = flags.DEFINE_integer("segment_len", None, "tokens per model call (sta
 _BATCH = flags.DEFINE_integer("batch_size", None, "examples per batch")
 _MQAR = flags.DEFINE_string("mqar_settings", None, "MQAR seq_len:kv list, e.g. 64:4,128:8")
 _SEED = flags.DEFINE_integer("seed", 0, "eval example seed")
+_TEXT_PATHS = flags.DEFINE_list("text_paths", None, "perplexity: local text files to score (one "
+                                "document each) instead of the held-out split")
+_MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "perplexity: tokens scored per length, spread "
+                                   "over the documents (0 = all)")
 _TRAIN_FIRST = flags.DEFINE_bool("train_first", False, "train --config in --workdir first")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg] for --train_first",
                                           lock_config=True)
@@ -47,7 +55,8 @@ def main(argv):
               lengths=[int(x) for x in _LENGTHS.value] if _LENGTHS.value else None,
               depths=[float(x) for x in _DEPTHS.value] if _DEPTHS.value else None,
               tasks=_TASKS.value, num_examples=_NUM.value, segment_len=_SEGMENT.value,
-              batch_size=_BATCH.value, mqar_settings=_MQAR.value, seed=_SEED.value)
+              batch_size=_BATCH.value, mqar_settings=_MQAR.value, seed=_SEED.value,
+              text_paths=_TEXT_PATHS.value, max_tokens=_MAX_TOKENS.value)
   except (EvalError, TrainingError, ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -120,8 +120,16 @@ class StreamingRunner:
       _, toks = jax.lax.scan(step, (last_BV, state), None, length=num_new)
       return toks.T
 
+    def nll(params, tokens_BT, targets_BT, state):
+      logits, new = call(params, tokens_BT, state)
+      mask = targets_BT >= 0
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      out = -jnp.take_along_axis(logp, jnp.where(mask, targets_BT, 0)[..., None], axis=-1)[..., 0]
+      return jnp.where(mask, out, 0.0), new
+
     self._init = jax.jit(init, static_argnums=(1, 2))
     self._masked = jax.jit(masked)
+    self._nll = jax.jit(nll)
     self._greedy = jax.jit(greedy, static_argnums=3)
 
   def init_state(self, batch_size: int, max_len: int):
@@ -145,6 +153,21 @@ class StreamingRunner:
                                          active, last)
       outs.append(logits)
     return jnp.concatenate(outs, axis=1), state
+
+  def score(self, tokens_BT, targets_BT, *, max_len: int | None = None) -> np.ndarray:
+    """Negative log-likelihood [B, T] of each target (0 where the target is negative, i.e. ignored)
+    with `tokens_BT` fed `segment_len` tokens per call through the state; only one segment's logits
+    exist at a time, so long rows need no [B, T, V] array."""
+    tokens_BT = np.asarray(tokens_BT, np.int32)
+    targets_BT = np.asarray(targets_BT, np.int32)
+    b, t = tokens_BT.shape
+    state = self.init_state(b, max_len or t)
+    outs = []
+    for s in range(0, t, self.segment_len):
+      nll, state = self._nll(self.params, jnp.asarray(tokens_BT[:, s:s + self.segment_len]),
+                             jnp.asarray(targets_BT[:, s:s + self.segment_len]), state)
+      outs.append(np.asarray(nll, np.float64))
+    return np.concatenate(outs, axis=1)
 
   def prefill(self, prompts: Sequence[np.ndarray], *, max_len: int):
     """(logits at each prompt's last token [B, V], state after each prompt) for prompts of any

@@ -6,6 +6,8 @@
   passkey.json, passkey.png     teacher-forced exact match per depth x length
   niah.json, niah.png           exact match and greedy string_match_all per depth x length
   mqar.json, mqar.md, mqar.png  MQAR test accuracy per (seq_len, kv) setting
+  perplexity.json, .png         bits per byte, loss and tokens per context length on the held-out
+                                split or local files (a list; later runs merge into it)
 
 Defaults for lengths, depths, tasks, example counts and the segment length come from the config's
 `evals` section when it has them (configs/babilong.py sets them), else from `DEFAULTS`; arguments
@@ -22,7 +24,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-EVALS = ("babilong", "passkey", "niah", "mqar")
+EVALS = ("babilong", "passkey", "niah", "mqar", "perplexity")
 TEXT_EVALS = ("babilong", "passkey", "niah")
 DEFAULTS = dict(names=("mqar",), lengths=(512, 1024, 2048), num_examples=20, segment_len=512, batch_size=8,
                 depths=(0.0, 0.25, 0.5, 0.75, 1.0), tasks=("qa1", "qa2", "qa3", "qa4", "qa5"),
@@ -134,9 +136,14 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
               segment_len: int | None = None, batch_size: int | None = None,
               depths: Sequence[float] | None = None, tasks: Sequence[str] | None = None,
               mqar_settings: str | Sequence | None = None, seed: int = 0,
+              text_paths: Sequence[str] | None = None, max_tokens: int | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, dict]:
   """Runs the named evals (default: the config's `evals.names`) on the newest checkpoint in
-  `workdir`; returns {name: {"json": path, "png": path, "result": dict}}."""
+  `workdir`; returns {name: {"json": path, "png": path, "result": dict (a list for perplexity)}}.
+
+  perplexity scores the training source's held-out split, or `text_paths` (local files, one document
+  each), at each of `lengths`, streamed in segments of `segment_len` (default: the training length)
+  and capped at `max_tokens` tokens per length (0: all; default: the config's evals.max_tokens)."""
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   workdir = os.path.abspath(workdir)
   wanted = parse_names(names)  # unknown names fail before anything is loaded
@@ -166,6 +173,11 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
   results = {}
   for name in wanted:
     t0 = time.time()
+    if name == "perplexity":
+      results[name] = _run_perplexity(cfg, data, model, step, out_dir, arch, lengths=opts["lengths"],
+                                      segment_len=segment_len, batch_size=opts["batch_size"],
+                                      text_paths=text_paths, max_tokens=max_tokens, log=log)
+      continue
     if name in TEXT_EVALS and trained_on == "mqar":
       raise EvalError(f"the {name} eval needs a model trained on text (data.name babilong, passkey, "
                       f"niah, text or tfds); {workdir} was trained on mqar")
@@ -176,7 +188,8 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
                   log=log)
     try:
       if name != "mqar":
-        tok = get_tokenizer(cfg.data.tokenizer, cfg.data.spm_model or None)
+        tok = getattr(data, "tokenizer", None) or get_tokenizer(cfg.data.tokenizer,
+                                                                cfg.data.spm_model or None)
       if name == "babilong":
         res = long_context.evaluate_babilong(runner, tasks=opts["tasks"], lengths=opts["lengths"],
                                              tokenizer=tok, **common)
@@ -217,3 +230,62 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
     log(f"memarch: {name} -> {path}, {png}")
     results[name] = {"json": path, "png": png, "result": res}
   return results
+
+
+def _run_perplexity(cfg, data, model, step, out_dir, arch, *, lengths, segment_len, batch_size,
+                    text_paths, max_tokens, log) -> dict:
+  """The perplexity eval (memarch.evals.perplexity) for run_evals."""
+  from memarch.data import text as text_lib
+  from memarch.data.tokenizer import encode_document
+  from memarch.evals import perplexity
+  trained_on = cfg.data.name
+  if trained_on in ("mqar", "memorization"):
+    raise EvalError(f"the perplexity eval needs a model trained on text (data.name shakespeare, "
+                    f"text, tfds, ...); {trained_on} models have no text tokenizer")
+  tok = getattr(data, "tokenizer", None)
+  if tok is None or not hasattr(tok, "token_bytes"):
+    raise EvalError(f"data.name={trained_on} has no tokenizer with byte lengths for bits per byte")
+  if getattr(data, "landmark_block", 0):
+    raise EvalError("the perplexity eval does not insert landmark tokens; evaluate landmark-layout "
+                    "models with passkey or niah")
+  try:
+    if text_paths:
+      paths = [os.path.abspath(p) for p in text_paths]
+      eos = np.asarray([tok.eos_id], np.int32)
+      docs = [np.concatenate([encode_document(tok, d, origin), eos])
+              for origin, d in text_lib.read_documents(paths)]
+      if not docs:
+        raise EvalError(f"the files {', '.join(paths)} hold no text")
+      source = "files: " + ", ".join(os.path.basename(p) for p in paths)
+    else:
+      docs = data.eval_documents() if hasattr(data, "eval_documents") else None
+      if not docs:
+        raise EvalError(f"data.name={trained_on} has no held-out split here; pass --text_paths="
+                        "a.txt,b.txt (local files) to score")
+      source = f"{trained_on} held-out"
+  except (FileNotFoundError, ValueError) as e:
+    raise EvalError(f"perplexity: {e}") from None
+  if max_tokens is None:
+    ev = cfg.get("evals", None)
+    max_tokens = int(ev.get("max_tokens", 0)) if ev is not None else 0
+  docs = perplexity.cap_documents(docs, max_tokens)
+  train_len = int(cfg.data.seq_len)
+  t0 = time.time()
+  try:
+    rows = perplexity.evaluate_perplexity(model, docs, lengths=lengths, train_len=train_len,
+                                          token_bytes=tok.token_bytes,
+                                          segment_len=segment_len or train_len,
+                                          batch_size=batch_size, source=source, log=log)
+  except ValueError as e:
+    raise EvalError(f"perplexity: {e}") from None
+  workdir = os.path.dirname(out_dir)
+  for r in rows:
+    r.update(step=step, arch=arch, tokenizer=getattr(tok, "name", type(tok).__name__),
+             wall_sec=time.time() - t0)
+  path = os.path.join(out_dir, "perplexity.json")
+  merged = perplexity.merge_rows(path, rows)
+  png = perplexity.plot(merged, os.path.join(out_dir, "perplexity.png"), train_len=train_len,
+                        title=f"held-out bits per byte vs context length, {arch}, step {step}\n"
+                              f"{workdir}")
+  log(f"memarch: perplexity -> {path}, {png}")
+  return {"json": path, "png": png, "result": merged}
