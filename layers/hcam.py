@@ -37,7 +37,16 @@ State (growing cache, DESIGN.md section 2), R = min(M_max + S/C, max_len // C) r
   mem_id       [B, R]             chunk index in a slot (-1 = empty)
   cur_k, cur_v [B, C, H, Dh], cur_s [B, C, F]   the incomplete chunk, per token
   pos          [B]
-Packed documents (segment_ids_BT) are not supported.
+
+Packed documents [ours]: with `segment_ids_BT` (a change of id between consecutive tokens starts a
+document) every document is computed as if it ran alone from the call's initial state: the first
+document continues `state` (a fresh state when None), each later one restarts its stream at
+position 0, so its segments, chunks, chunk position encodings and RoPE start at its first token;
+no local attention, chunk memory or gate crosses a document. The memory's chunks move to the slots
+of `layers.packing.realign` (every later document starts on a chunk boundary, so a chunk holds one
+document; see `layers.landmark.doc_grid`); queries and the local attention stay on the token axis.
+A row with more documents than the slots hold (more than T / C after the first) gets NaN outputs
+for the tokens that do not fit. The returned state is the last document's, as if it had run alone.
 """
 from __future__ import annotations
 
@@ -48,9 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.attention import Attention, AttentionConfig
-from layers.base import reject_segment_ids
-from layers.landmark import stream_blocks, write_blocks
+from layers.attention import Attention, AttentionConfig, attend, causal_mask
+from layers.landmark import (DocGrid, doc_grid, last_document_blocks, restart_rows, scatter_rows,
+                             stream_blocks, write_blocks)
+from layers.packing import to_slots
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
 
 
@@ -179,8 +189,31 @@ class HCAM(nnx.Module):
     valid = jnp.ones((b, q_len, m), bool) if valid_BQM is None else valid_BQM
     return self._read(h_BQD, k, v, jnp.mean(s, axis=2), valid)
 
+  def _local_packed(self, x_BTD, st, grid: DocGrid):
+    """The local attention of a packed row: RoPE at each token's position in its document, keys of
+    the same document and segment only (cached keys belong to the first document). Returns the
+    output and the local attention's state after the last document alone."""
+    rel, doc = grid.rel_BT, grid.doc_BT
+    sid = rel // self.cfg.segment_len
+    q, k, v = self.local.qkv(x_BTD, rel)
+    cat = lambda a, new: jnp.concatenate([a.astype(new.dtype), new], axis=1)
+    keys, vals = cat(st["k"], k), cat(st["v"], v)
+    kpos, kseg = cat(st["kpos"], rel), cat(st["kseg"], sid)
+    kdoc = cat(jnp.zeros_like(st["kpos"]), doc)
+    mask = causal_mask(rel, kpos, sid, kseg, self.local.cfg.window)
+    mask = mask & (doc[:, :, None] == kdoc[:, None, :])
+    y = self.local.project_out(attend(q, keys, vals, mask))
+
+    st = restart_rows(~grid.last_is_first_B, st, ("kpos",))
+    s = st["kpos"].shape[1]
+    end = grid.end_B - grid.origin_B  # the last document's length (plus pos0 if it is the first)
+    keep = (doc == doc[:, -1:]) & (rel >= end[:, None] - s)  # its last s tokens: distinct slots
+    slot = jnp.where(keep, rel % s, s)
+    write = lambda buf, new: scatter_rows(buf, slot, new.astype(buf.dtype))
+    return y, {"k": write(st["k"], k), "v": write(st["v"], v), "kpos": write(st["kpos"], rel),
+               "kseg": write(st["kseg"], sid), "pos": end}
+
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("HCAM", segment_ids_BT)
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     c, seg = cfg.chunk_size, cfg.segment_len
@@ -188,13 +221,20 @@ class HCAM(nnx.Module):
     if fresh:
       state = self.init_state(b, max_len=t, dtype=x_BTD.dtype)
     pos0 = state["pos"]
-    positions = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    grid = doc_grid(segment_ids_BT, pos0, t, c)  # unpacked: the tokens themselves
+    packed = grid.r is not None
+    rel = grid.rel_BT
 
     attn_state = {k[5:]: v for k, v in state.items() if k.startswith("attn_")}
-    y_local, attn_state = self.local(x_BTD, state=attn_state, segment_ids_BT=positions // seg)
+    if packed:
+      y_local, attn_state = self._local_packed(x_BTD, attn_state, grid)
+    else:
+      y_local, attn_state = self.local(x_BTD, state=attn_state, segment_ids_BT=rel // seg)
 
-    mk, mv, ms = self._memory_kv(x_BTD, positions % c, c)
-    nb = (t + c - 1) // c + 1
+    mk, mv, ms = self._memory_kv(x_BTD, rel % c, c)
+    if packed:  # the memory's tokens move to the slots; queries stay on the token axis
+      mk, mv, ms = (to_slots(a, grid.r) for a in (mk, mv, ms))
+    nb = (grid.n + c - 1) // c + 1
     win_k = stream_blocks(state["cur_k"], mk, pos0, c, nb)  # [B, nb, C, H, Dh]
     win_v = stream_blocks(state["cur_v"], mv, pos0, c, nb)
     win_s_tok = stream_blocks(state["cur_s"], ms, pos0, c, nb)  # [B, nb, C, F]
@@ -206,20 +246,32 @@ class HCAM(nnx.Module):
       cat = lambda a, w_: jnp.concatenate([a.astype(w_.dtype), w_], axis=1)
       blk_k, blk_v = cat(state["mem_k"], win_k), cat(state["mem_v"], win_v)
       summ, blk_id = cat(state["mem_s"], win_s), cat(state["mem_id"], win_id)
-    first = ((positions // seg) * (seg // c))[:, :, None]  # first chunk of the query's segment
+    # first chunk of the query's segment: its document's first chunk plus whole segments
+    origin = grid.gpos_BT - rel  # grid position of the token's document start (0: the first's)
+    first = (origin // c + (rel // seg) * (seg // c))[:, :, None]
     bid = blk_id[:, None, :]
     allowed = (bid >= 0) & (bid < first) & (bid >= first - cfg.max_chunks)
+    if packed:  # a chunk holds one document; cached chunks belong to the first
+      blk_doc = grid.slot_doc(win_id * c)
+      if not fresh:
+        blk_doc = jnp.concatenate([jnp.zeros_like(state["mem_id"]), blk_doc], axis=1)
+      allowed = allowed & (blk_doc[:, None, :] == grid.doc_BT[:, :, None])
     y = y_local + self._read(x_BTD, blk_k, blk_v, summ, allowed).astype(y_local.dtype)
 
-    done = (pos0 + t) // c
-    cur = jnp.clip(done - pos0 // c, 0, nb - 1)
+    cur = jnp.clip(grid.end_B // c - pos0 // c, 0, nb - 1)  # the incomplete chunk after this call
+    ids, done = win_id, grid.end_B // c
+    mem = {k: v for k, v in state.items() if not k.startswith("attn_")}
+    if packed:  # the state of the last document alone (a fresh one unless it is the first)
+      y = jnp.where(grid.fits_BT[..., None], y, jnp.asarray(jnp.nan, y.dtype))
+      ids, done = last_document_blocks(grid, win_id, c, state["mem_id"].shape[1])
+      mem = restart_rows(~grid.last_is_first_B, mem, ("mem_id",))
     take = lambda a: jnp.take_along_axis(
         a, cur.reshape((b,) + (1,) * (a.ndim - 1)), axis=1)[:, 0].astype(state["cur_k"].dtype)
     new_state = {**{"attn_" + k: v for k, v in attn_state.items()},
-                 "mem_k": write_blocks(state["mem_k"], win_k, win_id, done),
-                 "mem_v": write_blocks(state["mem_v"], win_v, win_id, done),
-                 "mem_s": write_blocks(state["mem_s"], win_s, win_id, done),
-                 "mem_id": write_blocks(state["mem_id"], win_id, win_id, done),
+                 "mem_k": write_blocks(mem["mem_k"], win_k, ids, done),
+                 "mem_v": write_blocks(mem["mem_v"], win_v, ids, done),
+                 "mem_s": write_blocks(mem["mem_s"], win_s, ids, done),
+                 "mem_id": write_blocks(mem["mem_id"], ids, ids, done),
                  "cur_k": take(win_k), "cur_v": take(win_v), "cur_s": take(win_s_tok),
-                 "pos": pos0 + t}
+                 "pos": grid.end_B - grid.origin_B}
     return y, new_state

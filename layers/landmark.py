@@ -1,5 +1,5 @@
 """Landmark attention (Mohtashami & Jaggi, "Random-Access Infinite Context Length for Transformers",
-NeurIPS 2023, arXiv 2305.16300). Reference: ../shared/reference/landmark_hcam.md, section 1.
+NeurIPS 2023, arXiv 2305.16300); sections below are those of reference/landmark_hcam.md (section 1).
 
 Tokens come in blocks of L = `block_size` positions whose last one is a landmark token: position p
 (counted over the whole stream, landmarks included) is a landmark iff p mod L = L - 1, and belongs
@@ -39,18 +39,29 @@ State (growing cache, DESIGN.md section 2), n_max = max_len // L blocks (or `cac
   cur_k, cur_v [B, L-1, H, Dh]         content of the incomplete block
   pos          [B]                     tokens consumed (landmarks included)
 A cache that overflows forgets the oldest blocks: create it with `init_state(B, max_len=total)` for
-exact continuation. Packed documents (segment_ids_BT) are not supported.
+exact continuation.
+
+Packed documents [ours]: with `segment_ids_BT` (a change of id between consecutive tokens starts a
+document) every document is computed as if it ran alone from the call's initial state: the first
+document continues `state` (a fresh state when None), each later one starts at stream position 0
+(RoPE and landmark phase restart; build each document with `insert_landmarks`), and no query reads
+a key, own block or retrieved block of another document. `doc_grid` moves the keys into the slots
+of `layers.packing.realign`, where every later document starts on a block boundary, so the blocks
+above never straddle two documents; queries stay on the token axis. A row with more documents than
+the slots hold (more than T / L after the first) gets NaN outputs for the tokens that do not fit.
+The returned state is the last document's, as if it had run alone.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers.base import reject_segment_ids
+from layers.packing import Realigned, document_starts, realign, to_slots
 from layers.rotary import apply_rope
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
 
@@ -135,7 +146,71 @@ def insert_landmarks(inputs_BL, targets_BL, *, block_size: int, landmark_id: int
   return inputs, targets
 
 
-def _scatter_rows(buf_BS, idx_BT, val_BT):
+class DocGrid(NamedTuple):
+  """Where a call's T tokens sit in the block grid of a mixer (its state at stream position pos0).
+
+  The grid row has `n` positions, grid position g = pos0 + slot. Unpacked (`r` None) the slots are
+  the tokens. Packed, the tokens move to `layers.packing.realign` slots, so every later document
+  starts at a grid position that is a multiple of `align`; `rel` is then a token's position in its
+  own document's stream (pos0 + slot for the first document, which continues the state).
+  """
+  r: Realigned | None
+  n: int                # grid positions of the call (slots)
+  pos0_B: jax.Array     # grid position of slot 0
+  gpos_BT: jax.Array    # grid position of each token
+  rel_BT: jax.Array     # stream position of each token within its document
+  doc_BT: jax.Array | None   # document index of each token (0: the first); None unpacked
+  doc_BS: jax.Array | None   # document index of each slot (padding: the one before it)
+  fits_BT: jax.Array | None  # the token has a slot
+  end_B: jax.Array      # grid position after the last token
+  origin_B: jax.Array   # grid position where the last document's stream starts (0: the first's)
+  last_is_first_B: jax.Array | None  # the row holds a single document (it continues the state)
+
+  def slot_doc(self, gpos_BX):
+    """Document index of grid positions (before pos0: the first document's cached part)."""
+    idx = jnp.clip(gpos_BX - self.pos0_B[:, None], 0, self.n - 1)
+    return jnp.take_along_axis(self.doc_BS, idx, axis=1)
+
+
+def doc_grid(segment_ids_BT, pos0_B, t: int, align: int) -> DocGrid:
+  """The grid of a call (see `DocGrid`); segment_ids_BT None is a single document, no slots."""
+  if segment_ids_BT is None:
+    g = pos0_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    return DocGrid(None, t, pos0_B, g, g, None, None, None, pos0_B + t, jnp.zeros_like(pos0_B),
+                   None)
+  r = realign(segment_ids_BT, align, offset_B=pos0_B % align)
+  n = r.src_BS.shape[1]
+  gpos_BS = pos0_B[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
+  origin_BS = jax.lax.cummax(jnp.where(r.starts_BS, gpos_BS, 0), axis=1)
+  doc_BS = jnp.cumsum(r.starts_BS, axis=1, dtype=jnp.int32)
+  slot = jnp.minimum(r.dst_BT, n - 1)
+  gpos_BT = pos0_B[:, None] + r.dst_BT
+  rel_BT = gpos_BT - jnp.take_along_axis(origin_BS, slot, axis=1)
+  doc_BT = jnp.cumsum(document_starts(segment_ids_BT), axis=1, dtype=jnp.int32)
+  origin_B = jnp.take_along_axis(origin_BS, r.lengths_B[:, None] - 1, axis=1)[:, 0]
+  return DocGrid(r, n, pos0_B, gpos_BT, rel_BT, doc_BT, doc_BS, r.dst_BT < n, pos0_B + r.lengths_B,
+                 origin_B, doc_BT[:, -1] == 0)
+
+
+def restart_rows(restart_B, state: dict, empty_keys=()) -> dict:
+  """`state` with the rows where restart_B holds emptied: -1 in `empty_keys`, 0 elsewhere."""
+  def reset(k, a):
+    r = restart_B.reshape((-1,) + (1,) * (a.ndim - 1))
+    return jnp.where(r, jnp.asarray(-1 if k in empty_keys else 0, a.dtype), a)
+  return {k: reset(k, a) for k, a in state.items()}
+
+
+def last_document_blocks(grid: DocGrid, win_id_BW, block: int, ring: int):
+  """Block ids of a call's window in the last document's own numbering (its first block is 0), the
+  blocks of earlier documents made unwritable, and the last document's count of complete blocks:
+  the arguments `write_blocks` needs to leave only the last document in the cache."""
+  shift = grid.origin_B // block
+  done = grid.end_B // block - shift
+  rel = jnp.where(win_id_BW >= shift[:, None], win_id_BW - shift[:, None], -ring - 1)
+  return rel, done
+
+
+def scatter_rows(buf_BS, idx_BT, val_BT):
   """buf[b, idx[b, t]] = val[b, t]; out-of-range indices are dropped."""
   return jax.vmap(lambda buf, i, v: buf.at[i].set(v, mode="drop"))(buf_BS, idx_BT, val_BT)
 
@@ -154,8 +229,8 @@ def stream_blocks(cur_BCX, new_BTX, pos0_B, block: int, num_blocks: int):
   n_cur = cur_BCX.shape[1]
   cur_idx = jnp.arange(n_cur)[None, :]
   cur_idx = jnp.where(cur_idx < off0[:, None], cur_idx, num_blocks * block)
-  buf = _scatter_rows(buf, cur_idx, cur_BCX.astype(new_BTX.dtype))
-  buf = _scatter_rows(buf, off0[:, None] + jnp.arange(t)[None, :], new_BTX)
+  buf = scatter_rows(buf, cur_idx, cur_BCX.astype(new_BTX.dtype))
+  buf = scatter_rows(buf, off0[:, None] + jnp.arange(t)[None, :], new_BTX)
   return buf.reshape(b, num_blocks, block, *tail)
 
 
@@ -165,7 +240,7 @@ def write_blocks(cache_BN, blocks_BW, block_ids_BW, num_done_B):
   n = cache_BN.shape[1]
   ok = (block_ids_BW < num_done_B[:, None]) & (block_ids_BW >= num_done_B[:, None] - n)
   slot = jnp.where(ok, block_ids_BW % n, n)
-  return _scatter_rows(cache_BN, slot, blocks_BW.astype(cache_BN.dtype))
+  return scatter_rows(cache_BN, slot, blocks_BW.astype(cache_BN.dtype))
 
 
 class LandmarkAttention(nnx.Module):
@@ -209,7 +284,6 @@ class LandmarkAttention(nnx.Module):
     return q, k, v
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("landmark attention", segment_ids_BT)
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     big_l, c, w = cfg.block_size, cfg.block_size - 1, cfg.recent_blocks
@@ -217,11 +291,14 @@ class LandmarkAttention(nnx.Module):
     if fresh:
       state = self.init_state(b, max_len=t, dtype=x_BTD.dtype)
     pos0 = state["pos"]
-    positions = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-    q, k, v = self.qkv(x_BTD, positions)
+    grid = doc_grid(segment_ids_BT, pos0, t, big_l)  # unpacked: the tokens themselves
+    packed = grid.r is not None
+    q, k, v = self.qkv(x_BTD, grid.rel_BT)
+    if packed:  # keys and values move to the slots; queries stay on the token axis
+      k, v = to_slots(k, grid.r), to_slots(v, grid.r)
 
-    # The blocks this call touches: the cached incomplete one, then those of the new tokens.
-    nb = (t + big_l - 1) // big_l + 1
+    # The blocks this call touches: the cached incomplete one, then those of the new slots.
+    nb = (grid.n + big_l - 1) // big_l + 1
     c0 = pos0 // big_l
     win_k = stream_blocks(state["cur_k"], k, pos0, big_l, nb)  # [B, nb, L, H, Dh]
     win_v = stream_blocks(state["cur_v"], v, pos0, big_l, nb)
@@ -236,19 +313,24 @@ class LandmarkAttention(nnx.Module):
       cat = lambda a, w_: jnp.concatenate([a.astype(w_.dtype), w_], axis=1)
       blk_k, blk_v = cat(state["blk_k"], win_k[:, :, :c]), cat(state["blk_v"], win_v[:, :, :c])
       lmk_k, blk_id = cat(state["lmk_k"], win_k[:, :, c]), cat(state["blk_id"], win_id)
-    q_blk = positions // big_l
+    q_blk = grid.gpos_BT // big_l
     bid, qb = blk_id[:, None, :], q_blk[:, :, None]
     past = (bid >= 0) & (bid < qb)
+    if packed:  # a block holds one document (they start on block boundaries); cached: the first
+      blk_doc = grid.slot_doc(win_id * big_l)
+      if not fresh:
+        blk_doc = jnp.concatenate([jnp.zeros_like(state["blk_id"]), blk_doc], axis=1)
+      past = past & (blk_doc[:, None, :] == grid.doc_BT[:, :, None])
     always = past & (bid >= qb - w)
     allowed = past & (bid < qb - w)
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     gate = jnp.einsum("bthd,bnhd->bthn", q, lmk_k.astype(q.dtype),
                       preferred_element_type=acc) * cfg.head_dim ** -0.5
 
-    # Own block: same block, not in the future, not a landmark, already written.
-    kp, qp = win_pos[:, None, :], positions[:, :, None]
+    # Own block: same block (hence same document), not in the future, not a landmark, written.
+    kp, qp = win_pos[:, None, :], grid.gpos_BT[:, :, None]
     own = ((kp // big_l) == (qp // big_l)) & (kp <= qp) & (kp % big_l != c)
-    own = own & (kp < (pos0 + t)[:, None, None])
+    own = own & (kp < (pos0 + grid.n)[:, None, None])
     local = (win_k.reshape(b, nb * big_l, *k.shape[2:]), win_v.reshape(b, nb * big_l, *v.shape[2:]),
              own)
     o = block_retrieval_attention(q, blk_k, blk_v, gate, allowed, always=always, k=cfg.top_k,
@@ -256,16 +338,20 @@ class LandmarkAttention(nnx.Module):
                                   implementation=cfg.implementation)
     y = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
 
-    done = (pos0 + t) // big_l  # blocks completed after this call
-    cur = jnp.clip(done - c0, 0, nb - 1)
+    cur = jnp.clip(grid.end_B // big_l - c0, 0, nb - 1)  # the incomplete block after this call
+    ids, done = win_id, grid.end_B // big_l  # blocks completed after this call
+    if packed:  # the state of the last document alone (a fresh one unless it is the first)
+      y = jnp.where(grid.fits_BT[..., None], y, jnp.asarray(jnp.nan, y.dtype))
+      ids, done = last_document_blocks(grid, win_id, big_l, state["blk_id"].shape[1])
+      state = restart_rows(~grid.last_is_first_B, state, ("blk_id",))
     take = lambda a: jnp.take_along_axis(a, cur[:, None, None, None, None], axis=1)[:, 0, :c]
     new_state = {
-        "blk_k": write_blocks(state["blk_k"], win_k[:, :, :c], win_id, done),
-        "blk_v": write_blocks(state["blk_v"], win_v[:, :, :c], win_id, done),
-        "lmk_k": write_blocks(state["lmk_k"], win_k[:, :, c], win_id, done),
-        "blk_id": write_blocks(state["blk_id"], win_id, win_id, done),
+        "blk_k": write_blocks(state["blk_k"], win_k[:, :, :c], ids, done),
+        "blk_v": write_blocks(state["blk_v"], win_v[:, :, :c], ids, done),
+        "lmk_k": write_blocks(state["lmk_k"], win_k[:, :, c], ids, done),
+        "blk_id": write_blocks(state["blk_id"], ids, ids, done),
         "cur_k": take(win_k).astype(state["cur_k"].dtype),
         "cur_v": take(win_v).astype(state["cur_v"].dtype),
-        "pos": pos0 + t,
+        "pos": grid.end_B - grid.origin_B,
     }
     return y, new_state

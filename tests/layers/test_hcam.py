@@ -1,7 +1,7 @@
 """HCAM: the read module against a naive per-query loop (DeepMind's shapes), a single chunk equals
 plain attention over the memory, masked rows and M < k, and the LM form: parallel pass equals
-streaming with eviction, memory reads only earlier segments and passes no gradient
-(reference/landmark_hcam.md sections 2 and 4)."""
+streaming with eviction, memory reads only earlier segments and passes no gradient, packed
+documents (reference/landmark_hcam.md sections 2 and 4)."""
 import itertools
 
 import jax
@@ -135,8 +135,60 @@ def test_no_gradient_into_memory():
   assert float(jnp.abs(f(x.at[0, 1].add(3.0)) - f(x))) > 1e-4, "yet segment 1 reads segment 0"
 
 
-def test_zero_init_output_and_segment_ids():
+def test_zero_init_output():
   m = build(chunk_size=2, segment_len=4, zero_init_out=True)
   assert float(jnp.abs(m.wo[...]).max()) == 0.0
-  with pytest.raises(NotImplementedError, match="segment_ids_BT"):
-    m(jnp.zeros((1, 4, 12)), segment_ids_BT=jnp.ones((1, 4), jnp.int32))
+
+
+# Packed rows: cuts that are multiples of no chunk or segment length, a one-token document, other
+# cuts per row; C = 4, S = 8, M_max = 3 (eviction inside the long documents), k = 2.
+PACK_T, PACK_CUTS = 30, ([5, 11, 29], [2, 3, 17])
+PACK_CFG = dict(chunk_size=4, segment_len=8, max_chunks=3, top_k=2)
+packed = jax.jit(lambda m, x, seg: m(x, segment_ids_BT=seg))
+packed_step = jax.jit(lambda m, x, s, seg: m(x, state=s, segment_ids_BT=seg))
+
+
+def packed_ids(cuts, t):
+  return jnp.asarray([[sum(i >= c for c in row) for i in range(t)] for row in cuts], jnp.int32)
+
+
+def alone_outputs(m, x, cuts):
+  """Each document of each row run alone with state=None: every document is moved to the start of
+  its own row (zeros after it, which causality hides) and all run in one batch, one compile."""
+  t = x.shape[1]
+  docs = [(b, a, e) for b, row in enumerate(cuts) for a, e in zip([0, *row], [*row, t])]
+  rows = jnp.stack([jnp.pad(x[b, a:], ((0, a), (0, 0))) for b, a, _ in docs])
+  y = fresh(m, rows)[0]
+  return jnp.stack([jnp.concatenate([y[i, :e - a] for i, (bb, a, e) in enumerate(docs) if bb == b])
+                    for b in range(x.shape[0])])
+
+
+def test_packed_documents_equal_documents_alone():
+  m = build(**PACK_CFG)
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, PACK_T, 12))
+  seg = packed_ids(PACK_CUTS, PACK_T)
+  y, _ = packed(m, x, seg)
+  assert rel_rms(y, alone_outputs(m, x, PACK_CUTS)) < 2e-4
+  unpacked, _ = fresh(m, x)
+  assert rel_rms(y[:, 12:], unpacked[:, 12:]) > 1e-2, "documents must not see each other"
+  g = jax.jit(jax.grad(lambda x, m: jnp.sum(jnp.sin(m(x, segment_ids_BT=seg)[0]))))(x, m)
+  assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+
+
+def test_packed_documents_continue_a_state():
+  """The first document continues the state, later ones start fresh; the returned state is the
+  last document's alone (outputs and every state leaf, the local attention's included)."""
+  m = build(**PACK_CFG)
+  x, p, cap = jax.random.normal(jax.random.PRNGKey(4), (2, PACK_T, 12)), 6, 48
+  _, state = step(m, x[:, :p], m.init_state(2, max_len=cap))
+  y, new_state = packed_step(m, x[:, p:], state, packed_ids(PACK_CUTS, PACK_T)[:, p:])
+  for b, row in enumerate(PACK_CUTS):
+    bounds = [p, *[c for c in row if c > p], PACK_T]
+    s, outs = jax.tree.map(lambda a: a[b:b + 1], state), []
+    for i, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+      yy, s = step(m, x[b:b + 1, a:e], s if i == 0 else m.init_state(1, max_len=cap))
+      outs.append(yy)
+    assert rel_rms(y[b:b + 1], jnp.concatenate(outs, axis=1)) < 2e-4, b
+    for name, leaf in new_state.items():
+      np.testing.assert_allclose(np.asarray(leaf[b:b + 1]), np.asarray(s[name]), rtol=1e-5,
+                                 atol=1e-5, err_msg=name)

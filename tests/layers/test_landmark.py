@@ -1,6 +1,6 @@
 """Landmark attention: grouped softmax vs a float64 per-query brute force, top-k = all blocks vs the
-training form, split invariance with a small k, landmark insertion (reference/landmark_hcam.md
-sections 1 and 4)."""
+training form, split invariance with a small k, packed documents, landmark insertion
+(reference/landmark_hcam.md sections 1 and 4)."""
 import itertools
 
 import jax
@@ -141,10 +141,58 @@ def test_bfloat16_and_grads():
   assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
 
 
-def test_segment_ids_rejected():
-  m = build(block_size=4)
-  with pytest.raises(NotImplementedError, match="segment_ids_BT"):
-    m(inputs(0, 8), segment_ids_BT=jnp.ones((B, 8), jnp.int32))
+# Packed rows: cuts that are multiples of no block size, a one-token document, other cuts per row.
+PACK_T, PACK_CUTS = 30, ([5, 11, 29], [2, 3, 17])
+
+
+def packed_ids(cuts, t):
+  return jnp.asarray([[sum(i >= c for c in row) for i in range(t)] for row in cuts], jnp.int32)
+
+
+def alone_outputs(m, x, cuts):
+  """Each document of each row run alone with state=None: every document is moved to the start of
+  its own row (zeros after it, which causality hides) and all run in one batch, one compile."""
+  t = x.shape[1]
+  docs = [(b, a, e) for b, row in enumerate(cuts) for a, e in zip([0, *row], [*row, t])]
+  rows = jnp.stack([jnp.pad(x[b, a:], ((0, a), (0, 0))) for b, a, _ in docs])
+  y = fresh(m, rows)[0]
+  return jnp.stack([jnp.concatenate([y[i, :e - a] for i, (bb, a, e) in enumerate(docs) if bb == b])
+                    for b in range(x.shape[0])])
+
+
+packed = jax.jit(lambda m, x, seg: m(x, segment_ids_BT=seg))
+packed_step = jax.jit(lambda m, x, s, seg: m(x, state=s, segment_ids_BT=seg))
+
+
+def test_packed_documents_equal_documents_alone():
+  m = build(block_size=4, top_k=1, recent_blocks=1)  # long documents retrieve older blocks
+  x = inputs(5, PACK_T)
+  seg = packed_ids(PACK_CUTS, PACK_T)
+  y, _ = packed(m, x, seg)
+  assert rel_rms(y, alone_outputs(m, x, PACK_CUTS)) < 2e-4
+  unpacked, _ = fresh(m, x)
+  assert rel_rms(y[:, 12:], unpacked[:, 12:]) > 1e-2, "documents must not see each other"
+  g = jax.jit(jax.grad(lambda x, m: jnp.sum(jnp.sin(m(x, segment_ids_BT=seg)[0]))))(x, m)
+  assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+
+
+def test_packed_documents_continue_a_state():
+  """The first document continues the state, later ones start fresh; the returned state is the
+  last document's alone (outputs and every state leaf)."""
+  m = build(block_size=4, top_k=1, recent_blocks=1)
+  x, p, cap = inputs(6, PACK_T), 6, 48
+  _, state = step(m, x[:, :p], m.init_state(B, max_len=cap))
+  y, new_state = packed_step(m, x[:, p:], state, packed_ids(PACK_CUTS, PACK_T)[:, p:])
+  for b, row in enumerate(PACK_CUTS):
+    bounds = [p, *[c for c in row if c > p], PACK_T]
+    s, outs = jax.tree.map(lambda a: a[b:b + 1], state), []
+    for i, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+      yy, s = step(m, x[b:b + 1, a:e], s if i == 0 else m.init_state(1, max_len=cap))
+      outs.append(yy)
+    assert rel_rms(y[b:b + 1], jnp.concatenate(outs, axis=1)) < 2e-4, b
+    for name, leaf in new_state.items():
+      np.testing.assert_allclose(np.asarray(leaf[b:b + 1]), np.asarray(s[name]), rtol=1e-5,
+                                 atol=1e-5, err_msg=name)
 
 
 def test_insert_landmarks():
