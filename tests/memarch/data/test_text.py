@@ -206,3 +206,23 @@ def test_tfds_not_prepared_is_one_clear_error(tmp_path):
   with pytest.raises(ValueError, match="no dataset named"):
     text.TFDSTextSource("no_such_dataset_xyz", data_dir=str(tmp_path), seq_len=8, batch_size=1,
                         tokenizer=TOK)
+
+
+def test_tfds_eval_split_and_bpe_sample(tmp_path):
+  pytest.importorskip("tokenizers")
+  from memarch import configs_lib
+  from memarch.data import make_source
+  c = configs_lib.base_config("tiny").data
+  c.update(dict(name="tfds", tfds_name="lm1b", tfds_eval_split="test", seq_len=24, batch_size=2,
+                tokenizer="bpe", vocab_size=280, eval_rows=3))
+  with tfds.testing.mock_data(num_examples=12):
+    src = make_source(c, seed=0, workdir=str(tmp_path))
+    assert (tmp_path / "tokenizer.json").exists() and src.vocab_size <= 280
+    ev = src.eval_set(3)
+    assert ev["inputs"].shape == (3, 24) and src.eval_source.split == "test"
+    np.testing.assert_array_equal(ev["inputs"], src.eval_set(3)["inputs"])
+    np.testing.assert_array_equal(ev["target_bytes"], [
+        src.tokenizer.token_bytes[t[t != text.IGNORE]].sum() for t in ev["targets"]])
+    _check_row_invariants(src.batch(1), 24, 2)
+    c.tfds_eval_split = ""
+    assert make_source(c, seed=0, workdir=str(tmp_path)).eval_set(3) is None
