@@ -36,7 +36,9 @@ def main(argv):
     print(f"streaming recall: {hits}/{total} = {hits / max(total, 1):.3f}")
     return
   from memarch.data.tokenizer import get_tokenizer
-  tok = get_tokenizer(cfg.data.tokenizer, cfg.data.spm_model or None)
+  # The training source's tokenizer (a BPE trained into the workdir included).
+  tok = getattr(data, "tokenizer", None) or get_tokenizer(cfg.data.tokenizer,
+                                                          cfg.data.spm_model or None)
   prompt = np.asarray(tok.encode(_PROMPT.value or ""))[None]
   out = generate(model, prompt, _NUM_NEW.value, temperature=_TEMP.value)
   print(_PROMPT.value + tok.decode(np.asarray(out[0])))
