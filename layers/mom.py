@@ -18,6 +18,16 @@ it spends M/k times the recurrence FLOPs of the packed layout of section 1.4, an
 (the packed layout cannot give per-segment initial states yet). Convs run along each memory's
 subsequence with per-memory tails, as in FLA's inference path (its training path leaks ~3 tokens
 across buckets; we do not).
+Packed documents (`segment_ids_BT`; a change of id between consecutive tokens starts a document): a
+row is computed as if each document ran alone from the layer's initial state. The ids become run ids
+(0, 1, 2, ... along the row, so a reused id still starts a new document) and travel with the tokens
+into the (batch, memory) rows; there the gated delta rule resets S, and the convs zero their taps,
+wherever the run id changes. A memory that a document skips holds the documents around it side by
+side in its row and still resets between them. The carried state (S and conv tails) is kept only by
+rows whose first routed token is in the first document, so with a `state` the first document
+continues it and later documents start fresh. Padding takes the last document's run id, so a memory
+that the last document never selects returns the fresh state, and the returned conv tails keep only
+inputs of the last document.
 Capacity: unlimited. Every routed token is processed, nothing is dropped; imbalance costs nothing
 in correctness, only the balance loss (Switch form, section 1.3, sown per layer as
 `AuxLoss("balance")`, weighted by train.aux_loss_weights.balance) pushes toward uniform use.
@@ -30,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.base import AuxLoss, Stat, reject_segment_ids, sow
+from layers.base import AuxLoss, Stat, sow
 from layers.conv import CausalConv1D
 from layers.deltanet import GatedOutput, dense, log_decay, mamba_decay_params
 from layers.norms import l2_normalize
@@ -61,6 +71,25 @@ class MoMConfig:
   @property
   def dk(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+
+def _run_ids(segment_ids_BT):
+  """[B, T] int32 document index along each row: +1 at every change of segment id."""
+  change = (segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]).astype(jnp.int32)
+  return jnp.concatenate([jnp.zeros_like(change[:, :1]), jnp.cumsum(change, axis=1)], axis=1)
+
+
+def _last_document_tail(tail_RKC, runs_RT, lengths_R, last_R):
+  """Zero the conv-tail entries that do not belong to the last document.
+
+  The tail holds the inputs at row positions lengths-(K-1) .. lengths-1 (negative: the carried tail,
+  which belongs to document 0).
+  """
+  k1, t = tail_RKC.shape[1], runs_RT.shape[1]
+  pos = lengths_R[:, None] - k1 + jnp.arange(k1)[None]  # [R, K-1]
+  run_at = jnp.take_along_axis(runs_RT, jnp.clip(pos, 0, t - 1), axis=1)
+  keep = jnp.where(pos >= 0, run_at == last_R[:, None], (last_R == 0)[:, None])
+  return jnp.where(keep[..., None], tail_RKC, jnp.zeros_like(tail_RKC))
 
 
 def balance_loss(probs_NM, idx_NK, num_memories: int):
@@ -106,26 +135,37 @@ class MoM(nnx.Module):
       state["shared_conv"] = {n: tails(batch_size) for n in ("q", "k", "v")}
     return state
 
-  def _memory_pass(self, xq, xk, xv, b_pre, a_pre, S0, conv, lengths):
-    """One gated-delta-rule pass over rows [R, T, ...] (R = B*M or B) with real lengths [R]."""
+  def _memory_pass(self, xq, xk, xv, b_pre, a_pre, S0, conv, lengths, runs=None, last=None):
+    """One gated-delta-rule pass over rows [R, T, ...] (R = B*M or B) with real lengths [R].
+
+    `runs` [R, T]: run ids (document index along the original row; padding carries `last` [R], the
+    run id of the original row's final document), or None for one document per row.
+    """
     cfg = self.cfg
     r, t, _ = xq.shape
     h, dk = cfg.num_heads, cfg.dk
-    q, cq = self.conv_q(xq, state=conv["q"], lengths_B=lengths)
-    k, ck = self.conv_k(xk, state=conv["k"], lengths_B=lengths)
-    v, cv = self.conv_v(xv, state=conv["v"], lengths_B=lengths)
+    if runs is not None:
+      # The carried state belongs to document 0: rows that start in a later document start fresh.
+      keep = runs[:, 0] == 0
+      S0 = jnp.where(keep[:, None, None, None], S0, jnp.zeros_like(S0))
+      conv = jax.tree.map(lambda a: jnp.where(keep[:, None, None], a, jnp.zeros_like(a)), conv)
+    q, cq = self.conv_q(xq, state=conv["q"], segment_ids_BT=runs, lengths_B=lengths)
+    k, ck = self.conv_k(xk, state=conv["k"], segment_ids_BT=runs, lengths_B=lengths)
+    v, cv = self.conv_v(xv, state=conv["v"], segment_ids_BT=runs, lengths_B=lengths)
+    tails = {"q": cq, "k": ck, "v": cv}
+    if runs is not None:
+      tails = jax.tree.map(lambda a: _last_document_tail(a, runs, lengths, last), tails)
     real = (jnp.arange(t)[None] < lengths[:, None])[..., None]  # [R, T, 1]
     q = l2_normalize(jax.nn.silu(q).reshape(r, t, h, dk))
     k = l2_normalize(jax.nn.silu(k).reshape(r, t, h, dk)) * real[..., None]
     v = jax.nn.silu(v).reshape(r, t, h, dk)
     beta = jax.nn.sigmoid(b_pre.astype(jnp.float32)) * real
     g = log_decay(a_pre, self.A_log[...], self.dt_bias[...]) * real
-    o, S = gated_delta_rule(q, k, v, beta, g, initial_state=S0, chunk_size=cfg.chunk_size,
-                            implementation=cfg.implementation)
-    return o, S, {"q": cq, "k": ck, "v": cv}
+    o, S = gated_delta_rule(q, k, v, beta, g, initial_state=S0, segment_ids=runs,
+                            chunk_size=cfg.chunk_size, implementation=cfg.implementation)
+    return o, S, tails
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("mom", segment_ids_BT)
     cfg = self.cfg
     b, t, d = x_BTD.shape
     h, dk, m, kk = cfg.num_heads, cfg.dk, cfg.num_memories, cfg.top_k
@@ -151,9 +191,19 @@ class MoM(nnx.Module):
     b_pre = jnp.einsum("bmtd,mdh->bmth", x_rows, self.wb[...].astype(dt))
     a_pre = jnp.einsum("bmtd,mdh->bmth", x_rows, self.wa[...].astype(dt))
     flat = lambda a: a.reshape(b * m, *a.shape[2:])
+    if segment_ids_BT is None:
+      runs = runs_rows = last = last_rows = None
+    else:
+      # Run ids routed with the tokens; padding (after the real tokens) takes the last document's.
+      runs = _run_ids(segment_ids_BT)
+      last = runs[:, -1]
+      runs_rows = jnp.take_along_axis(jnp.broadcast_to(runs[:, None], (b, m, t)), order, axis=-1)
+      runs_rows = jnp.where(jnp.arange(t) < lengths[..., None], runs_rows, last[:, None, None])
+      runs_rows = runs_rows.reshape(b * m, t)
+      last_rows = jnp.repeat(last, m)
     o_rows, S, conv = self._memory_pass(
         flat(xq), flat(xk), flat(xv), flat(b_pre), flat(a_pre), flat(state["S"]),
-        jax.tree.map(flat, state["conv"]), lengths.reshape(-1))
+        jax.tree.map(flat, state["conv"]), lengths.reshape(-1), runs_rows, last_rows)
     o_rows = o_rows.reshape(b, m, t, h, dk)
     inverse = jnp.argsort(order, axis=-1)  # position of token t inside its row
     o_BMT = jnp.take_along_axis(o_rows, inverse[..., None, None], axis=2)
@@ -166,7 +216,8 @@ class MoM(nnx.Module):
       o_sh, S_sh, conv_sh = self._memory_pass(
           x_BTD @ self.wq[...].astype(dt), x_BTD @ self.sk[...].astype(dt),
           x_BTD @ self.sv[...].astype(dt), x_BTD @ self.sb[...].astype(dt),
-          x_BTD @ self.sa[...].astype(dt), state["shared_S"], state["shared_conv"], full)
+          x_BTD @ self.sa[...].astype(dt), state["shared_S"], state["shared_conv"], full,
+          runs, last)
       o = o + o_sh.astype(o.dtype)
       new_state["shared_S"] = S_sh
       new_state["shared_conv"] = conv_sh
