@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.packing import document_starts
 from layers.rotary import apply_rope
 
 NEG_INF = -1e30
@@ -64,13 +65,16 @@ def causal_mask(qpos_BT, kpos_BS, qseg_BT=None, kseg_BS=None, window=None):
   return m
 
 
-def write_ring(buf_BS, new_BT, positions_BT):
-  """Writes the last min(T, S) entries of `new` into slots position mod S of a ring buffer."""
+def write_ring(buf_BS, new_BT, positions_BT, keep_BT=None):
+  """Writes the last min(T, S) entries of `new` into slots position mod S of a ring buffer
+  (only where `keep_BT`, if given)."""
   s, t = buf_BS.shape[1], new_BT.shape[1]
   n = min(s, t)
   new_BT, positions_BT = new_BT[:, t - n:], positions_BT[:, t - n:]
   slots = positions_BT % s
-  return jax.vmap(lambda b, sl, x: b.at[sl].set(x))(buf_BS, slots, new_BT)
+  if keep_BT is not None:
+    slots = jnp.where(keep_BT[:, t - n:], slots, s)  # out of range: dropped
+  return jax.vmap(lambda b, sl, x: b.at[sl].set(x, mode="drop"))(buf_BS, slots, new_BT)
 
 
 class Attention(nnx.Module):
@@ -130,11 +134,28 @@ class Attention(nnx.Module):
     return bc(k), bc(v)
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None, prefix_PD=None):
-    """`prefix_PD`: optional extra keys/values visible to every query, whatever the window."""
+    """`prefix_PD`: optional extra keys/values visible to every query, whatever the window.
+
+    Packed documents (`segment_ids_BT`): no token attends across documents, and positions restart
+    at each document (the first continues the state), so every document sees what it would see
+    alone, prefix included (the prefix keys carry no rotation, so absolute query positions
+    matter). The returned cache holds the last document only, as if it had run alone.
+    """
     b, t, _ = x_BTD.shape
     pos0 = jnp.zeros((b,), jnp.int32) if state is None else state["pos"]
     positions = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
+    in_last = None
+    if segment_ids_BT is not None:
+      idx = jnp.arange(t, dtype=jnp.int32)[None]
+      last_start = jax.lax.cummax(jnp.where(document_starts(seg), idx, -1), axis=1)  # -1: first
+      positions = jnp.where(last_start >= 0, idx - last_start, positions)
+      in_last = idx >= last_start[:, -1:]
+      if state is not None:  # a later document starts from an empty cache
+        fresh = self.init_state(b, max_len=state["k"].shape[1], dtype=state["k"].dtype)
+        restart = last_start[:, -1] >= 0
+        state = jax.tree.map(lambda f, o: jnp.where(
+            restart.reshape((b,) + (1,) * (o.ndim - 1)), f, o), fresh, state)
     q, k, v = self.qkv(x_BTD, positions)
     if state is None:
       keys, vals, kpos, kseg = k, v, positions, seg
@@ -152,11 +173,11 @@ class Attention(nnx.Module):
       mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), mask], axis=2)
     o = attend(q, keys, vals, mask)
     new_state = {
-        "k": write_ring(state["k"], k.astype(state["k"].dtype), positions),
-        "v": write_ring(state["v"], v.astype(state["v"].dtype), positions),
-        "kpos": write_ring(state["kpos"], positions, positions),
-        "kseg": write_ring(state["kseg"], seg, positions),
-        "pos": pos0 + t,
+        "k": write_ring(state["k"], k.astype(state["k"].dtype), positions, in_last),
+        "v": write_ring(state["v"], v.astype(state["v"].dtype), positions, in_last),
+        "kpos": write_ring(state["kpos"], positions, positions, in_last),
+        "kseg": write_ring(state["kseg"], seg, positions, in_last),
+        "pos": positions[:, -1] + 1,
     }
     return self.project_out(o), new_state
 

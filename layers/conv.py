@@ -28,11 +28,14 @@ class CausalConv1D(nnx.Module):
   def init_state(self, batch_size: int, dtype=jnp.float32) -> jax.Array:
     return jnp.zeros((batch_size, self.kernel_size - 1, self.channels), dtype)
 
-  def __call__(self, x_BTC: jax.Array, *, state=None, segment_ids_BT=None, lengths_B=None):
+  def __call__(self, x_BTC: jax.Array, *, state=None, segment_ids_BT=None, lengths_B=None,
+               reset_tail=None):
     """Returns (y_BTC, tail_BKC): the last K-1 inputs for the next call.
 
-    With `segment_ids_BT`, taps that reach into an earlier document read zeros. With `lengths_B`
-    only the first lengths_B[b] tokens are real (right padding): the tail ends at the last real one.
+    With `segment_ids_BT` (packed documents), taps that reach before a document's first token read
+    `reset_tail` [B, K-1, C] (the tail a document starts from; zeros by default) instead of the
+    earlier document. With `lengths_B` only the first lengths_B[b] tokens are real (right padding):
+    the tail ends at the last real one.
     """
     b, t, c = x_BTC.shape
     k = self.kernel_size
@@ -40,15 +43,21 @@ class CausalConv1D(nnx.Module):
     xp = jnp.concatenate([tail, x_BTC], axis=1)  # [B, K-1+T, C]
     w = self.weight[...].astype(x_BTC.dtype)
     if segment_ids_BT is not None:
-      # The carried tail counts as the first token's document (a new document starts a new call
-      # or a segment change inside this one).
-      seg_p = jnp.concatenate([jnp.repeat(segment_ids_BT[:, :1], k - 1, axis=1), segment_ids_BT], 1)
+      # tokens since the document's first token (the carried tail belongs to the row's first
+      # document, so its tokens never look past a start)
+      idx = jnp.arange(t)
+      seg = segment_ids_BT
+      starts = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+      since = idx - jax.lax.cummax(jnp.where(starts, idx, -k), axis=1)   # [B, T]
+      reset = (jnp.zeros((b, k - 1, c), x_BTC.dtype) if reset_tail is None
+               else reset_tail.astype(x_BTC.dtype))
     y = jnp.zeros_like(x_BTC)
     for j in range(k):
       xs = jax.lax.slice_in_dim(xp, j, j + t, axis=1)  # tap j reads x_{t-(K-1-j)}
       if segment_ids_BT is not None and j < k - 1:
-        same = jax.lax.slice_in_dim(seg_p, j, j + t, axis=1) == segment_ids_BT
-        xs = jnp.where(same[..., None], xs, 0)
+        before = (k - 1 - j) > since                    # the tap reaches before the document
+        from_reset = jnp.take_along_axis(reset, jnp.clip(j + since, 0, k - 2)[..., None], axis=1)
+        xs = jnp.where(before[..., None], from_reset, xs)
       y = y + xs * w[j]
     if k == 1:
       new_tail = tail

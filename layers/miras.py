@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.base import MemoryInit, reject_segment_ids
+from layers.base import MemoryInit
 from layers.titans import NeuralMemory, TitansConfig, _const, _dense, memory_shapes
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
 from pallas_kernels.titans_memory.reference import mlp_apply, token_grads
@@ -156,10 +156,13 @@ class Miras(NeuralMemory):
     state["mem"] = init_miras_state(tuple(w[...] for w in self.w0), batch_size, self.retention)
     return state
 
-  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
-    """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
+  def _read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False, segments=None):
+    """(z_BTHD, new_state, stats) on one row layout; `NeuralMemory.read_write` spreads packed
+    documents over slots first (`segments`)."""
     cfg = self.cfg
-    q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B)
+    seg = None if segments is None else segments.segment_ids_BS
+    reset = None if segments is None else self.reset_state(x_BTD.shape[0])
+    q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B, seg, reset)
     a = jax.nn.sigmoid(-(x32 @ self.w_alpha[...] + self.b_alpha[...]))
     delta = jax.nn.softplus(x32 @ self.w_delta[...] + self.b_delta[...])
     z, mem = miras_memory(q, k, v, theta, a, delta, self.ln_scale[...], self.ln_bias[...],
@@ -167,11 +170,12 @@ class Miras(NeuralMemory):
                           q_norm=cfg.q_norm, kl_scale_HL=self.kl_scale[...],
                           lag_token=cfg.model == "memora", chunk_size=cfg.chunk_size,
                           lengths=lengths_B, assume_aligned=aligned,
-                          implementation=cfg.implementation)
+                          implementation=cfg.implementation,
+                          resets_BT=None if segments is None else segments.starts_BS,
+                          reset_state=None if reset is None else reset["mem"])
     stats = {"theta_mean": jnp.mean(theta), "retention_mean": jnp.mean(a),
              "delta_mean": jnp.mean(delta)}
     return z, {"mem": mem, **convs}, stats
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids(f"miras ({self.cfg.model})", segment_ids_BT)
-    return super().__call__(x_BTD, state=state)
+    return super().__call__(x_BTD, state=state, segment_ids_BT=segment_ids_BT)

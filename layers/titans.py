@@ -36,9 +36,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention import attend
-from layers.base import MemoryInit, Stat, reject_segment_ids, sow
+from layers.base import MemoryInit, Stat, sow
 from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
+from layers.packing import from_slots, realign, to_slots
 from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
 
 
@@ -163,16 +164,22 @@ class NeuralMemory(nnx.Module):
     return state
 
   # ---- the memory as a map x -> (z_BTHD, state) ----
-  def project(self, x_BTD, state, lengths_B=None):
+  def project(self, x_BTD, state, lengths_B=None, segment_ids_BT=None, reset=None):
     """q, k, v = SiLU(conv(x W)) with q, k L2-normalised per head, theta [B,T,H,L], the float32
     input for the other gates and the conv states (reference section 4; shared with Miras)."""
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth
     dt = x_BTD.dtype
-    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B)
-    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"], lengths_B=lengths_B)
-    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"], lengths_B=lengths_B)
+    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B,
+                          segment_ids_BT=segment_ids_BT,
+                          reset_tail=None if reset is None else reset["conv_q"])
+    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"], lengths_B=lengths_B,
+                          segment_ids_BT=segment_ids_BT,
+                          reset_tail=None if reset is None else reset["conv_k"])
+    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"], lengths_B=lengths_B,
+                          segment_ids_BT=segment_ids_BT,
+                          reset_tail=None if reset is None else reset["conv_v"])
     q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, dh))
     k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, dh))
     v = jax.nn.silu(v).reshape(b, t, h, dh)
@@ -181,11 +188,37 @@ class NeuralMemory(nnx.Module):
     convs = {"conv_q": tq, "conv_k": tk, "conv_v": tv}
     return q, k, v, theta.reshape(b, t, h, L), x32, convs
 
-  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False):
-    """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write."""
+  def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False,
+                 segment_ids_BT=None):
+    """Returns (z_BTHD, new_state, stats): the raw memory read-out after each write.
+
+    With `segment_ids_BT` (packed documents) every document after the first starts from the
+    learned initial state at a chunk start of its own: the row is spread over slots
+    (`layers.packing`), the memory resets where a document starts, and the reads come back.
+    """
+    if segment_ids_BT is not None:
+      if lengths_B is not None:
+        raise ValueError("titans: pass either lengths_B or segment_ids_BT, not both")
+      r = realign(segment_ids_BT, self.cfg.chunk_size, offset_B=state["mem"]["phase"])
+      z, state, stats = self._read_write(to_slots(x_BTD, r), state, lengths_B=r.lengths_B,
+                                         aligned=aligned, segments=r)
+      return from_slots(z, r), state, stats
+    return self._read_write(x_BTD, state, lengths_B=lengths_B, aligned=aligned)
+
+  def reset_state(self, batch_size: int):
+    """The state every packed document starts from (after the persistent tokens)."""
+    if self.n_persistent % self.cfg.chunk_size:
+      raise ValueError(f"titans: packed documents need num_persistent ({self.n_persistent}) to be "
+                       f"a multiple of chunk_size ({self.cfg.chunk_size}), so that each document "
+                       "starts its memory on a chunk boundary; change either")
+    return self.init_state(batch_size)
+
+  def _read_write(self, x_BTD, state, *, lengths_B=None, aligned=False, segments=None):
     cfg = self.cfg
     b = x_BTD.shape[0]
-    q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B)
+    seg = None if segments is None else segments.segment_ids_BS
+    reset = None if segments is None else self.reset_state(b)
+    q, k, v, theta, x32, convs = self.project(x_BTD, state, lengths_B, seg, reset)
     eta = jax.nn.sigmoid(x32 @ self.w_eta[...] + self.b_eta[...])
     if not cfg.momentum:
       eta = jnp.zeros_like(eta)
@@ -193,7 +226,9 @@ class NeuralMemory(nnx.Module):
     z, mem = titans_memory(q, k, v, theta, eta, log_a, self.ln_scale[...], self.ln_bias[...],
                            state=state["mem"], chunk_size=cfg.chunk_size,
                            implementation=cfg.implementation, lengths=lengths_B,
-                           assume_aligned=aligned)
+                           assume_aligned=aligned,
+                           resets_BT=None if segments is None else segments.starts_BS,
+                           reset_state=None if reset is None else reset["mem"])
     # Memory statistics, dead code unless the trainer captures `Stat` (XLA drops them otherwise):
     # surprise = ||M_{W_base}(k) - v|| (the inner-loss gradient's output factor), the mean gates
     # and the memory weight norm per example.
@@ -218,10 +253,9 @@ class NeuralMemory(nnx.Module):
     return (zn.reshape(b, t, -1) * gate) @ self.wo[...].astype(dt)
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("titans_lmm", segment_ids_BT)
     aligned = state is None and self.n_persistent % self.cfg.chunk_size == 0
     state = self.init_state(x_BTD.shape[0]) if state is None else state
-    z, state, stats = self.read_write(x_BTD, state, aligned=aligned)
+    z, state, stats = self.read_write(x_BTD, state, aligned=aligned, segment_ids_BT=segment_ids_BT)
     self.sow_stats(stats)
     return self.output(z, x_BTD), state
 
@@ -259,13 +293,13 @@ class MAG(nnx.Module):
     return None if self.memory.persistent is None else self.memory.persistent[...]
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("titans_mag", segment_ids_BT)
     b, t, d = x_BTD.shape
     aligned = state is None and self.memory.n_persistent % self.cfg.chunk_size == 0
     mem_state = self.memory.init_state(b) if state is None else state["memory"]
     y, attn_state = self.attn(x_BTD, state=None if state is None else state["attn"],
-                              prefix_PD=self._prefix())
-    z, mem_state, stats = self.memory.read_write(x_BTD, mem_state, aligned=aligned)
+                              segment_ids_BT=segment_ids_BT, prefix_PD=self._prefix())
+    z, mem_state, stats = self.memory.read_write(x_BTD, mem_state, aligned=aligned,
+                                                 segment_ids_BT=segment_ids_BT)
     self.memory.sow_stats(stats)
     return self.combine(y, z.reshape(b, t, d)), {"memory": mem_state, "attn": attn_state}
 
@@ -290,11 +324,11 @@ class MAL(nnx.Module):
             "attn": self.attn.init_state(batch_size, max_len=max_len, dtype=dtype)}
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("titans_mal", segment_ids_BT)
-    z, mem_state = self.memory(x_BTD, state=None if state is None else state["memory"])
+    z, mem_state = self.memory(x_BTD, state=None if state is None else state["memory"],
+                               segment_ids_BT=segment_ids_BT)
     prefix = None if self.memory.persistent is None else self.memory.persistent[...]
     y, attn_state = self.attn(self.norm(x_BTD + z), state=None if state is None else state["attn"],
-                              prefix_PD=prefix)
+                              segment_ids_BT=segment_ids_BT, prefix_PD=prefix)
     return z + y, {"memory": mem_state, "attn": attn_state}
 
 
@@ -327,19 +361,36 @@ class MAC(nnx.Module):
             "vx": zeros, "pos": jnp.zeros((batch_size,), jnp.int32)}
 
   def __call__(self, x_BTD, *, state=None, segment_ids_BT=None):
-    reject_segment_ids("titans_mac", segment_ids_BT)
+    """Packed documents (`segment_ids_BT`): every document after the first starts a segment of its
+    own from the initial memory (the row is spread over slots, `layers.packing`)."""
+    cfg = self.cfg
+    c = cfg.segment_len
+    fresh = state is None
+    state = self.init_state(x_BTD.shape[0]) if fresh else state
+    if segment_ids_BT is None:
+      return self._segments(x_BTD, state, fresh=fresh)
+    r = realign(segment_ids_BT, c, offset_B=state["pos"] % c)
+    y, state = self._segments(to_slots(x_BTD, r), state, fresh=fresh, segments=r)
+    return from_slots(y, r), state
+
+  def _segments(self, x_BTD, state, *, fresh: bool, segments=None):
     cfg = self.cfg
     b, t, d = x_BTD.shape
     c, h, dh = cfg.segment_len, cfg.num_heads, cfg.head_dim
     dt = x_BTD.dtype
     # A fresh sequence starts at a segment (and chunk) boundary: no extra segment, and when every
-    # segment is full the memory op can skip its phase handling.
-    aligned = state is None and t % c == 0
-    if state is None:
-      state = self.init_state(b)
+    # segment is full (and real) the memory op can skip its phase handling.
+    aligned = fresh and t % c == 0 and segments is None
+    if fresh:
       p0, n_seg = 0, -(-t // c)
     else:
       p0, n_seg = state["pos"][0] % c, -(-(t + c - 1) // c)
+    n_tok = jnp.full((b,), t, jnp.int32) if segments is None else segments.lengths_B
+    if segments is not None:  # per segment: does a document start it? (then the memory resets)
+      starts = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c), bool), segments.starts_BS,
+                                            (jnp.int32(0), jnp.asarray(p0, jnp.int32)))
+      resets_SB = starts.reshape(b, n_seg, c)[:, :, 0].T
+      init_mem = self.memory.init_state(b)
     zero = jnp.zeros((), jnp.int32)
     x_pad = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c, d), dt), x_BTD,
                                          (zero, jnp.asarray(p0, jnp.int32), zero))
@@ -355,9 +406,13 @@ class MAC(nnx.Module):
 
     def body(carry, inp):
       mem_state, w_seg, cache = carry
-      s_idx, xs = inp
+      s_idx, xs, *reset = inp
+      if reset:
+        rb = lambda n_, o: jnp.where(reset[0].reshape((b,) + (1,) * (o.ndim - 1)), n_, o)
+        mem_state = jax.tree.map(rb, init_mem, mem_state)
+        w_seg = jax.tree.map(rb, init_mem["mem"]["w"], w_seg)
       start = jnp.where(s_idx == 0, p0, 0)
-      end = jnp.clip(p0 + t - s_idx * c, 0, c)
+      end = jnp.clip(p0 + n_tok - s_idx * c, 0, c)               # [B]
       n = jnp.maximum(end - start, 0)
       # 1. Retrieve (read-only) from the memory as it was at the segment start.
       qr = l2_normalize(jax.nn.silu(xs @ self.w_qr[...].astype(dt)).reshape(b, c, h, dh))
@@ -383,35 +438,35 @@ class MAC(nnx.Module):
         out = self.combine(y, z.reshape(b, c, d))
         return (new_mem, new_mem["mem"]["w"], new_cache), (out, stats)
       y_shift = jnp.roll(ym, -start, axis=1)
-      z, new_mem, stats = self.memory.read_write(y_shift, mem_state,
-                                                 lengths_B=jnp.full((b,), n, jnp.int32))
+      z, new_mem, stats = self.memory.read_write(y_shift, mem_state, lengths_B=n)
       z = jnp.roll(z.reshape(b, c, d), start, axis=1)
       out = self.combine(y, z)
       has = n > 0
-      keep = lambda new, old_: jax.tree.map(lambda a, o: jnp.where(has, a, o), new, old_)
+      per_row = lambda f: (lambda a, o: jnp.where(f.reshape((b,) + (1,) * (o.ndim - 1)), a, o))
+      keep = lambda new, old_: jax.tree.map(per_row(has), new, old_)
       mem_state = keep(new_mem, mem_state)
-      w_seg = jax.tree.map(lambda a, o: jnp.where(has & (end == c), a, o), new_mem["mem"]["w"], w_seg)
+      w_seg = jax.tree.map(per_row(has & (end == c)), new_mem["mem"]["w"], w_seg)
       cache = keep(new_cache, cache)
-      stats = {k: jnp.where(has, v, jnp.nan) for k, v in stats.items()}
+      stats = {k: jnp.where(jnp.any(has), v, jnp.nan) for k, v in stats.items()}
       return (mem_state, w_seg, cache), (out, stats)
 
     cache0 = {k: state[k] for k in ("kh", "vh", "kx", "vx")}
     carry = (state["memory"], state["w_seg"], cache0)
+    scanned = (jnp.arange(n_seg), xs_SBCD) + (() if segments is None else (resets_SB,))
     if n_seg <= 8:
       # Few segments (training at CPU sizes, decode steps): unrolled, so XLA optimises across
       # segments and skips the while-loop bookkeeping (measured 1.7x faster fwd+bwd at T=64).
       outs, stats = [], []
       for i in range(n_seg):
-        carry, (o_i, st_i) = body(carry, (jnp.int32(i), xs_SBCD[i]))
+        carry, (o_i, st_i) = body(carry, jax.tree.map(lambda a: a[i], scanned))
         outs.append(o_i)
         stats.append(st_i)
       outs = jnp.stack(outs)
       stats = jax.tree.map(lambda *a: jnp.stack(a), *stats)
       mem_state, w_seg, cache = carry
     else:
-      (mem_state, w_seg, cache), (outs, stats) = jax.lax.scan(
-          body, carry, (jnp.arange(n_seg), xs_SBCD))
+      (mem_state, w_seg, cache), (outs, stats) = jax.lax.scan(body, carry, scanned)
     self.memory.sow_stats({k: jnp.nanmean(v) for k, v in stats.items()})
     o = jax.lax.dynamic_slice_in_dim(outs.swapaxes(0, 1).reshape(b, n_seg * c, d), p0, t, axis=1)
-    new_state = {"memory": mem_state, "w_seg": w_seg, **cache, "pos": state["pos"] + t}
+    new_state = {"memory": mem_state, "w_seg": w_seg, **cache, "pos": state["pos"] + n_tok}
     return o, new_state
