@@ -151,12 +151,8 @@ class Attention(nnx.Module):
       last_start = jax.lax.cummax(jnp.where(document_starts(seg), idx, -1), axis=1)  # -1: first
       positions = jnp.where(last_start >= 0, idx - last_start, positions)
       in_last = idx >= last_start[:, -1:]
-      if state is not None:  # a later document starts from an empty cache
-        fresh = self.init_state(b, max_len=state["k"].shape[1], dtype=state["k"].dtype)
-        restart = last_start[:, -1] >= 0
-        state = jax.tree.map(lambda f, o: jnp.where(
-            restart.reshape((b,) + (1,) * (o.ndim - 1)), f, o), fresh, state)
     q, k, v = self.qkv(x_BTD, positions)
+    fresh_call = state is None
     if state is None:
       keys, vals, kpos, kseg = k, v, positions, seg
       state = self.init_state(b, max_len=t, dtype=x_BTD.dtype)
@@ -172,6 +168,12 @@ class Attention(nnx.Module):
       vals = jnp.concatenate([pv, vals], axis=1)
       mask = jnp.concatenate([jnp.ones((b, t, pk.shape[1]), bool), mask], axis=2)
     o = attend(q, keys, vals, mask)
+    if in_last is not None and not fresh_call:
+      # the returned cache: the last document's only (it started from an empty cache)
+      empty = self.init_state(b, max_len=state["k"].shape[1], dtype=state["k"].dtype)
+      restart = in_last[:, 0] == 0
+      state = jax.tree.map(lambda e, o_: jnp.where(
+          restart.reshape((b,) + (1,) * (o_.ndim - 1)), e, o_), empty, state)
     new_state = {
         "k": write_ring(state["k"], k.astype(state["k"].dtype), positions, in_last),
         "v": write_ring(state["v"], v.astype(state["v"].dtype), positions, in_last),

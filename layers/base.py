@@ -58,14 +58,6 @@ class ChannelMixer(Protocol):
     ...
 
 
-def reject_segment_ids(name: str, segment_ids_BT) -> None:
-  """For mixers that do not support packed documents yet: fail rather than leak memory."""
-  if segment_ids_BT is not None:
-    raise NotImplementedError(
-        f"{name} does not support segment_ids_BT (packed documents) yet; "
-        "set data.pack=False or use a mixer that resets at document boundaries")
-
-
 def sow(module: nnx.Module, variable_type, name: str, value) -> None:
   """`module.sow(...)` only under `nnx.capture`; a no-op otherwise.
 
