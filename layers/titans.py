@@ -25,7 +25,9 @@ Reference: ../shared/reference/titans_miras.md (equation numbers are v1's).
   failed); with it, 0.97 at step 400.
 
 Chunk size b (default 16) is part of the model (gradients at chunk-start weights); MAC's segment
-length must be a multiple of it. Decoding token by token equals the parallel pass.
+length must be a multiple of it. Decoding token by token equals the parallel pass. Packed rows
+(`segment_ids_BT`) run each document from the initial state on its own chunk (MAC: segment) grid
+(docs/packed_documents.md).
 """
 from __future__ import annotations
 
