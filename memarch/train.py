@@ -146,8 +146,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   write_config(workdir, config, start_step)
 
   accum = opt_cfg.grad_accum
-  # Only packed sources (several documents per row) need segment ids; mixers that cannot reset
-  # at document boundaries refuse them with a clear error.
+  # Only packed sources (several documents per row) need segment ids; every mixer then runs each
+  # document as if alone (docs/packed_documents.md).
   packed = bool(getattr(data, "pack", False))
   aux_weights = dict(configs_lib.to_dict(tc.aux_loss_weights))
   batch_shard = sharding.batch_sharding(mesh, 3)

@@ -216,3 +216,25 @@ def test_miras_has_no_pallas_path(monkeypatch):
     call(implementation="pallas_gpu")
   monkeypatch.setattr(_dispatch, "default_order", lambda backend=None: ("pallas_gpu", "xla"))
   np.testing.assert_array_equal(call()[0], call(implementation="xla")[0])
+
+
+def test_packed_document_resets_match_xla():
+  """Resets (packed documents, on chunk starts) go through the chunk loop the kernel shares with
+  xla: the kernel in interpret mode equals the xla path, starting from a mid-stream state."""
+  B, T, H, D = 2, 48, 1, 16
+  a, fs, _ = make_case(7, B, T, H, D, 2, jnp.float32)
+  phase = jnp.asarray([0, 5], jnp.int32)
+  st = {"w": fs[0], "s": fs[1], "w_base": fs[2], "phase": phase}
+  fresh = init_memory_state(tuple(w[0] for w in fs[0]), B)
+  # documents start where phase + t is a multiple of the chunk: t = 16, 32 (row 0); 11, 27 (row 1)
+  resets = np.zeros((B, T), bool)
+  resets[0, [16, 32]] = True
+  resets[1, [11, 27]] = True
+  outs = {impl: jax.jit(functools.partial(
+      titans_memory, state=st, chunk_size=CHUNK, resets_BT=jnp.asarray(resets), reset_state=fresh,
+      implementation=impl, **({"interpret": True} if impl == "pallas_gpu" else {})))(*a)
+      for impl in ("xla", "pallas_gpu")}
+  assert_close(outs["pallas_gpu"][0], outs["xla"][0], 1e-4, "o")
+  for n in ("w", "s", "w_base"):
+    for x, r in zip(outs["pallas_gpu"][1][n], outs["xla"][1][n]):
+      assert_close(x, r, 1e-4, n)
