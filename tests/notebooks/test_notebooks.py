@@ -88,7 +88,15 @@ def _check_quickstart(nb, text, tmp_path):
   assert "greedy decode == parallel argmax for all 16 prompts" in text
   acc = float(re.search(r"recall accuracy on these 16 queries: ([\d.]+)", text).group(1))
   assert 0.0 <= acc <= 1.0
-  assert _images(nb) == 3  # curves, memory statistics, surprise over positions
+  # The Shakespeare section: held-out bits per byte at every step, then three samples.
+  text_rows = [json.loads(l) for l in
+               (tmp_path / "runs" / "quickstart_text_fast" / "metrics.jsonl").read_text().splitlines()]
+  bpb = [r["eval/bits_per_byte"] for r in text_rows if "eval/bits_per_byte" in r]
+  assert len(bpb) == 3 and all(0.0 < b < 20.0 for b in bpb)
+  m = re.search(r"held-out bits per byte after 3 steps: ([\d.]+)", text)
+  assert m and float(m.group(1)) == pytest.approx(bpb[-1], abs=1e-3)
+  assert all(f"--- sample {i}\n**MACBETH**" in text for i in (1, 2, 3))
+  assert _images(nb) == 4  # curves, memory statistics, surprise over positions, bits per byte
 
 
 def _check_zoo_tour(nb, text, tmp_path):
