@@ -133,20 +133,23 @@ class Attention(nnx.Module):
     bc = lambda a: jnp.broadcast_to(a[None], (batch_size, *a.shape))
     return bc(k), bc(v)
 
-  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None, prefix_PD=None):
+  def __call__(self, x_BTD, *, state=None, segment_ids_BT=None, prefix_PD=None,
+               documents: bool = True):
     """`prefix_PD`: optional extra keys/values visible to every query, whatever the window.
 
     Packed documents (`segment_ids_BT`): no token attends across documents, and positions restart
     at each document (the first continues the state), so every document sees what it would see
     alone, prefix included (the prefix keys carry no rotation, so absolute query positions
     matter). The returned cache holds the last document only, as if it had run alone.
+    `documents=False`: the ids only mask (e.g. HCAM's segments inside one document); positions
+    and the cache run on.
     """
     b, t, _ = x_BTD.shape
     pos0 = jnp.zeros((b,), jnp.int32) if state is None else state["pos"]
     positions = pos0[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
     seg = jnp.zeros((b, t), jnp.int32) if segment_ids_BT is None else segment_ids_BT.astype(jnp.int32)
     in_last = None
-    if segment_ids_BT is not None:
+    if segment_ids_BT is not None and documents:
       idx = jnp.arange(t, dtype=jnp.int32)[None]
       last_start = jax.lax.cummax(jnp.where(document_starts(seg), idx, -1), axis=1)  # -1: first
       positions = jnp.where(last_start >= 0, idx - last_start, positions)

@@ -229,7 +229,8 @@ class HCAM(nnx.Module):
     if packed:
       y_local, attn_state = self._local_packed(x_BTD, attn_state, grid)
     else:
-      y_local, attn_state = self.local(x_BTD, state=attn_state, segment_ids_BT=rel // seg)
+      y_local, attn_state = self.local(x_BTD, state=attn_state, segment_ids_BT=rel // seg,
+                                       documents=False)
 
     mk, mv, ms = self._memory_kv(x_BTD, rel % c, c)
     if packed:  # the memory's tokens move to the slots; queries stay on the token axis

@@ -92,8 +92,9 @@ def test_config_errors():
     MirasConfig(8, 2, model="titans")
   with pytest.raises(ValueError, match="divisible"):
     MirasConfig(9, 2)
-  with pytest.raises(NotImplementedError, match="segment_ids"):
-    build("memora")(x_in(), segment_ids_BT=jnp.ones((B, T), jnp.int32))
+  # packed rows need the post-persistent state on a chunk boundary
+  with pytest.raises(ValueError, match="multiple of chunk_size"):
+    build("memora", num_persistent=3)(x_in(), segment_ids_BT=jnp.ones((B, T), jnp.int32))
 
 
 def test_write_gain_probe():
