@@ -339,6 +339,9 @@ def markdown(rows: Sequence[dict], *, command: str = "", missing: Sequence[str] 
       f"| notes |",
       "|---|---:|---:|---:|---:|---:|---|"]
   footnotes = set()
+  if s0["max_tokens"] and s0["max_tokens"] // 4 < L4:
+    footnotes.add(f"Note: each held-out play was cut to {s0['max_tokens'] // 4:,} tokens, fewer "
+                  f"than 4L = {L4}, so no token sees {L4} tokens of context (raise --max_tokens).")
   for r in rows:
     cells = []
     for key in (str(r["settings"]["eval_lengths"][0]), str(r["settings"]["eval_lengths"][1])):
