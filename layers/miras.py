@@ -23,8 +23,9 @@ momentum):
             paper's lag token (the first token of each chunk takes its own exact step, §7.3)
 
 Choices [ours] (§7.1): the paper's channel-wise gates from low-rank projections become scalars per
-(head, memory layer) for theta and per head for a and delta (the op's interface); b_alpha = -4.6
-(a ~ 0.99), b_delta = 1.8546 (delta = 2, a per-entry threshold on the RMS error), b_theta = 0;
+(head, memory layer) for theta and per head for a and delta (the op's interface); b_alpha = -6.9
+(a ~ 0.999; -4.6, a ~ 0.99, for the linear memory; as in Titans), b_delta = 1.8546 (delta = 2,
+a per-entry threshold on the RMS error), b_theta = 0;
 theta_max = 0.3 / head_dim for the MLP memory, 1.0 for the linear one, as in Titans. The initial state `w0` (W_0 for Yaad, the dual A_0 for Moneta, the
 logits Z_0 for Memora, unit-scale so the initial rows are not uniform) and Memora's scale c (init 1)
 are learned per head and memory layer. Titans' momentum gate (W_eta) is dropped: Miras is plain GD.
@@ -140,7 +141,9 @@ class Miras(NeuralMemory):
     d, h, L = cfg.d_model, cfg.num_heads, cfg.memory_depth
     self.bias, self.retention = MODELS[cfg.model]
     del self.w_eta, self.b_eta  # plain GD: no momentum gate
-    self.w_delta = _dense(rngs, (d, h), ("embed", None), std=0.02)
+    # std 0.16 / sqrt(d) (0.02 at d = 64): delta's logit spread is 0.16 at every width, not 0.55 at
+    # d = 768, where tokens fell into the steep sign branch at init (docs/architectures/miras.md).
+    self.w_delta = _dense(rngs, (d, h), ("embed", None), std=0.16 * d ** -0.5)
     # delta is the per-entry Huber threshold, compared with the RMS error (titans_memory.rules):
     # per-entry errors are ~1.2 at init, so delta = 2 writes typical tokens with the l2 branch
     # and clips the outliers.

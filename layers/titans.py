@@ -132,7 +132,9 @@ class NeuralMemory(nnx.Module):
     self.w_eta = _dense(rngs, (d, h), ("embed", None), std=0.02)
     self.b_eta = _const(0.0, (h,), (None,))
     self.w_alpha = _dense(rngs, (d, h), ("embed", None), std=0.02)
-    self.b_alpha = _const(-4.6, (h,), (None,))  # alpha ~ 0.01 at init
+    # alpha ~ 0.001 at init (linear memory: 0.01): retention shrinks W and the LN'd memory's write
+    # gain grows as 1/scale(W)^2 (docs/architectures/titans.md, "Retention gate at init").
+    self.b_alpha = _const(-4.6 if L == 1 else -6.9, (h,), (None,))
     if output:  # MAC and MAG combine the raw read-out with attention themselves
       self.w_gate = _dense(rngs, (d, d), ("embed", "mlp"))
       self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
