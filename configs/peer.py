@@ -51,8 +51,7 @@ def get_config(arg=None):
 def _set_data(c, data):
   if data == "memorization":
     # MAD's memorization setting (Poli et al. 2024, arXiv 2403.17844): vocab 256 at the CPU sizes
-    # (the preset's),
-    # 32 tokens = 16 "key, insert" pairs per sequence.
+    # (the preset's), 32 tokens = 16 "key, insert" pairs per sequence.
     c.data.name = "memorization"
     c.data.seq_len = 32
     c.data.eval_examples = 256
