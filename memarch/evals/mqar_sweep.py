@@ -15,9 +15,10 @@ configs/ (`transformer` -> configs/transformer.py), or a registered sequence mix
 heads, MLP) is kept; Zoology's 2-layer no-MLP models differ in that [ours]. Finished runs are read back
 from `<run>/result.json`, so an interrupted sweep resumes where it stopped.
 
-State size (as Zoology plots accuracy against it): the bytes of the leaves of `init_state(batch=1, max_len=seq_len)` per layer
-(float32 states, as allocated: attention counts its KV cache at the sequence length plus its position
-bookkeeping, recurrent mixers their matrices, momentum and conv tails).
+State size (Zoology plots accuracy against it): the bytes of the leaves of
+`init_state(batch=1, max_len=seq_len)` per layer (float32 states, as allocated: attention counts its
+KV cache at the sequence length plus its position bookkeeping, recurrent mixers their matrices,
+momentum and conv tails).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ backward trace and lower without a device, and the lowered module calls the kern
 (docs/design.md, "Adding a kernel op").
 
 On jax 0.11 the CUDA lowering additionally needs an abstract mesh with a CUDA device kind
-(an API of jax 0.11 only); `_lowering_context` supplies it when the API exists.
+(`AbstractDevice`); `_lowering_context` supplies it when the API exists.
 """
 import contextlib
 import re
