@@ -35,14 +35,10 @@ and parameters, and the LM's total parameters. Every row uses the same data, see
 Written to `<out>`: memorization.json (rows and protocol) and memorization.md (the table); each run's
 workdir is `<out>/runs/<name>` and finished runs are read back from its result.json (resumable).
 
-Measured with the default command (M = 511 facts, vocab 1024, d_model 32, 1 layer, batch 32, lr 3e-3,
-<= 800 steps; 4 min 45 s on 2 shared CPU cores, jax 0.10.2), eval accuracy at the end:
-peer 0.919 (dense at equal FLOPs 0.951, dense at equal params 0.996 at step 700), ultramem 0.963
-(0.978, 0.971), none 0.940. Nothing reached 0.99 except the parameter-matched dense FFN of PEER (which
-spends 11x PEER's FLOPs). At this size the memory layers do not beat the FLOP-matched dense FFN, and
-the no-channel control nearly matches everything: with one-token keys the key's input embedding alone
-can hold its fact, so this task (MAD's layout) cannot separate channel-mixer capacities at CPU sizes;
-a variant whose keys span several tokens (so that M exceeds what V x d embeddings can store) would.
+Results of the default command: docs/results.md. Keep the no-channel control: with one-token keys
+the key's input embedding alone can hold its fact, so at CPU sizes this task (MAD's layout) barely
+separates channel mixers; a variant whose keys span several tokens (so that M exceeds what V x d
+embeddings can store) would.
 """
 from __future__ import annotations
 
