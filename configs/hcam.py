@@ -1,6 +1,6 @@
 """HCAM (Lampinen et al. 2021, arXiv 2105.14039) in a language model on MQAR: causal attention
 inside segments of S tokens plus a top-k read of the C-token chunks of earlier segments
-(layers/hcam.py; reference/landmark_hcam.md section 2.2).
+(layers/hcam.py; docs/architectures/hcam.md).
 
   python scripts/train.py --config=configs/hcam.py
   python scripts/train.py --config=configs/hcam.py:chunk=8,segment=16,k=2 --workdir=runs/hcam
@@ -14,7 +14,7 @@ i.e. 16k tokens of memory; text: the embedded Shakespeare plays, configs_lib.tex
 `steps=N`.
 Parameters (size=tiny, MQAR vocab 256): 158,016.
 
-Passkey (issue #7; byte tokens, 512-token training rows, evaluated to 16k through the chunk memory):
+Passkey (byte tokens, 512-token training rows, evaluated to 16k through the chunk memory):
   python scripts/train.py --config=configs/hcam.py:task=passkey --workdir=runs/hcam_passkey
   python scripts/eval.py --workdir=runs/hcam_passkey            # passkey at evals.lengths
 """

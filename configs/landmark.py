@@ -12,7 +12,7 @@ MQAR stream has no landmark token, so there it is an ordinary token with its own
 the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
 Parameters (size=tiny, MQAR vocab 256): 117,056.
 
-Passkey (issue #7; byte tokens, 512-token training rows with a landmark token closing every block,
+Passkey (byte tokens, 512-token training rows with a landmark token closing every block,
 loss on every token; evaluated to 16k through the block cache):
   python scripts/train.py --config=configs/landmark.py:task=passkey --workdir=runs/landmark_passkey
   python scripts/eval.py --workdir=runs/landmark_passkey        # passkey at evals.lengths

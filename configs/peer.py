@@ -6,7 +6,7 @@
 Default data: MAD memorization (memarch.data.memorization; vocab 256, 32 tokens, one fixed key->value
 map never shown in context), because a parametric expert memory is where PEER should beat a dense FFN
 of equal active FLOPs; `data=mqar` trains on in-context recall instead, where a channel mixer cannot
-help (reference/peer_ultramem.md section 7). The memorization experiment against parameter- and
+help (docs/architectures/peer.md). The memorization experiment against parameter- and
 FLOP-matched dense FFNs is `python -m memarch.evals.memorization`.
 
 Variants:
@@ -50,8 +50,8 @@ def get_config(arg=None):
 
 def _set_data(c, data):
   if data == "memorization":
-    # MAD's memorization setting (evals.md section 2): vocab 256 at the CPU sizes (the preset's),
-    # 32 tokens = 16 "key, insert" pairs per sequence.
+    # MAD's memorization setting (Poli et al. 2024, arXiv 2403.17844): vocab 256 at the CPU sizes
+    # (the preset's), 32 tokens = 16 "key, insert" pairs per sequence.
     c.data.name = "memorization"
     c.data.seq_len = 32
     c.data.eval_examples = 256

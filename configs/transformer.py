@@ -1,4 +1,5 @@
-"""Transformer++ baseline: RoPE softmax attention + SwiGLU, pre-RMSNorm (DESIGN.md section 4).
+"""Transformer++ baseline: RoPE softmax attention + SwiGLU, pre-RMSNorm
+(docs/architectures/transformer.md).
 
   python scripts/train.py --config=configs/transformer.py:size=tiny --workdir=/tmp/transformer
 

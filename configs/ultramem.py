@@ -7,7 +7,7 @@ Every block's channel mixer is `layers.ultramem.UltraMem`: SwiGLU FFN + TDQKR me
 2, 2x2 Tucker cores, PEER-style pre-values and values, one shared output projection). Default data:
 MAD memorization (memarch.data.memorization; vocab 256, 32 tokens, one fixed key->value map never
 shown in context), where a parametric memory should beat a dense FFN of equal active FLOPs; `data=mqar`
-for in-context recall, where a channel mixer cannot help (reference/peer_ultramem.md section 7). The
+for in-context recall, where a channel mixer cannot help (docs/architectures/peer.md). The
 matched-baseline experiment is `python -m memarch.evals.memorization`.
 
 Variants:

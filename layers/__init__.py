@@ -1,1 +1,1 @@
-"""Flax NNX layers of memarch: one file per paper plus shared building blocks (DESIGN.md section 1)."""
+"""Flax NNX layers of memarch: one file per paper plus shared building blocks (docs/design.md)."""

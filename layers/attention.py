@@ -1,7 +1,7 @@
 """Causal multi-head softmax attention with RoPE (Vaswani et al. 2017; Su et al. 2021), full or
-sliding-window, with a KV-cache state.
+sliding-window, with a KV-cache state (docs/architectures/transformer.md).
 
-State (DESIGN.md section 2, growing cache as a preallocated buffer):
+State (docs/design.md, "Sequence mixers": a growing cache as a preallocated buffer):
   k, v   [B, S, H, Dh]  rotated keys and values, slot = absolute position mod S
   kpos   [B, S]         absolute position of each slot (-1 = empty)
   kseg   [B, S]         segment id of each slot (packed documents never attend across ids)

@@ -1,4 +1,4 @@
-"""Protocols and conventions shared by every layer (DESIGN.md section 2).
+"""Protocols and conventions shared by every layer (docs/design.md, "Interfaces").
 
 Sequence mixers mix tokens and may carry state:
 

@@ -1,8 +1,9 @@
-"""Gated DeltaNet (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", ICLR 2025, Eq. 10):
+"""Gated DeltaNet (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", ICLR 2025, arXiv 2412.06464,
+Eq. 10):
 
     S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   o_t = K^-1/2 S_t^T q_t
 
-Layer (reference/mom_gdn_pallas.md section 1.2, as FLA's GatedDeltaNet):
+Layer (docs/architectures/gated_deltanet.md, as FLA's GatedDeltaNet):
   q, k, v = SiLU(CausalConv_4(x W_{q,k,v})); q, k L2-normalised per head
   beta = sigmoid(x W_b);  g = log a = -exp(A_log) * softplus(x W_a + dt_bias)   (Mamba-2 style)
   o = W_o concat_h(RMSNorm_h(o_h) * SiLU(x W_gate))       gated RMSNorm, swish gate [uncertain]

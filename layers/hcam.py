@@ -1,7 +1,7 @@
 """HCAM, Hierarchical Chunk Attention Memory (Lampinen, Chan, Banino & Hill, "Towards mental time
 travel: a hierarchical memory for reinforcement learning agents", NeurIPS 2021, arXiv 2105.14039),
-in a language model as reference/landmark_hcam.md section 2.2 recommends [ours throughout: the
-paper's agent memory, moved into an LM].
+in a language model (docs/architectures/hcam.md) [ours throughout: the paper's agent memory,
+moved into an LM].
 
 Tokens are grouped into segments of S = `segment_len` tokens, and segments into chunks of
 C = `chunk_size` (S mod C = 0). The mixer's output for token t in segment n = t // S is
@@ -10,9 +10,10 @@ C = `chunk_size` (S mod C = 0). The mixer's output for token t in segment n = t 
 
 - Attn_local: causal RoPE attention restricted to the token's own segment (`layers.attention`
   with a window of S and the segment index as segment id).
-- HCAM (section 2.1, the read of `htm_attention.py`): the memory holds the complete C-token chunks
-  M_c of the *earlier* segments (stored under stop-gradient: the layer's normalised input h), at most
-  the M_max = `max_chunks` most recent; chunk c is visible to segment n iff (c+1) C <= n S and
+- HCAM (the paper's §2 read, as in the released `htm_attention.py`): the memory holds the complete
+  C-token chunks M_c of the *earlier* segments (stored under stop-gradient: the layer's normalised
+  input h), at most the M_max = `max_chunks` most recent; chunk c is visible to segment n iff
+  (c+1) C <= n S and
   c >= n S / C - M_max. Then
       s_tc  = (h_t W_q^g) . (mean_j M_{c,j} W_k^g) / sqrt(F)      one gate head of width F
       S_t   = top-k of the visible chunks by s_tc;  w_tc = softmax_{c in S_t} s_tc
@@ -22,7 +23,7 @@ C = `chunk_size` (S mod C = 0). The mixer's output for token t in segment n = t 
   softmax is its adjusted-logit form). W_o starts at zero (`zero_init_out`), so HCAM begins as plain
   segment attention. Gradients reach W_q^g, W_k^g, W_q, W_k, W_v, W_o; the memory gets none.
 
-Not copied from the original code (section 2.1 quirks): a query with no visible chunk reads 0 (not
+Not copied from the released read module: a query with no visible chunk reads 0 (not
 a uniform mix of masked chunks); k is clipped to the number of chunks; each chunk's K/V is projected
 once (cached), never per query.
 
@@ -30,7 +31,7 @@ Training and streaming share one code path: a call gathers the cached chunks and
 own tokens; the visibility rule hides a chunk until its segment has ended, so the parallel pass
 equals segment-by-segment or token-by-token decoding.
 
-State (growing cache, DESIGN.md section 2), R = min(M_max + S/C, max_len // C) ring slots:
+State (a growing cache, docs/design.md), R = min(M_max + S/C, max_len // C) ring slots:
   attn_k, attn_v, attn_kpos, attn_kseg, attn_pos    the local attention's cache (window S)
   mem_k, mem_v [B, R, C, H, Dh]   projected chunk keys/values (with PE)
   mem_s        [B, R, F]          projected chunk summaries W_k^g mean(M_c)
@@ -106,8 +107,8 @@ class HCAMConfig:
 
 
 def chunk_position_encoding(chunk: int, dim: int, dtype=jnp.float32):
-  """[C, D] sinusoid of position C-1-j (the chunk's last token is 0), timescales 2..1e4 (section
-  2.1): first half sin, second half cos."""
+  """[C, D] sinusoid of position C-1-j (the chunk's last token is 0), timescales 2..1e4 (as the
+  released read module): first half sin, second half cos."""
   half = dim // 2
   ts = 2.0 * (1e4 / 2.0) ** (np.arange(half) / max(half - 1, 1))
   ang = (chunk - 1 - np.arange(chunk))[:, None] / ts[None]
@@ -178,7 +179,7 @@ class HCAM(nnx.Module):
     return jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(dt))
 
   def read(self, h_BQD, memory_BMCD, valid_BQM=None):
-    """The original read module (section 2.1) on explicit memory chunks: for tests and analysis.
+    """The released read module (the paper's §2) on explicit memory chunks: for tests and analysis.
 
     h_BQD: queries; memory_BMCD: M chunks of C raw embeddings; valid_BQM: which chunks each query
     may read (default all). Returns W_o-projected [B, Q, D].

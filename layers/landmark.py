@@ -1,18 +1,18 @@
 """Landmark attention (Mohtashami & Jaggi, "Random-Access Infinite Context Length for Transformers",
-NeurIPS 2023, arXiv 2305.16300); sections below are those of reference/landmark_hcam.md (section 1).
+NeurIPS 2023, arXiv 2305.16300, §3); the equations and our choices: docs/architectures/landmark.md.
 
 Tokens come in blocks of L = `block_size` positions whose last one is a landmark token: position p
 (counted over the whole stream, landmarks included) is a landmark iff p mod L = L - 1, and belongs
 to block c(p) = p // L. `insert_landmarks` below prepares data in that layout (loss masked at
-landmarks). Query i in block c reads, through one softmax (the grouped softmax, section 1.2, Eq. 1-4
+landmarks). Query i in block c reads, through one softmax (the grouped softmax, Eq. 1-4
 of the paper, in its single-softmax form):
 
   own block     J_c(i) = {j in c, j <= i, j not a landmark}     logits s_ij
   past block b  content keys J_b, gated by its landmark          e_ij = s_{i,lambda(b)} + s_ij
                                                                        - LSE_{j' in J_b} s_ij'
 so block b receives total probability exp(s_{i,lambda(b)}) / Z_i and a landmark never passes its own
-value on (a_{i,lambda(b)} = 0). Which past blocks a query reads [ours: the memarch semantics of
-section 1.4, split-invariant, unlike the paper's chunked inference]:
+value on (a_{i,lambda(b)} = 0). Which past blocks a query reads [ours: a rule that is
+split-invariant, unlike the paper's chunked inference]:
 
   - the W = `recent_blocks` most recent complete blocks, always (gated);
   - the top-k (k = `top_k`) of the older complete blocks by landmark score s_{i,lambda(b)}, per
@@ -25,14 +25,14 @@ section 1.4, split-invariant, unlike the paper's chunked inference]:
 
 The same code serves training and streaming: one call assembles the cached blocks and the blocks
 touched by the new tokens and runs `pallas_kernels.block_retrieval_attention`, so running a sequence
-at once, in pieces or token by token gives the same outputs (the section 3 invariant).
+at once, in pieces or token by token gives the same outputs (split invariance, docs/design.md).
 
-Positions [ours, section 1.4 "position modes"]: `positions='exact'` applies RoPE at the true stream
+Positions [ours]: `positions='exact'` applies RoPE at the true stream
 positions (landmarks included), cached keys are stored rotated; `'none'` uses no positional encoding.
 The paper's "stingy" positions (retrieved blocks re-positioned into (k+1)*L slots) are not
 implemented, nor are the `paper_chunked` inference mode or the `pos_jump_on_mem` augmentation.
 
-State (growing cache, DESIGN.md section 2), n_max = max_len // L blocks (or `cache_blocks`):
+State (a growing cache, docs/design.md), n_max = max_len // L blocks (or `cache_blocks`):
   blk_k, blk_v [B, n_max, L-1, H, Dh]  content keys/values of completed blocks (ring, slot c mod n_max)
   lmk_k        [B, n_max, H, Dh]       their landmark keys
   blk_id       [B, n_max]              block index held by a slot (-1 = empty)
@@ -120,7 +120,7 @@ def insert_landmarks(inputs_BL, targets_BL, *, block_size: int, landmark_id: int
   work too), so position p is a landmark iff p mod block_size = block_size - 1, the layout
   `LandmarkAttention` expects when the row starts at stream position 0. Content targets are kept:
   the last content token of a block still predicts the next content token, skipping the landmark,
-  and landmarks are never predicted (section 1.1, as `lm_benchmark/optim/utils.py`). The landmark id
+  and landmarks are never predicted (as the authors' `lm_benchmark/optim/utils.py`). The landmark id
   must be a vocabulary entry of its own (e.g. the data vocabulary size, with the model's vocab one
   larger).
   """

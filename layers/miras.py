@@ -1,8 +1,9 @@
 """Miras: Moneta, Yaad and Memora (Behrouz et al., "It's All Connected", arXiv 2504.13173).
 
-Reference: ../shared/reference/titans_miras.md §7 (and §1-4 for the shared Titans engine).
+Equations, chunking and the scales we chose: docs/architectures/miras.md (the shared engine:
+docs/architectures/titans.md).
 
-`Miras` (registered `moneta`, `yaad`, `memora`) is the Titans memory layer (§4): it subclasses
+`Miras` (registered `moneta`, `yaad`, `memora`) is the Titans memory layer: it subclasses
 `layers.titans.NeuralMemory` (projections, causal convs, theta gate, output gate, initial memory,
 persistent tokens, state handling) and swaps the memory op for a Miras memory
 (`pallas_kernels.miras_memory`, the Titans engine with another attentional bias and retention and no
@@ -20,9 +21,9 @@ momentum):
                                                                       (Eq. 24-25; rescaled map [ours])
     Yaad:   Huber bias, l2 retention                                  (Eq. 26)
     Memora: l2 bias, KL retention on logits Z, W = c softmax_row(Z)   (Eq. 21, 27), with the
-            paper's lag token (the first token of each chunk takes its own exact step, §7.3)
+            paper's lag token (the first token of each chunk takes its own exact step)
 
-Choices [ours] (§7.1): the paper's channel-wise gates from low-rank projections become scalars per
+Choices [ours]: the paper's channel-wise gates from low-rank projections become scalars per
 (head, memory layer) for theta and per head for a and delta (the op's interface); b_alpha = -6.9
 (a ~ 0.999; -4.6, a ~ 0.99, for the linear memory; as in Titans), b_delta = 1.8546 (delta = 2,
 a per-entry threshold on the RMS error), b_theta = 0;

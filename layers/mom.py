@@ -1,5 +1,5 @@
 """Mixture-of-Memories (Du et al., "MoM: Linear Sequence Modeling with Mixture-of-Memories",
-arXiv 2502.13685, section 3.2-3.3; reference/mom_gdn_pallas.md section 1), gated-delta backend.
+arXiv 2502.13685, §3.2-3.3; docs/architectures/mom.md), gated-delta backend.
 
   p_t = softmax(x_t W_router);  I_t = TopK(p_t, k);  w_tm = p_tm / sum_{j in I_t} p_tj
   memory m in I_t:  S^m_t = GDN-update(S^m_{t-1}; k^m_t, v^m_t, beta^m_t, g^m_t)   (others skipped:
@@ -9,12 +9,12 @@ arXiv 2502.13685, section 3.2-3.3; reference/mom_gdn_pallas.md section 1), gated
 Each memory has its own k/v/beta/a projections; q, the convs, A_log and dt_bias are shared; the
 shared memory has its own k/v/beta/a and reads with weight 1.
 
-Routing without a Python loop over memories [ours, section 1.4 adapted]: for every (batch, memory)
-the tokens routed to it are moved, in time order, to the front of a row of length T (a stable sort
-on "not selected"); the M*B rows run through ONE gated-delta-rule call whose padding tokens are
-inert (k = 0, beta = 0, g = 0), and the outputs are gathered back. Cost is O(M*B*T), linear in T;
-it spends M/k times the recurrence FLOPs of the packed layout of section 1.4, and in exchange every
-(memory, batch) row carries its own state, so streaming/decoding continues each memory exactly
+Routing without a Python loop over memories [ours, adapting the paper's §3.3]: for every (batch,
+memory) the tokens routed to it are moved, in time order, to the front of a row of length T (a
+stable sort on "not selected"); the M*B rows run through ONE gated-delta-rule call whose padding
+tokens are inert (k = 0, beta = 0, g = 0), and the outputs are gathered back. Cost is O(M*B*T),
+linear in T; it spends M/k times the recurrence FLOPs of the paper's packed layout (§3.3), and in
+exchange every (memory, batch) row carries its own state, so streaming/decoding continues each memory exactly
 (the packed layout cannot give per-segment initial states yet). Convs run along each memory's
 subsequence with per-memory tails, as in FLA's inference path (its training path leaks ~3 tokens
 across buckets; we do not).
@@ -29,7 +29,7 @@ continues it and later documents start fresh. Padding takes the last document's 
 that the last document never selects returns the fresh state, and the returned conv tails keep only
 inputs of the last document.
 Capacity: unlimited. Every routed token is processed, nothing is dropped; imbalance costs nothing
-in correctness, only the balance loss (Switch form, section 1.3, sown per layer as
+in correctness, only the balance loss (Switch Transformer form, sown per layer as
 `AuxLoss("balance")`, weighted by train.aux_loss_weights.balance) pushes toward uniform use.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """PEER: Parameter Efficient Expert Retrieval (He 2024, "Mixture of A Million Experts",
-arXiv:2407.04153 section 2, Algorithm 1; reference/peer_ultramem.md section 2).
+arXiv:2407.04153 section 2, Algorithm 1; docs/architectures/peer.md).
 
 N = n^2 singleton experts e_i(x) = act(u_i . x) v_i (no biases). Each of h heads forms a query
 q^i(x) = norm(W_q^i x), retrieves its top-k experts I^i over the product keys [c_a; c'_b] exactly
@@ -10,7 +10,7 @@ q^i(x) = norm(W_q^i x), retrieves its top-k experts I^i over the product keys [c
 The expert read goes through `pallas_kernels.expert_gather.expert_mlp` (custom VJP, sorted
 segment-sum table gradients).
 
-Choices marked [ours] in the reference:
+Choices where the paper is silent [ours]:
   - Query norm: per-token, per-half LayerNorm without affine parameters (`query_norm="layernorm"`;
     also "rmsnorm" or "none"). No BatchNorm: its batch statistics would let routing at position t see
     later tokens of the same sequence.
@@ -111,7 +111,7 @@ def normalize_query(q, kind: str, eps: float = 1e-6):
 
 class PEER(nnx.Module):
   """PEER channel mixer: `__call__(x_BTD) -> y_BTD`; sows `Stat`s expert_usage, usage_entropy and
-  usage_unevenness (reference section 6.8) under `nnx.capture`."""
+  usage_unevenness (PEER Table 2) under `nnx.capture`."""
 
   def __init__(self, cfg: PEERConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg

@@ -1,5 +1,5 @@
 """Top-k routing and product-key retrieval (Lample et al. 2019, "Large Memory Layers with Product Keys",
-arXiv:1907.05242 section 3.2; reference/peer_ultramem.md section 1).
+arXiv:1907.05242 section 3.2; docs/architectures/peer.md).
 
 `product_key_topk` is the exact top-k over the n_a * n_b implicit keys [c_a; c'_b] whose score is
 q_a . keys_a[a] + q_b . keys_b[b], in three steps:
@@ -11,7 +11,7 @@ q_a . keys_a[a] + q_b . keys_b[b], in three steps:
 Exact because a global top-k pair (a, b) with a outside topk(keys_a q_a, k) would be beaten by the k
 pairs (a', b) whose a' beat a: at most k - 1 pairs may beat it. Ties change indices, never scores.
 
-`usage_stats` computes the expert-usage statistics of section 6.8 (usage, unevenness, entropy).
+`usage_stats` computes the expert-usage statistics (PEER Table 2: usage, unevenness, entropy).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def topk(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def product_key_topk(q_a: jax.Array, q_b: jax.Array, keys_a: jax.Array, keys_b: jax.Array,
                      k: int) -> tuple[jax.Array, jax.Array]:
-  """Exact top-k over the n_a * n_b product keys (section 1 of the reference).
+  """Exact top-k over the n_a * n_b product keys (docs/architectures/peer.md).
 
   Args:
     q_a: [..., d_a] first sub-query; q_b: [..., d_b] second sub-query.
@@ -62,7 +62,7 @@ def product_key_topk(q_a: jax.Array, q_b: jax.Array, keys_a: jax.Array, keys_b: 
 
 
 def usage_stats(indices: jax.Array, weights: jax.Array, num_experts: int) -> dict[str, jax.Array]:
-  """Expert-usage statistics over a batch (reference section 6.8; PEER Table 2).
+  """Expert-usage statistics over a batch (PEER, He 2024, Table 2).
 
   z_i is the router mass accumulated on row i, normalised to sum 1 over rows:
     usage      = fraction of rows with z_i > 0 (the share of experts hit in the batch);

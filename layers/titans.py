@@ -1,15 +1,15 @@
 """Titans: learning to memorize at test time (Behrouz et al., arXiv 2501.00663 v1; NeurIPS 2025).
 
-Reference: ../shared/reference/titans_miras.md (equation numbers are v1's).
+Equations as implemented, with v1's equation numbers: docs/architectures/titans.md.
 
-- `NeuralMemory` (registered `titans_lmm`): the long-term memory as a token mixer (section 4):
+- `NeuralMemory` (registered `titans_lmm`): the long-term memory as a token mixer:
     q, k, v = SiLU(CausalConv_4(x W_{q,k,v}));  q, k <- L2-normalised per head
     theta = theta_max * sigmoid(x W_theta + b_theta)   per token, head and memory layer
     eta   = sigmoid(x W_eta + b_eta);  log a = log_sigmoid(-(x W_alpha + b_alpha))
     z = Memory(q, k, v, theta, eta, a)                  Eq. 13-15, chunked (pallas_kernels.titans_memory)
     o = W_o concat_h(RMSNorm_h(z) * SiLU(x W_g))
   The memory is an MLP per head, M_W(x) = x + LN(W_2 GELU(W_1 x)) (depth 2, expansion 4), or the
-  linear W x at depth 1. Persistent tokens P (section 5) are consumed first: the state after P is the
+  linear W x at depth 1. Persistent tokens P (v1 §3.3) are consumed first: the state after P is the
   learned initial state, so `init_state` runs the memory over P [ours: equal to prepending P].
 - `MAG` (Eq. 26-28): sliding-window attention over [P; x] beside the LMM;
   o = W_o[RMSNorm(y) * sigmoid(RMSNorm(z))].
@@ -19,10 +19,9 @@ Reference: ../shared/reference/titans_miras.md (equation numbers are v1's).
   RMSNorm(x_seg + y) and read per token z_j = M_{W_j}(q_j) [ours],
   o = W_o[RMSNorm(y) * sigmoid(RMSNorm(z))].
   [ours] Eq. 23-24 write with "y_t = Attn(S~)" and leave the attention block's residual implicit; we
-  include it, RMS-normalised like every LMM input (reference section 4). Without it the memory sees
-  token identities only after the attention has learned to copy them: MAC tiny plateaued at 0.92
-  MQAR 64/4 accuracy (the queries past the first segment, which only the memory can answer,
-  failed); with it, 0.97 at step 400.
+  include it, RMS-normalised like every LMM input. Without it the memory sees token identities
+  only after the attention has learned to copy them, and MAC learned MQAR far worse (the runs:
+  docs/results.md).
 
 Chunk size b (default 16) is part of the model (gradients at chunk-start weights); MAC's segment
 length must be a multiple of it. Decoding token by token equals the parallel pass. Packed rows
@@ -115,7 +114,7 @@ def _const(value, shape, axes):
 
 
 class NeuralMemory(nnx.Module):
-  """The Titans LMM layer (section 4 of the reference); see the module docstring."""
+  """The Titans LMM layer ; see the module docstring."""
 
   def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs, persistent: bool = True,
                output: bool = True):
@@ -170,7 +169,7 @@ class NeuralMemory(nnx.Module):
   # ---- the memory as a map x -> (z_BTHD, state) ----
   def project(self, x_BTD, state, lengths_B=None, segment_ids_BT=None, reset=None):
     """q, k, v = SiLU(conv(x W)) with q, k L2-normalised per head, theta [B,T,H,L], the float32
-    input for the other gates and the conv states (reference section 4; shared with Miras)."""
+    input for the other gates and the conv states (shared with Miras)."""
     cfg = self.cfg
     b, t, _ = x_BTD.shape
     h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth

@@ -1,5 +1,5 @@
 """UltraMemV2 (Huang et al. 2025, "UltraMemV2: Memory Networks Scaling to 120B Parameters with Superior
-Long-Context Learning", arXiv:2508.18756 section 3.2; reference/peer_ultramem.md section 3.2).
+Long-Context Learning", arXiv:2508.18756 section 3.2; docs/architectures/ultramem.md).
 
 A memory layer beside the SwiGLU FFN of every block: y = FFN(x_hat) + Mem(x_hat), x_hat the block's
 normalised FFN input. The memory layer, for one head:

@@ -1,4 +1,4 @@
-"""The language-model shell every architecture plugs into (DESIGN.md section 1).
+"""The language-model shell every architecture plugs into (docs/design.md, "The LM shell").
 
 tokens -> embedding -> N pre-norm residual blocks -> final RMSNorm -> head (tied or untied).
 Block i: x += mixer_i(RMSNorm(x)); x += channel_i(RMSNorm(x)), where mixer_i and channel_i are picked

@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding rules (DESIGN.md sections 5 and 10).
+"""Device mesh and logical-axis sharding rules (docs/design.md).
 
 Parameters carry logical axis names (`nnx.with_partitioning(init, ("embed", "mlp"))`); `LOGICAL_RULES`
 maps them onto the mesh axes `data`, `fsdp` and `tensor`. Modules are created inside `mesh_context`, so

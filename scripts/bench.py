@@ -1,6 +1,6 @@
-"""Benchmarks (DESIGN.md section 9): training-step throughput, step time and peak memory per
-architecture, and forward / forward+backward time per kernel op, each with its ratio to the baseline
-measured in the same run. Prints a table and writes JSON.
+"""Benchmarks (docs/design.md; the tables are in docs/results.md): training-step throughput, step
+time and peak memory per architecture, and forward / forward+backward time per kernel op, each with
+its ratio to the baseline measured in the same run. Prints a table and writes JSON.
 
   python scripts/bench.py --suite=arch            # every architecture, tiny LM, MQAR shapes
   python scripts/bench.py --suite=titans          # Titans at T = 1k, 4k, 16k: memory grows linearly
@@ -151,7 +151,8 @@ DEVICE_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 def recurrence_flops_bytes(op, b, t, h, dk, dv, chunk, itemsize):
   """Algorithmic FLOPs and compulsory HBM bytes of one chunked gated-delta-rule / linear-attention
-  call (reference/mom_gdn_pallas.md §6.3), for the forward and for forward + backward.
+  call (the chunked form of docs/architectures/gated_deltanet.md), for the forward and for
+  forward + backward.
 
   FLOPs per token and head, from the chunk form's matmuls: gated delta rule 6 K V + 2 C (3 K + 2 V)
   (W S, Q S, K~^T V'; K K^T, T X_w, Q K^T; T X_u, P V'), about 180k at C = 64, K = V = 128; linear
@@ -265,9 +266,9 @@ def recurrence_kernel_rows(args):
 
 def fla_rows(b, t, h, d):
   """flash-linear-attention's Triton chunk kernels (chunk_gated_delta_rule; chunk_simple_gla, its
-  scalar-gated linear attention) at our shape, bf16, run beside ours in the same process (the issue
-  #9 comparison). Needs torch with CUDA and `fla` (carry the wheels to the GPU machine); returns no
-  rows otherwise. Timed with CUDA events (triton.testing.do_bench, median)."""
+  scalar-gated linear attention) at our shape, bf16, run beside ours in the same process: the
+  comparison with the best public kernels. Needs torch with CUDA and `fla` (carry the wheels to the
+  GPU machine); returns no rows otherwise. Timed with CUDA events (triton.testing.do_bench, median)."""
   try:
     import torch
     import triton.testing
@@ -355,10 +356,10 @@ def suite_kernels(args):
 
 
 def _landmark_training_form(q, k, v, L):
-  """Landmark attention's training form (reference/landmark_hcam.md 1.2-1.5) from q, k, v
-  [B, T, H, d] whose every L-th position is a landmark: blocks of L-1 content keys gated by the
-  landmark score, every complete past block read (k=None), the own block (causal, landmark
-  excluded) as the local part."""
+  """Landmark attention's training form (Mohtashami & Jaggi 2023, Eq. 1-4;
+  docs/architectures/landmark.md) from q, k, v [B, T, H, d] whose every L-th position is a
+  landmark: blocks of L-1 content keys gated by the landmark score, every complete past block read
+  (k=None), the own block (causal, landmark excluded) as the local part."""
   from pallas_kernels.block_retrieval_attention import block_retrieval_attention
   b, t, h, d = q.shape
   nb = t // L
@@ -377,7 +378,7 @@ def _landmark_training_form(q, k, v, L):
 
 def retrieval_attention_rows(backend):
   """Landmark training attention (fwd, fwd+bwd) against jax.nn.dot_product_attention (causal) at
-  the same (B, T, H, d), and a top-4 decode step over a cache of N blocks (fwd). The issue #10
+  the same (B, T, H, d), and a top-4 decode step over a cache of N blocks (fwd). Our
   target: pallas_gpu landmark fwd+bwd within 1.5x of dot_product_attention at T = 4k. On CPU a small
   float32 shape, xla vs reference only (interpret-mode Pallas timings would mean nothing)."""
   on_gpu, on_device = backend == "gpu", backend in ("gpu", "tpu")
@@ -427,7 +428,7 @@ def suite_experts(args):
   backward) vs, on GPU/TPU, the Pallas kernels; at N = 256^2 and 1024^2 experts (d 256, k 128 rows
   per token) unless --expert_sizes/--expert_dim/--expert_k say otherwise. gbps is the minimal
   traffic (`expert_gather.bench.bytes_moved`) over the step time; vs_copy divides it by a plain
-  device copy's bandwidth measured in the same run (the issue #10 target: pallas >= 0.5)."""
+  device copy's bandwidth measured in the same run (our target: pallas >= 0.5)."""
   from pallas_kernels.expert_gather.bench import bench_expert_gather, copy_bandwidth
   backend = jax.default_backend()
   pallas = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)

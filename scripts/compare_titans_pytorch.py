@@ -8,8 +8,8 @@ time budget runs out; prints steps and wall time to 0.99 for each, and writes JS
   python scripts/compare_titans_pytorch.py --budget_s=600
 
 The PyTorch model is lucidrains' MemoryAsContextTransformer with dim 64, depth 2, segment 32 and a
-depth-2 memory MLP (the issue's setting); it is run as published, deviations and all (see
-../shared/reference/titans_miras.md section 10).
+depth-2 memory MLP (the setting of the README's comparison); it is run as published, deviations and
+all (docs/architectures/titans.md, "Against titans-pytorch").
 """
 from __future__ import annotations
 

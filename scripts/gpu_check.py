@@ -1,5 +1,5 @@
-"""The prepared GPU-machine check (DESIGN.md §6, issues #9/#10): the kernel bench tables of
-`scripts/bench.py` on the device, each with its on-device parity column (max relative error of
+"""The prepared GPU-machine check (docs/design.md, "Adding a kernel op"): the kernel bench tables
+of `scripts/bench.py` on the device, each with its on-device parity column (max relative error of
 outputs and gradients against `xla`) and its ratio to the baseline measured in the same run.
 On-device parity tests run separately: `JAX_PLATFORMS=cuda python -m pytest -m gpu tests/pallas_kernels`.
 

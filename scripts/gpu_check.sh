@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (DESIGN.md §6): on-device parity tests of the pallas_gpu
-# kernels (`-m gpu`, optionally narrowed with PARITY_K), then the kernel bench tables
-# (scripts/gpu_check.py), each part in its own process and time limit, rows printed as they finish.
+# One prepared run on a lent GPU machine (docs/design.md, "Adding a kernel op"): on-device parity
+# tests of the pallas_gpu kernels (`-m gpu`, optionally narrowed with PARITY_K), then the kernel
+# bench tables (scripts/gpu_check.py), each part in its own process and time limit, rows printed as
+# they finish.
 # Logs and JSON go to $OUT.  Device run: carry [".whl"] (fla-core wheel), bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"

@@ -1,22 +1,21 @@
 """BABILong-style data: procedural bAbI qa1-qa5 stories hidden in procedural background text.
 
 Follows BABILong (Kuratov et al., NeurIPS 2024 D&B, arXiv:2406.10149) sample construction and the bAbI
-world rules (Weston et al. 2015, facebookarchive/bAbI-tasks), as summarised in
-../shared/reference/evals.md sections 3.1 and 3.3. Results on this data are "BABILong-style qaN
-(memarch generator, procedural noise, byte tokenizer) at length X", never the official benchmark: the
-facts, the noise and the tokenizer all differ.
+world rules (Weston et al. 2015, arXiv:1502.05698; facebookarchive/bAbI-tasks). Results on this data
+are "BABILong-style qaN (memarch generator, procedural noise, byte tokenizer) at length X", never the
+official benchmark: the facts, the noise and the tokenizer all differ.
 
 Construction of example (task, length, index):
 
 1. A story is simulated from `np.random.default_rng([seed, split, task_id, index])`: a hidden world
    (actors, objects, locations; initial positions random and never stated) and a stream of actions, each
    stated by one sentence. Reader knowledge is tracked separately and a question is asked only when the
-   statements so far answer it (section 3.3; the rules per task are in the `_story_qaN` docstrings).
+   statements so far answer it (the rules per task are in the `_story_qaN` docstrings).
 2. One question of the story is chosen uniformly among those whose facts fit the budget; the facts are
    every statement before it (earlier questions dropped, BABILong step 1). BABILong drops samples with
    more than length/8 facts (GPT-2 tokens); we instead require the joined facts to fit in `length`
    tokens, and resimulate when no question fits [ours].
-3. Noise: procedural English-like sentences from the word lists below (section 3.5 option 1), drawn from
+3. Noise: procedural English-like sentences from the word lists below [ours], drawn from
    a second generator `[seed, split, task_id, index, 1]`, so a story's filler does not depend on
    how many stories were rejected. No filler word contains an actor, object, location or direction
    name (BABILong's PG19 noise is not filtered; this is a deviation that makes facts easier to spot).
@@ -143,7 +142,7 @@ def filler_sentence(rng: np.random.Generator) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The world and the reader's knowledge (section 3.3).
+# The world and the reader's knowledge.
 
 
 @dataclasses.dataclass
@@ -287,7 +286,7 @@ def _story_qa2(rng):
 def _story_qa3(rng):
   """qa3, three supporting facts: the qa2 stream; "Where was the o before the l?" once the object's
   derived location history has >= 2 entries, l its current location and the answer the entry before.
-  Rejected if l also occurs earlier in the history (memarch rule, evals.md 3.3). Same trigger as qa2
+  Rejected if l also occurs earlier in the history (our rule). Same trigger as qa2
   (>= 3 statements since the last question, probability 1/2) [ours]."""
   def ask(w, kind, since):
     if since < 3 or w.rng.random() >= 0.5:

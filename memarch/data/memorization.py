@@ -1,5 +1,5 @@
 """MAD memorization (Poli et al. 2024, "Mechanistic Design and Scaling of Hybrid Architectures",
-athms/mad-lab `generate_memorization_instance`; ../shared/reference/evals.md section 2).
+athms/mad-lab `generate_memorization_instance`; arXiv 2403.17844).
 
 Parametric recall: ONE key -> value map is fixed for the whole dataset and never shown in context, so a
 model can only answer from its weights (product-key / expert memories: PEER, UltraMemV2).
@@ -13,7 +13,7 @@ token is scored, there is no next-token shift.
 Determinism [ours]: the map comes from `np.random.default_rng([seed, MAP_STREAM])`, example i of a split
 from `np.random.default_rng([seed, split, i])`; batch `step` holds train examples step*B .. step*B+B-1,
 so `batch(step)` is a pure function of (seed, step) and resume is exact. `num_facts` (default K) keeps
-only the first facts of the map, to sweep the number of stored facts M (peer_ultramem.md section 7).
+only the first facts of the map, to sweep the number of stored facts M (docs/architectures/peer.md).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Multi-query associative recall (MQAR), exactly to the Zoology spec (Arora et al. 2023,
-arXiv:2312.04927; ../shared/reference/evals.md section 1.1).
+arXiv:2312.04927, its MQAR generator).
 
 Example i of a split is generated from `np.random.default_rng([seed, split, i])`, so any example can
 be regenerated from its index: resume is exact and train/test never share a generator.
@@ -36,7 +36,7 @@ def _slot_probs(num_slots: int, power_a: float) -> np.ndarray:
 
 def example(index: int, seq_len: int, num_kv_pairs: int, vocab_size: int, *, power_a=0.01,
             seed=0, split=TRAIN_SPLIT, random_non_queries=False, context_passes=1):
-  """One MQAR example: (inputs [L], targets [L]) int32, steps 1-7 of evals.md section 1.1."""
+  """One MQAR example: (inputs [L], targets [L]) int32, as Zoology builds one."""
   rng = np.random.default_rng([seed, split, index])
   k = num_kv_pairs
   keys = rng.choice(np.arange(1, vocab_size // 2), size=k, replace=False)

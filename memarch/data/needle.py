@@ -1,5 +1,5 @@
-"""Passkey retrieval and RULER S-NIAH-1 style needle-in-a-haystack data (../shared/reference/evals.md
-section 2).
+"""Passkey retrieval (Mohtashami & Jaggi 2023, arXiv 2305.16300) and RULER S-NIAH-1 style
+needle-in-a-haystack data (Hsieh et al. 2024, arXiv 2404.06654).
 
 Passkey (Mohtashami & Jaggi 2023, "Landmark Attention", arXiv:2305.16300): an instruction line, the
 filler line repeated n_prefix times, "The pass key is {k}. Remember it. {k} is the pass key.", the

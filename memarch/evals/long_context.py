@@ -1,12 +1,13 @@
 """Long-context evaluation through the recurrent state: BABILong-style qa1-qa5, passkey and S-NIAH-1.
 
-Reference: ../shared/reference/evals.md sections 2 (passkey, RULER NIAH) and 3 (BABILong). A long input
-is never fed in one call: `StreamingRunner` runs the model `segment_len` tokens at a time and carries
-every layer's `state` between calls, so activation memory is bounded by the segment, and what the
-model remembers about earlier segments is exactly what its state holds (DESIGN.md invariant 1 makes
-this equal to one full pass; tests/memarch/evals/test_long_context.py checks it). Fixed-size states
-(Gated DeltaNet, Titans, MoM) stay the same size at any length; full attention keeps a KV cache of
-`max_len` = prompt + answer tokens, which `init_state(max_len=...)` preallocates.
+Passkey (Mohtashami & Jaggi 2023), RULER NIAH (Hsieh et al. 2024) and BABILong (Kuratov et al.
+2024). A long input is never fed in one call: `StreamingRunner` runs the model `segment_len` tokens
+at a time and carries every layer's `state` between calls, so activation memory is bounded by the
+segment, and what the model remembers about earlier segments is exactly what its state holds (split
+invariance, docs/design.md, makes this equal to one full pass; tests/memarch/evals/test_long_context.py
+checks it). Fixed-size states (Gated DeltaNet, Titans, MoM) stay the same size at any length; full
+attention keeps a KV cache of `max_len` = prompt + answer tokens, which `init_state(max_len=...)`
+preallocates.
 
 Batches of prompts with different lengths [ours]: the prompt of example b is cut into n_b = len_b //
 segment_len full segments and then the binary digits of the remainder (e.g. 300 = 256 + 32 + 8 + 4 with
@@ -18,7 +19,7 @@ log2(segment_len) + 1 distinct shapes, and every row sees exactly its own tokens
 Metrics (all teacher-forced unless stated; names as the reference asks results to be labelled):
 
 - BABILong-style qaN (memarch generator, procedural noise, byte tokenizer) at length X: restricted
-  argmax over the task's label set, the variant evals.md 3.2 allows instead of BABILong's free-form
+  argmax over the task's label set [ours] instead of BABILong's free-form
   label match. After "...\\nQuestion: {q}\\nAnswer: " every label's tokens are scored teacher-forced
   (sum of token log-likelihoods, so the whole label is scored, not only its first token); the label with
   the highest log-likelihood is the prediction.
@@ -313,8 +314,8 @@ def evaluate_babilong(runner: StreamingRunner, *, tasks: Sequence[str] = babilon
                       lengths: Sequence[int] = (512, 1024, 2048), num_examples: int = 20,
                       batch_size: int = 8, seed: int = 0, tokenizer=None,
                       log: Callable[[str], None] | None = None) -> dict:
-  """BABILong-style accuracy per task and length by restricted argmax over LABELS[task] (the variant
-  evals.md 3.2 allows; module docstring). Examples i < num_examples of split EVAL_SPLIT."""
+  """BABILong-style accuracy per task and length by restricted argmax over LABELS[task] (our
+  variant; module docstring). Examples i < num_examples of split EVAL_SPLIT."""
   tok = tokenizer or ByteTokenizer()
   _check_vocab(runner, tok)
   acc: dict[str, dict[str, float]] = {}

@@ -1,5 +1,5 @@
 """Fixed key->value memorization: PEER and UltraMemV2 against matched dense FFNs
-(reference/peer_ultramem.md section 7, "what memarch can show"; evals.md section 2, MAD memorization).
+(docs/architectures/peer.md; MAD memorization, Poli et al. 2024, arXiv 2403.17844).
 
   python -m memarch.evals.memorization --out=runs/memorization
 
@@ -18,7 +18,7 @@ keys to values). Only the channel mixer differs between rows:
   dense_flops   SwiGLU whose width gives the SAME ACTIVE FLOPs per token as the memory layer it is
                 paired with: hidden = round(F / (6 d)), with F the memory layer's FLOPs per token,
                 routing included (PEER: query 2 d h d_k + sub-key scores 2 h n d_k + experts 4 h k d,
-                reference section 2; UltraMem: `layers.ultramem.memory_flops_per_token` plus its FFN).
+                He 2024, §2; UltraMem: `layers.ultramem.memory_flops_per_token` plus its FFN).
   dense_params  SwiGLU whose width gives the SAME TOTAL PARAMETERS as the memory layer:
                 hidden = round(P / (3 d)), P the memory layer's parameters (tables included), so the
                 whole LM matches the memory model's parameter count to within 3 d per block.
@@ -26,23 +26,19 @@ keys to values). Only the channel mixer differs between rows:
                 store the map, since a key's input embedding is a free vector per fact; this row
                 shows how much of the task needs a channel mixer at all.
 
-The issue asks for "a parameter-matched dense FFN at equal active FLOPs"; at a fixed width one FFN
-cannot match both, so both baselines are run: at equal active FLOPs the memory layer has many more
-parameters (the claim to test: more facts per active FLOP), at equal parameters the dense FFN spends
+One dense FFN cannot match a memory layer in both active FLOPs and parameters at a fixed width, so
+both baselines are run: at equal active FLOPs the memory layer has many more parameters (the claim
+to test: more facts per active FLOP), at equal parameters the dense FFN spends
 many more FLOPs. Reported per row: accuracy, steps, wall seconds, channel-layer active FLOPs per token
 and parameters, and the LM's total parameters. Every row uses the same data, seed, optimizer and LR.
 
 Written to `<out>`: memorization.json (rows and protocol) and memorization.md (the table); each run's
 workdir is `<out>/runs/<name>` and finished runs are read back from its result.json (resumable).
 
-Measured with the default command (M = 511 facts, vocab 1024, d_model 32, 1 layer, batch 32, lr 3e-3,
-<= 800 steps; 4 min 45 s on 2 shared CPU cores, jax 0.10.2), eval accuracy at the end:
-peer 0.919 (dense at equal FLOPs 0.951, dense at equal params 0.996 at step 700), ultramem 0.963
-(0.978, 0.971), none 0.940. Nothing reached 0.99 except the parameter-matched dense FFN of PEER (which
-spends 11x PEER's FLOPs). At this size the memory layers do not beat the FLOP-matched dense FFN, and
-the no-channel control nearly matches everything: with one-token keys the key's input embedding alone
-can hold its fact, so this task (MAD's layout) cannot separate channel-mixer capacities at CPU sizes;
-a variant whose keys span several tokens (so that M exceeds what V x d embeddings can store) would.
+Results of the default command: docs/results.md. Keep the no-channel control: with one-token keys
+the key's input embedding alone can hold its fact, so at CPU sizes this task (MAD's layout) barely
+separates channel mixers; a variant whose keys span several tokens (so that M exceeds what V x d
+embeddings can store) would.
 """
 from __future__ import annotations
 
@@ -86,7 +82,7 @@ class Setup:
 # ---- cost model (per token, one channel layer) ----
 
 def peer_flops(d: int, n: int, h: int, k: int, dk: int) -> int:
-  """PEER forward FLOPs per token (reference section 2): query, sub-key scores, expert reads."""
+  """PEER forward FLOPs per token (He 2024, §2): query, sub-key scores, expert reads."""
   return 2 * d * h * dk + 2 * h * n * dk + 4 * h * k * d
 
 

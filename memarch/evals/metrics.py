@@ -1,6 +1,7 @@
 """String metrics for generated answers: BABILong label-set match, RULER string_match_all, passkey.
 
-Reference: ../shared/reference/evals.md sections 2 (passkey, RULER) and 3.2 (BABILong metric).
+References: passkey (Mohtashami & Jaggi 2023, arXiv 2305.16300), RULER (Hsieh et al. 2024, arXiv
+2404.06654) and BABILong's label-set metric (Kuratov et al. 2024, arXiv 2406.10149).
 Teacher-forced accuracy on the answer tokens is computed by the evaluation loop; these helpers score
 free-form generations the way the original benchmarks do.
 """
@@ -23,7 +24,7 @@ def babilong_truncate(output: str) -> str:
 
 
 def babilong_label_match(output: str, question: str, target: str, task: str) -> bool:
-  """BABILong's label-set metric (Kuratov et al. 2024, booydar/babilong `metrics.py`; evals.md 3.2).
+  """BABILong's label-set metric (Kuratov et al. 2024, booydar/babilong `metrics.py`).
 
   Q = labels of `task` occurring in the question, O = labels occurring in the truncated output minus
   Q; correct iff the target is in O and |O| = 1. "Occurring" is case-insensitive substring

@@ -1,4 +1,4 @@
-"""MQAR sweep in the Zoology protocol at CPU sizes (../shared/reference/evals.md sections 1.3 and 1.5).
+"""MQAR sweep in the Zoology protocol (Arora et al. 2023, arXiv 2312.04927) at CPU sizes.
 
   python -m memarch.evals.mqar_sweep --configs=transformer,gated_deltanet --settings=64:4,128:8 \\
       --d_models=64 --lrs=1e-3,3e-3,1e-2 --max_steps=1500 --out=runs/mqar_sweep
@@ -15,9 +15,10 @@ configs/ (`transformer` -> configs/transformer.py), or a registered sequence mix
 heads, MLP) is kept; Zoology's 2-layer no-MLP models differ in that [ours]. Finished runs are read back
 from `<run>/result.json`, so an interrupted sweep resumes where it stopped.
 
-State size (section 1.5): the bytes of the leaves of `init_state(batch=1, max_len=seq_len)` per layer
-(float32 states, as allocated: attention counts its KV cache at the sequence length plus its position
-bookkeeping, recurrent mixers their matrices, momentum and conv tails).
+State size (Zoology plots accuracy against it): the bytes of the leaves of
+`init_state(batch=1, max_len=seq_len)` per layer (float32 states, as allocated: attention counts its
+KV cache at the sequence length plus its position bookkeeping, recurrent mixers their matrices,
+momentum and conv tails).
 """
 from __future__ import annotations
 

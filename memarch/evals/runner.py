@@ -101,7 +101,7 @@ def _write_json(path: str, obj) -> str:
 
 def evaluate_mqar(runner, data, settings: Sequence[tuple[int, int]], *, num_examples: int,
                   batch_size: int) -> dict:
-  """MQAR test-split accuracy (Zoology metric, evals.md 1.2) per (seq_len, kv) setting, run through
+  """MQAR test-split accuracy (Zoology's metric) per (seq_len, kv) setting, run through
   the state in `runner.segment_len`-token segments."""
   from memarch.data import mqar
   rows = []

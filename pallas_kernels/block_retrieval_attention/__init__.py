@@ -1,5 +1,5 @@
 """Block-retrieval attention: attention over local keys plus the top-k of N key blocks, each block's
-contribution gated by its block score (reference/landmark_hcam.md section 3).
+contribution gated by its block score (docs/architectures/landmark.md, "The block-retrieval op").
 
   o = block_retrieval_attention(q [B,Tq,H,d], blk_k [B,N,C,H,d], blk_v [B,N,C,H,dv],
                                 gate [B,Tq,Hg,N] (Hg in {1, H}), allowed bool[B,Tq,N], *,
@@ -8,22 +8,22 @@ contribution gated by its block score (reference/landmark_hcam.md section 3).
 
 Semantics, for query i and head h (s_ij = scale * q_i . k_j, scale = d^-1/2 by default):
   S_i   = top-k of the allowed blocks by gate (ties: lower index), plus the `always` blocks
-          (these do not count towards k) [ours: the W always-visible recent blocks of landmark
-          attention's memarch semantics, section 1.4]; k=None selects every allowed block.
+          (these do not count towards k) [ours: the W always-visible recent blocks of our
+          landmark attention, docs/architectures/landmark.md]; k=None selects every allowed block.
   e_ij  = gate_ib + s_ij - LSE_{j' in b} s_ij'   for j in block b in S_i (valid keys only)
   e_ij  = s_ij                                   for local key j with mask_loc[i, j]
   o_i   = softmax_j(e_i) . V                     a row with nothing visible returns 0.
 Block b's total probability is exp(gate_ib) / Z_i: the gate competes with the local keys and
-gates its block, which is landmark attention's grouped softmax (section 1.2) when `local` is the
-own block and gate = s_{i, landmark(b)}, and HCAM's renormalised top-k chunk attention (section
-2.1) when local=None (per-head outputs share the chunk weights w_qc).
+gates its block, which is landmark attention's grouped softmax (Mohtashami & Jaggi 2023, Eq. 1-4)
+when `local` is the own block and gate = s_{i, landmark(b)}, and HCAM's renormalised top-k chunk
+attention (Lampinen et al. 2021, §2) when local=None (per-head outputs share the chunk weights
+w_qc).
 
 `share`: 'token_head' selects per query and head; 'token' shares one selection over the heads of a
 query (max over heads of the normalised probabilities softmax_b(gate)); with Hg = 1 both agree.
-`blk_mask` marks valid keys inside blocks (True = valid) [ours: the reference spec's `blk_pad`,
-with the opposite polarity]. Gradients flow to q, blk_k, blk_v, gate and the local keys/values; the
-selection itself is discrete. Output in q's dtype; logits and softmax in float32 (float64 for
-float64 inputs).
+`blk_mask` marks valid keys inside blocks (True = valid). Gradients flow to q, blk_k, blk_v, gate
+and the local keys/values; the selection itself is discrete. Output in q's dtype; logits and
+softmax in float32 (float64 for float64 inputs).
 
 Implementations: `reference` (dense masked, the oracle), `xla` (query-tiled, checkpointed tile
 body), `pallas_gpu` (Triton: flash-style training kernels whose KV tile is one block, forward and

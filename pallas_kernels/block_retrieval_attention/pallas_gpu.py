@@ -1,5 +1,5 @@
 """Block-retrieval attention as Pallas GPU kernels (`pl.pallas_call`, Triton lowering):
-reference/landmark_hcam.md sections 1.5 and 3 ("Kernels").
+docs/architectures/landmark.md ("The block-retrieval op"; Mohtashami & Jaggi 2023, Eq. 1-4).
 
 The selection S_i (top-k by gate, `always` blocks, `share`) is discrete and runs in XLA
 (`_common.select_blocks`); the kernels see it folded into the gate, g_ib = gate_ib for b in S_i and
@@ -12,7 +12,7 @@ Training kernels, flash-style with a KV tile = one block of C keys (padded to Cp
       s = scale q K_b^T,  lse_b = LSE_j s_j (the block's inner normaliser, from the whole tile),
       e = g_b + s - lse_b   (local tiles: e = s),   online softmax (m, l, acc) over e.
     Writes o and the row LSE_i = m + log l, the only residual besides the inputs.
-  backward (FA2 split, everything recomputed per tile; section 1.5 "Backward"), with
+  backward (FlashAttention-2 split, Dao 2023, arXiv 2307.08691; everything recomputed per tile), with
     P = exp(e - LSE_i), Delta_i = do_i . o_i, dE = P (do v^T - Delta):
       block tiles:  dgate_ib = sum_{j in b} dE_ij,   ds_ij = dE_ij - w_ij dgate_ib
                     (w = exp(s - lse_b), the inner softmax),  dv_j = sum_i P_ij do_i
@@ -100,7 +100,7 @@ def _dot(a, b, *, ta=False, tb=False):
 
 
 def _block_logits(q, k, kbias, g, scale):
-  """Adjusted logits of one block for a query tile (section 1.2, single-softmax form).
+  """Adjusted logits of one block for a query tile (the grouped softmax as one softmax).
 
   q [tq, dp], k [Cp, dp], kbias [1, Cp] (0 valid / NEG_INF), g [tq, 1] (NEG_INF: not selected).
   Returns e = g + s - LSE_block(s) [tq, Cp] (NEG_INF where masked), the mask, and the inner

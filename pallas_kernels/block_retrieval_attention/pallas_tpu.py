@@ -1,4 +1,4 @@
-"""Block-retrieval attention as Pallas TPU (Mosaic) kernels: reference/landmark_hcam.md 1.5 and 3.
+"""Block-retrieval attention as Pallas TPU (Mosaic) kernels.
 
 Same math, layout and custom VJP as `pallas_gpu` (whose docstring gives the equations), in the
 TPU flash-attention shape: the KV axis is the last grid axis ("arbitrary"), its blocks are

@@ -1,9 +1,10 @@
-"""Dense masked block-retrieval attention: the oracle (reference/landmark_hcam.md section 3).
+"""Dense masked block-retrieval attention: the oracle (docs/architectures/landmark.md).
 
 Every query scores every key of every block, in float32 (float64 for float64 inputs); block b's
-logits are shifted by gate_b - LSE_{j in b} s_ij (the single-softmax form of the grouped softmax,
-section 1.2), unselected blocks and invalid keys are masked, and one NaN-safe softmax runs over the
-blocks and the optional local keys. Memory is O(Tq * N * C) per head: for tests and small shapes.
+logits are shifted by gate_b - LSE_{j in b} s_ij (the single-softmax form of the grouped softmax of
+Mohtashami & Jaggi 2023, Eq. 1-4), unselected blocks and invalid keys are masked, and one NaN-safe
+softmax runs over the blocks and the optional local keys. Memory is O(Tq * N * C) per head: for
+tests and small shapes.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fused expert gather + weighted sum: the memory reads of PEER, PKM and UltraMemV2
-(reference/peer_ultramem.md sections 5.2-5.3).
+(docs/architectures/peer.md, "The expert read").
 
   expert_gather(table, indices, weights)            y = sum_k w_k table[i_k]              (PKM)
   expert_mlp(x, down, up, indices, weights, act)    y = sum_k w_k act(down[i_k] . x) up[i_k]

@@ -1,5 +1,5 @@
 """Micro-benchmark of the PEER expert read: naive take + einsum (`reference`) vs the custom-VJP
-`xla` path vs the Pallas kernel of the backend (reference/peer_ultramem.md sections 5.2-5.4, 5.8),
+`xla` path vs the Pallas kernel of the backend (docs/architectures/peer.md, "The expert read"),
 with the achieved bandwidth against a plain device copy measured in the same run. Called by
 `scripts/bench.py`; never a timed test.
 """

@@ -1,5 +1,5 @@
 """Expert gathers as Pallas GPU kernels (`pl.pallas_call`, Triton lowering):
-reference/peer_ultramem.md sections 5.3-5.4.
+docs/architectures/peer.md ("The expert read").
 
 Forward, one program per block of BT tokens, rows gathered straight from the tables in HBM
 (integer-array ref indexing) and accumulated in float32 registers; no [T, K, D] tensor exists:
@@ -9,10 +9,10 @@ Forward, one program per block of BT tokens, rows gathered straight from the tab
   mlp forward   z[t,k]  = x[t] . down[i],  y[t] = sum_k w[t,k] act(z[t,k]) up[i],  i = idx[t,k]
                 (PEER Algorithm 1; UltraMemV2 Eq. 15-16 with act = identity); z is the residual
   mlp backward  r = dy[t] . up[i];  dw = act(z) r;  dz = w r act'(z);  dx[t] = sum_k dz down[i]
-                (section 5.3), plus the table-gradient coefficients w act(z) and dz
+                plus the table-gradient coefficients w act(z) and dz
 
-Table gradients (section 5.3, CSR variant (b) of 5.4): XLA sorts the T*K entries by row once
-(`argsort`, shared by both PEER tables) and finds each row's first entry (`searchsorted`); then
+Table gradients (the custom VJP of `xla.py` as a CSR segment sum): XLA sorts the T*K entries by
+row once (`argsort`, shared by both PEER tables) and finds each row's first entry (`searchsorted`); then
 `segment_sum` runs one program per block of RB rows and a column slice of BD: it walks its rows'
 contiguous run of sorted entries EB at a time, gathers coef * x[token] [EB, BD] and adds them to
 its rows with a one-hot [RB, EB] matmul (IEEE float32). Every output row is written exactly once,
@@ -27,7 +27,7 @@ Choices [ours]:
   Chebyshev fit (relative error < 1.2e-7), and the activation derivatives are written out.
 - Indices and coefficients travel as [K, T] (one contiguous row per slot k).
 - The mlp forward stores z in float32 (the only per-entry residual besides x, idx, w), and the
-  backward re-gathers every row (section 5.3).
+  backward re-gathers every row (as the `xla` custom VJP does).
 """
 from __future__ import annotations
 

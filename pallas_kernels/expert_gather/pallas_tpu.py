@@ -1,4 +1,4 @@
-"""Expert gathers as Pallas TPU (Mosaic) kernels: reference/peer_ultramem.md section 5.5.
+"""Expert gathers as Pallas TPU (Mosaic) kernels.
 
 Mosaic has no general VMEM gather, so rows travel by DMA. The tables stay in HBM
 (`memory_space=pl.ANY`); each grid step handles BT tokens, reads their indices as scalars from SMEM

@@ -1,4 +1,4 @@
-"""Naive take + einsum expert gathers (reference/peer_ultramem.md section 5.2): the oracle.
+"""Naive take + einsum expert gathers (docs/architectures/peer.md): the oracle.
 
 `jnp.take` materialises the gathered rows [T, K, D] and autodiff turns it into a dense scatter-add;
 both are what the `xla` path avoids. Obviously correct, differentiated by JAX itself.
@@ -19,7 +19,7 @@ def expert_gather_reference(table_ND, indices_TK, weights_TK):
 
 
 def expert_mlp_reference(x_TE, down_NE, up_NF, indices_TK, weights_TK, *, activation="gelu"):
-  """y[t] = sum_k weights[t, k] * act(down[i] . x[t]) * up[i], i = indices[t, k] (PEER section 2)."""
+  """y[t] = sum_k weights[t, k] * act(down[i] . x[t]) * up[i], i = indices[t, k] (He 2024, §2)."""
   act = ACTIVATIONS[activation]
   acc = acc_dtype(x_TE.dtype)
   down_TKE = jnp.take(down_NE, indices_TK, axis=0).astype(acc)

@@ -1,4 +1,4 @@
-"""Chunked expert gathers with a sort + segment-sum custom VJP (reference/peer_ultramem.md 5.2-5.3).
+"""Chunked expert gathers with a sort + segment-sum custom VJP (docs/architectures/peer.md).
 
 Three primitives carry all the work, each over fixed-size chunks so that no [T, K, D] tensor ever
 exists (only [chunk, D]):
@@ -12,7 +12,7 @@ PEER tables) and accumulates each chunk of sorted triples with an `indices_are_s
 the float32 gradient: deterministic, no dense [T*K, D] contribution tensor, no atomics needed.
 
 Residuals: PEER saves (x, idx, w, z) and the tables it already holds; every gathered row is re-gathered
-in the backward (section 5.3).
+in the backward.
 """
 from __future__ import annotations
 
@@ -179,5 +179,5 @@ _mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 def expert_mlp_xla(x_TE, down_NE, up_NF, indices_TK, weights_TK, *, activation="gelu",
                    chunk_size=DEFAULT_CHUNK):
-  """y[t] = sum_k w[t,k] act(down[i] . x[t]) up[i] (custom VJP of section 5.3)."""
+  """y[t] = sum_k w[t,k] act(down[i] . x[t]) up[i] (sorted segment-sum custom VJP)."""
   return _mlp(activation, chunk_size, x_TE, down_NE, up_NF, indices_TK, weights_TK)

@@ -2,9 +2,9 @@
 
     S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,    o_t = scale * S_t^T q_t
 
-One op, several implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle), `xla`
-(chunked WY/UT form, the portable default), `pallas_gpu` (Triton-lowered `pallas_call`) and
-`pallas_tpu` (Mosaic). See reference/mom_gdn_pallas.md §2-§3.
+One op, several implementations (docs/design.md, "Kernel ops"): `reference` (token lax.scan, the
+oracle), `xla` (chunked WY/UT form, the portable default), `pallas_gpu` (Triton-lowered
+`pallas_call`) and `pallas_tpu` (Mosaic). The maths: docs/architectures/gated_deltanet.md.
 """
 from __future__ import annotations
 

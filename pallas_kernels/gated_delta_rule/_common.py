@@ -1,8 +1,8 @@
 """Shared pieces of the gated-delta-rule and (gated) linear-attention ops.
 
-Input validation, the chunk preparation (padding, chunk-local log-decay cumsum, segment masks) and the
 per-chunk math of the chunked WY/UT form (Yang, Kautz, Hatamizadeh, "Gated Delta Networks", ICLR 2025,
-§3; the chunk equations are steps 1-8 of reference/mom_gdn_pallas.md §2.2 with the segment masks of §2.5).
+arXiv 2412.06464, §3.3). Step numbers and mask names (same, cin, tail) are those of
+docs/architectures/gated_deltanet.md ("Chunked form", "Packed documents").
 
 `chunk_step` is written on 2-D tiles with only ops that both Pallas lowerings accept (dot_general,
 iota, where, exp, keepdims reductions; no value slicing, no cumsum), so the `xla` path (vmapped over
@@ -77,7 +77,7 @@ class Chunked(NamedTuple):
 
 
 def prepare_chunks(q, k, v, beta, g, segment_ids, chunk_size: int, dtype) -> Chunked:
-  """Pads T to a multiple of the chunk with neutral tokens and builds the §2.5 segment masks.
+  """Pads T to a multiple of the chunk with neutral tokens and builds the segment masks.
 
   Neutral padding: k = v = q = 0, beta = 0 and g = 0 leave the state untouched (no decay, no write),
   and their segment id repeats the last real token's so the masks of real tokens are unchanged.
@@ -104,7 +104,7 @@ def prepare_chunks(q, k, v, beta, g, segment_ids, chunk_size: int, dtype) -> Chu
 
 
 def chunk_masks(segment_ids, B: int, T: int, C: int, dtype):
-  """Run ids, cin and tail masks of §2.5, each [B, NT, C] in `dtype`, for T padded to NT * C."""
+  """Run ids, cin and tail segment masks, each [B, NT, C] in `dtype`, for T padded to NT * C."""
   NT = -(-T // C)
   runs = run_ids(segment_ids, B, T)
   if NT * C > T:
@@ -135,7 +135,7 @@ def _dot_tn(a, b, precision=None):  # a.T @ b
 def unit_lower_inverse(A, *, block: int = 16, precision=None):
   """(I + A)^-1 for strictly lower-triangular A [C, C], with matmuls and masks only.
 
-  Blocked, as FLA's `solve_tril` (reference §2.2 "Computing T"), but without value slicing so it
+  Blocked, as FLA's `solve_tril`, but without value slicing so it
   lowers in Pallas: forward substitution inside the diagonal `block`x`block` blocks (block-1 steps,
   one row of every block per step), then I + A = (I + A_d)(I + N) with N = D A_o strictly block-lower,
   so (I + A)^-1 = (I + N)^-1 D and (I + N)^-1 = (I - N)(I + N^2)(I + N^4)... (N^(C/block) = 0).
@@ -169,7 +169,7 @@ def unit_lower_inverse(A, *, block: int = 16, precision=None):
 
 
 def _chunk_gates(Gc, Gr, segc, segr, cin):
-  """Index grids and the decay factors of one chunk (§2.2 step 1, §2.5 `same` mask).
+  """Index grids and the decay factors of one chunk (step 1, the `same` segment mask).
 
   Returns row, col [C, C] iotas; gamma [C, C] = same_ij * exp(G_i - G_j) for j <= i, else 0;
   last [C, 1] (the chunk's last token); G_last, cin_last [1, 1]; eG = exp(G) [C, 1].
@@ -178,7 +178,7 @@ def _chunk_gates(Gc, Gr, segc, segr, cin):
   row = lax.broadcasted_iota(jnp.int32, (C, C), 0)
   col = lax.broadcasted_iota(jnp.int32, (C, C), 1)
   mask = (row >= col) & (segc == segr)
-  # Mask the exponent before exp: G_i - G_j > 0 above the diagonal could overflow (§2.4).
+  # Mask the exponent before exp: G_i - G_j > 0 above the diagonal could overflow.
   gamma = jnp.where(mask, jnp.exp(jnp.where(mask, Gc - Gr, 0.0)), 0.0)
   last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
   # Static element extraction does not lower in Triton: read the last row with a masked sum.
@@ -189,7 +189,7 @@ def _chunk_gates(Gc, Gr, segc, segr, cin):
 
 def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float, delta: bool,
                precision=None):
-  """One chunk of the chunked gated delta rule (reference §2.2 steps 1-8, §2.5 masks) on 2-D tiles.
+  """One chunk of the chunked gated delta rule (steps 1-8, segment masks) on 2-D tiles.
 
   Args (C tokens, one batch row and head; everything in the compute dtype):
     q, k [C, K]; v [C, V]; beta, Gc, segc, cin, tail [C, 1] (columns); Gr, segr [1, C] (rows of the
@@ -215,7 +215,7 @@ def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float,
 
 def chunk_step_bwd(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, do, dS_next, *, scale: float,
                    delta: bool, precision=None):
-  """Backward of `chunk_step` (reference/mom_gdn_pallas.md §2.3 with the §2.5 masks), hand-derived.
+  """Backward of `chunk_step` (with the segment masks), hand-derived.
 
   Recomputes the chunk from its incoming state S, then, with P = scale (Q K^T) . Gamma,
   Q~ = diag(cin e^G) Q, K~ = diag(tail e^(G_last - G)) K, W~ = diag(cin) W:

@@ -4,11 +4,12 @@
   the chunk), per-token columns [B, H, Tp] (beta, chunk-local cumsum G) and masks [B, Tp].
 - `pallas_recurrence`: the public-facing wrapper (padding, cumsum, slicing back) around a
   `jax.custom_vjp` whose forward is a backend kernel and whose residuals are the inputs plus the
-  chunk-boundary states S_n the kernel writes (reference/mom_gdn_pallas.md §3.1).
+  chunk-boundary states S_n the kernel writes (docs/design.md, "Kernel ops").
 - The backward is a backend Pallas kernel too: a reverse walk over chunks carrying the state
   cotangent dS, recomputing each chunk from its saved boundary state and applying the hand-derived
-  `_common.chunk_step_bwd` (§2.3). dg is the reverse cumsum of dG, which autodiff of the wrapper's
-  chunk-local cumsum supplies (§2.3 step 5); padding is sliced away the same way.
+  `_common.chunk_step_bwd` (docs/architectures/gated_deltanet.md, "Backward"). dg is the reverse
+  cumsum of dG, which autodiff of the wrapper's chunk-local cumsum supplies; padding is sliced
+  away the same way.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def pallas_recurrence(q, k, v, beta, g, *, scale, initial_state, segment_ids, ch
   q_, k_ = heads_major(q, K_pad), heads_major(k, K_pad)
   v_ = heads_major(v, V_pad)
   beta_ = heads_major(beta.astype(f32))
-  # Chunk-local cumsum in XLA: autodiff then handles dg = reverse cumsum of dG (§2.3 step 5).
+  # Chunk-local cumsum in XLA: autodiff then handles dg = reverse cumsum of dG.
   G_ = jnp.cumsum(heads_major(g.astype(f32)).reshape(B, H, NT, C), axis=-1).reshape(B, H, Tp)
   seg, cin, tail = (m.reshape(B, Tp) for m in _common.chunk_masks(segment_ids, B, T, C, f32))
   h0 = jnp.zeros((B, H, K_pad, V_pad), f32) if initial_state is None else (

@@ -1,14 +1,14 @@
 """Gated delta rule / linear attention as Pallas GPU kernels (`pl.pallas_call`, Triton lowering).
 
-Forward: one fused kernel (reference/mom_gdn_pallas.md §3.1 "kernel B", with kernel A's WY factors
+Forward: one fused kernel (the chunk-state kernel of a two-kernel forward, with the WY factors
 computed in the same program): grid (B, H); each program walks the chunks of its sequence with a
 `fori_loop`, keeps S [K, V] in registers, and per chunk computes A, T = (I + A)^-1, W, U, V', the
-output tile and the next state (`_common.chunk_step`, §2.2 with the §2.5 segment masks). It writes o
+output tile and the next state (`_common.chunk_step`, with the segment masks). It writes o
 and the chunk-boundary states S_n, which are the only residuals of the custom VJP
 (`_pallas_common`).
 
 Backward: one fused kernel, grid (B, H, V / BV). Each program walks the chunks in reverse with a
-`fori_loop` carrying the state cotangent dS [K, BV] (§2.3 reverse pass), loads the boundary state
+`fori_loop` carrying the state cotangent dS [K, BV], loads the boundary state
 S_n [K, BV] the forward saved, recomputes the chunk and writes its gradients
 (`_common.chunk_step_bwd`: dV', dS_n, dq, dk, the WY backward, dbeta, dG). The V-split is exact
 because the backward never mixes value columns; dq, dk, dbeta and dG come out as per-block partial
@@ -23,7 +23,7 @@ Choices [ours]:
   precision in Triton, so this first kernel does not use bf16 tensor cores.
 - K and V are zero-padded to powers of two >= 16 (Triton loads need power-of-two sizes and dots
   need every dimension >= 16); K, V <= 256 (FLA's bound for a register-resident state).
-- The forward has no V-split yet: B*H programs, under-occupied when B*H < #SMs (§6.3); the
+- The forward has no V-split yet: B*H programs, under-occupied when B*H < #SMs; the
   backward has B*H*V/BV.
 - At head dims >= 128 the kernels run chunks of at most 32 with 8 warps (shared memory and
   spills, read offline: see WIDE_MAX_CHUNK below).
@@ -45,13 +45,10 @@ from pallas_kernels.gated_delta_rule import _common, _pallas_common
 
 MAX_DIM = 256
 BLOCK_V = 64
-# Resources of the compiled kernels, read offline for sm_90 (Triton 3.6 + ptxas -v through
-# scripts/triton_resources.py; no GPU timing yet). At K = V = 128 and C = 64 the backward needs
-# 320 KiB of shared memory (gated delta rule; 256 KiB linear attention) where an H100 block gets
-# 227 KiB, so it would not launch; at C = 32 it needs 88 KiB (forward 80 KiB). The chunked form is
-# exact for any chunk, so at head dims >= 128 the kernels run chunks of at most 32 whatever
-# chunk_size says. Every variant uses all 255 registers and spills; 8 warps halve the spill bytes
-# at K = V = 128 (gated delta rule fwd 2,912 -> 968, bwd 6,866 -> 3,816), not at 64.
+# At K = V = 128 and C = 64 the backward needs more shared memory than an H100 block has (320 KiB
+# against 227 KiB), so it would not launch. The chunked form is exact for any chunk, so at head dims
+# >= 128 the kernels run chunks of at most 32, with 8 warps (fewer spill bytes). The resources of
+# each variant, read offline with scripts/triton_resources.py, are in docs/results.md.
 WIDE = 128
 WIDE_MAX_CHUNK = 32
 

@@ -1,15 +1,16 @@
 """Gated delta rule / linear attention as Pallas TPU (Mosaic) kernels.
 
-Forward: grid (B, H, NT) with the chunk axis last and "arbitrary" (reference/mom_gdn_pallas.md §4
-"TPU"): the state S [K, V] lives in a float32 VMEM scratch, initialised from h0 at chunk 0; each step
-loads one chunk's tiles, runs `_common.chunk_step` (§2.2 with the §2.5 masks: A, T = (I + A)^-1, W,
-U, V', output, next state), writes the output tile and the boundary state S_n entering the chunk
-(the custom-VJP residual, `_pallas_common`), and the final state at the last chunk.
+Forward: grid (B, H, NT) with the chunk axis last and "arbitrary" (sequential on a TPU core): the
+state S [K, V] lives in a float32 VMEM scratch, initialised from h0 at chunk 0; each step loads one
+chunk's tiles, runs `_common.chunk_step` (steps 1-8 of the chunked form in
+docs/architectures/gated_deltanet.md, with the segment masks: A, T = (I + A)^-1, W, U, V', output,
+next state), writes the output tile and the boundary state S_n entering the chunk (the custom-VJP
+residual, `_pallas_common`), and the final state at the last chunk.
 
 Backward: the same grid walked in reverse (every chunk index map reads NT - 1 - n, as axlearn's
 reversed BlockSpecs do): the state cotangent dS [K, V] lives in a float32 VMEM scratch, initialised
 from d(final state); each step loads S_n, recomputes the chunk and writes its gradients
-(`_common.chunk_step_bwd`, §2.3), and d(initial state) is written at the last step.
+(`_common.chunk_step_bwd`), and d(initial state) is written at the last step.
 
 Choices [ours]:
 - float32 in-kernel math (tiles upcast on load). K and V are zero-padded to multiples of 128 (MXU

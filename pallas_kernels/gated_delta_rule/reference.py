@@ -1,6 +1,7 @@
 """Token-by-token oracle for the gated delta rule (and, with delta=False, gated linear attention).
 
-Gated DeltaNet (Yang, Kautz, Hatamizadeh, ICLR 2025, eq. 10; reference/mom_gdn_pallas.md §2.1):
+Gated DeltaNet (Yang, Kautz, Hatamizadeh, ICLR 2025, arXiv 2412.06464, Eq. 10; see
+docs/architectures/gated_deltanet.md):
     S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,    o_t = scale * S_t^T q_t
 (post-update state). Segment resets: S is zeroed before token t when segment_ids[t] != segment_ids[t-1];
 the first token of a call continues from `initial_state`. Math in float32 (float64 for float64 inputs).

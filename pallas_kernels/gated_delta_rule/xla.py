@@ -1,9 +1,10 @@
 """Chunked gated delta rule in plain JAX: the portable, autodiff-able default.
 
-WY/UT chunk form of Gated DeltaNet (Yang, Kautz, Hatamizadeh, ICLR 2025, §3.3; reference
-mom_gdn_pallas.md §2.2 and the segment masks of §2.5), a `lax.scan` over chunks whose body is
-`_common.chunk_step` vmapped over batch and heads. The body is under `jax.checkpoint`, so the backward
-pass keeps only the chunk-boundary states (plus the inputs) and recomputes everything inside a chunk.
+WY/UT chunk form of Gated DeltaNet (Yang, Kautz, Hatamizadeh, ICLR 2025, arXiv 2412.06464, §3.3;
+steps 1-8 and the segment masks of docs/architectures/gated_deltanet.md), a `lax.scan` over chunks
+whose body is `_common.chunk_step` vmapped over batch and heads. The body is under
+`jax.checkpoint`, so the backward pass keeps only the chunk-boundary states (plus the inputs) and
+recomputes everything inside a chunk.
 T is padded to a multiple of the chunk with neutral tokens (see `_common.prepare_chunks`).
 [ours] All math in float32 (float64 for float64 inputs); the output is cast back to q's dtype.
 """

@@ -1,6 +1,6 @@
 """(Gated) linear attention: S_t = exp(g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t.
 
-Same contract and implementations as `gated_delta_rule` (reference/mom_gdn_pallas.md §2-§3); g is
+Same contract and implementations as `gated_delta_rule` (docs/architectures/gated_deltanet.md); g is
 optional (None: ungated linear attention, Katharopoulos et al. 2020).
 """
 from __future__ import annotations

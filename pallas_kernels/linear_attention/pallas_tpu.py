@@ -1,5 +1,5 @@
 """(Gated) linear attention on the Pallas TPU (Mosaic) kernel of the gated delta rule with the delta
-correction off (V' = V; reference/mom_gdn_pallas.md §2.2). See gated_delta_rule/pallas_tpu.py."""
+correction off (V' = V). See gated_delta_rule/pallas_tpu.py."""
 from __future__ import annotations
 
 from pallas_kernels.gated_delta_rule.pallas_tpu import recurrence_pallas_tpu

@@ -1,7 +1,7 @@
 """Token-by-token oracle for (gated) linear attention.
 
-Linear attention (Katharopoulos et al. 2020) with an optional scalar gate (Mamba2-SSD / simple GLA /
-RetNet family; reference/mom_gdn_pallas.md §2.1 "special cases"):
+Linear attention (Katharopoulos et al. 2020, arXiv 2006.16236) with an optional scalar gate
+(Mamba2-SSD / simple GLA / RetNet family; docs/architectures/gated_deltanet.md):
     S_t = exp(g_t) S_{t-1} + k_t v_t^T,    o_t = scale * S_t^T q_t.
 Shares the scan of the gated delta rule with the delta correction switched off.
 """

@@ -1,5 +1,5 @@
 """Chunked (gated) linear attention in plain JAX: the gated-delta-rule chunk scan with V' = V
-(reference/mom_gdn_pallas.md §2.2, "linear attention skips steps 3-6"); chunk body under
+(docs/architectures/gated_deltanet.md: linear attention skips steps 3-6); chunk body under
 jax.checkpoint, so backprop keeps chunk-boundary states only."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """HCAM: the read module against a naive per-query loop (DeepMind's shapes), a single chunk equals
 plain attention over the memory, masked rows and M < k, and the LM form: parallel pass equals
 streaming with eviction, memory reads only earlier segments and passes no gradient, packed
-documents (reference/landmark_hcam.md sections 2 and 4)."""
+documents (docs/architectures/hcam.md)."""
 import itertools
 
 import jax

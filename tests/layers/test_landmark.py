@@ -1,6 +1,6 @@
 """Landmark attention: grouped softmax vs a float64 per-query brute force, top-k = all blocks vs the
 training form, split invariance with a small k, packed documents, landmark insertion
-(reference/landmark_hcam.md sections 1 and 4)."""
+(docs/architectures/landmark.md)."""
 import itertools
 
 import jax

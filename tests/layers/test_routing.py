@@ -1,5 +1,5 @@
-"""product_key_topk equals brute-force top-k over all n_a * n_b product-key scores (reference
-peer_ultramem.md section 6.1): scores close, index sets equal, k = 1 .. n, batched heads."""
+"""product_key_topk equals brute-force top-k over all n_a * n_b product-key scores
+(docs/architectures/peer.md): scores close, index sets equal, k = 1 .. n, batched heads."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -25,7 +25,8 @@ def test_layout_matches_zoology_spec():
 
 
 def test_power_law_slots():
-  # evals.md: for L=64, K=4, P(slot 0) ~ .251 of the queries land in the first slot
+  # Zoology's power-law query positions (Arora et al. 2023, arXiv 2312.04927): for L=64, K=4,
+  # P(slot 0) ~ .251 of the queries land in the first slot
   x, y = mqar.generate(400, 64, 4, 256, seed=0)
   first_slot = (y[:, 8] != mqar.IGNORE).mean()
   assert 0.6 < first_slot < 0.9  # P(slot 0 is one of 4 draws without replacement)

@@ -1,5 +1,5 @@
 """block_retrieval_attention: reference and xla against a float64 per-query brute force
-(reference/landmark_hcam.md sections 1.2, 3 and 4); the Pallas kernels (training and decode
+(docs/architectures/landmark.md); the Pallas kernels (training and decode
 forwards, backward) against the reference in interpret mode. Lowering checks: test_lowering.py."""
 import itertools
 
@@ -266,8 +266,9 @@ def test_pallas_interpret_matches_reference(impl, decode, case, interpret):
 
 
 def _landmark_inputs(seed, T=40, L=8, H=2, d=8):
-  """Landmark training form (section 1.2 / 1.5): blocks of L-1 content keys gated by the landmark
-  score, every complete past block allowed (k=None), the own block as the causal local part."""
+  """Landmark training form (Mohtashami & Jaggi 2023, Eq. 1-4): blocks of L-1 content keys gated by
+  the landmark score, every complete past block allowed (k=None), the own block as the causal local
+  part."""
   rng = np.random.default_rng(seed)
   nb = -(-T // L)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)

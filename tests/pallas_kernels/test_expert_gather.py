@@ -1,5 +1,5 @@
 """expert_gather / expert_mlp: the custom-VJP `xla` path equals autodiff of the naive take + einsum
-(reference/peer_ultramem.md section 6.2) and never materialises a [T, K, D] tensor; the Pallas
+(docs/architectures/peer.md) and never materialises a [T, K, D] tensor; the Pallas
 kernels match the reference in interpret mode and lower for CUDA (Triton) and TPU (Mosaic)."""
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""Parity of the gated-delta-rule implementations against the token-loop oracle (DESIGN.md §3.3)."""
+"""Parity of the gated-delta-rule implementations against the token-loop oracle (docs/design.md,
+"Invariants")."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,7 +193,7 @@ def test_bad_inputs_raise():
     gated_delta_rule(q, k, v, beta, g, implementation="cuda")
 
 
-# Pallas kernels in interpret mode (CPU). Tolerances: 1e-5 for float32 (reference §3.2); FLA's
+# Pallas kernels in interpret mode (CPU). Tolerances: 1e-5 for float32; FLA's
 # test_chunk tolerances for bf16 (0.005 o/state, 0.008 dq/dk/dv/dh0, 0.02 dbeta/dg).
 PALLAS_CASES = [
     # B, T, H, K, V, chunk, dtype, segments
@@ -216,7 +217,7 @@ def test_pallas_interpret_matches_reference(impl, interpret, B, T, H, K, V, chun
 
 @pytest.mark.parametrize("delta", [True, False])
 def test_chunk_step_bwd_matches_autodiff(x64, delta):
-  """The hand-derived chunk backward the Pallas kernels run (_common.chunk_step_bwd, reference §2.3)
+  """The hand-derived chunk backward the Pallas kernels run (_common.chunk_step_bwd)
   equals jax.vjp of the forward chunk in float64, with resets mid-chunk and a length-1 segment; and
   splitting the value columns into blocks (the GPU kernel's V-split grid) gives the same gradients:
   dv, dS per block, dq, dk, dbeta, dG as sums over blocks."""

@@ -1,8 +1,9 @@
 """CPU-only lowering checks of the Pallas kernels for CUDA (Triton) and TPU (Mosaic): forward and
-backward trace and lower without a device, and the lowered module calls the kernel (DESIGN.md §6).
+backward trace and lower without a device, and the lowered module calls the kernel
+(docs/design.md, "Adding a kernel op").
 
 On jax 0.11 the CUDA lowering additionally needs an abstract mesh with a CUDA device kind
-(reference/mom_gdn_pallas.md §4); `_lowering_context` supplies it when the API exists.
+(`AbstractDevice`); `_lowering_context` supplies it when the API exists.
 """
 import contextlib
 import re
@@ -98,7 +99,7 @@ def test_default_dispatch_prefers_pallas_and_falls_back(monkeypatch):
   assert float(jnp.max(jnp.abs(o_fallback - o_xla))) < 1e-6
 
 
-# ----------------------------------------------------------------------------- retrieval ops (#10)
+# ----------------------------------------------------------------------------- retrieval ops
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 @pytest.mark.parametrize("op", ["gather", "mlp"])

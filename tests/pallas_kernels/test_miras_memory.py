@@ -1,6 +1,7 @@
 """Miras memory op (Moneta, Yaad, Memora): chunked xla path vs the token-loop oracle, and the
-reductions of reference/titans_miras.md §9.7 (Yaad with delta -> inf and Moneta with p = q = 2 are the
-l2 memory; Memora rows sum to c), split invariance and right padding, all in float64."""
+reductions listed in docs/architectures/miras.md, "Tests" (Yaad with delta -> inf and Moneta with
+p = q = 2 are the l2 memory; Memora rows sum to c), split invariance and right padding, all in
+float64."""
 import functools
 
 import jax
@@ -82,7 +83,7 @@ def test_grads_match_reference(x64, model, chunk):
 
 
 def test_chunk_size_changes_the_model(x64):
-  """b = 1 (exact recurrence) and b = 4 (frozen base) must differ (§9.2)."""
+  """b = 1 (exact recurrence) and b = 4 (frozen base) must differ."""
   args, x0, c = make_inputs(1)
   for model in MODELS:
     y1, _ = run(model, args, x0, c, chunk=1, impl="xla")
@@ -175,7 +176,7 @@ def test_memora_rows_sum_to_c(x64):
                                    pytest.param("memora", marks=SLOW)])
 def test_split_invariance_and_padding(x64, model):
   """Prefix then suffix with the carried state equals one call, for cuts on and off chunk
-  boundaries (§9.6); right padding with `lengths` equals the truncated sequence (§9.9)."""
+  boundaries; right padding with `lengths` equals the truncated sequence."""
   T, chunk = 11, 4
   args, x0, c = make_inputs(5, T=T)
   y, st = run(model, args, x0, c, chunk=chunk, impl="xla")

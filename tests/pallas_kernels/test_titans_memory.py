@@ -1,6 +1,6 @@
-"""Titans memory op: chunked xla path vs the token-loop oracle, and the oracles of
-reference/titans_miras.md §9 (exact recurrence at b = 1, delta rule, decay order, split invariance,
-short and ragged inputs), dtypes and backprop memory."""
+"""Titans memory op: chunked xla path vs the token-loop oracle, and the oracles listed in
+docs/architectures/titans.md, "Tests" (exact recurrence at b = 1, delta rule, decay order, split
+invariance, short and ragged inputs), dtypes and backprop memory."""
 import functools
 
 import jax
@@ -115,7 +115,7 @@ def check_parity(args, state, chunk_size, tol, lengths, grads=True):
 
 
 def ragged_lengths(chunk, T):
-  """Rows with 1, b - 1, b and 3b + 5 real tokens (the lengths of §9), capped at T."""
+  """Rows with 1, b - 1, b and 3b + 5 real tokens, capped at T."""
   return jnp.asarray([min(n, T) for n in (1, max(chunk - 1, 1), chunk, 3 * chunk + 5)], jnp.int32)
 
 
@@ -146,7 +146,7 @@ def test_xla_matches_reference(x64, depth, chunk, T, grads):
 
 @pytest.mark.parametrize("depth,chunk,T", [(1, 4, 1), (2, 4, 3), (2, 16, 1), (2, 16, 15)])
 def test_short_sequences_match_reference(x64, depth, chunk, T):
-  """T < b (decode steps, T = b - 1) without `lengths`, from a mid-stream state (§9.9)."""
+  """T < b (decode steps, T = b - 1) without `lengths`, from a mid-stream state."""
   B, H, D = 2, 2, 4
   args, w0 = make_inputs(depth + T, B, T, H, D, depth)
   check_parity(args, random_state(T + 1, w0, B, chunk), chunk, 1e-9, None, grads=False)
@@ -218,7 +218,7 @@ def linear_inputs(seed, T, D, *, a=1.0):
 @pytest.mark.parametrize("chunk", [1, 4])
 def test_linear_memory_is_delta_rule(x64, chunk):
   """eta = 0, a = 1: b = 1 is DeltaNet with beta = theta; b > 1 is the mini-batch rule
-  W_t = W_0 - sum_{i<=t in chunk} theta_i (W_0 k_i - v_i) k_i^T (§9.4)."""
+  W_t = W_0 - sum_{i<=t in chunk} theta_i (W_0 k_i - v_i) k_i^T."""
   T, D = 11, 4
   args, w0 = linear_inputs(5, T, D)
   q, k, v, theta = (np.asarray(x)[0, :, 0] for x in args[:4])
@@ -241,7 +241,7 @@ def test_linear_memory_is_delta_rule(x64, chunk):
 
 def test_decay_order_is_titans_not_gated_delta(x64):
   """a < 1: W_t = a W_{t-1} - theta (W_{t-1} k - v) k^T (the gradient sees the undecayed state), and
-  not Gated DeltaNet's a W_{t-1} - theta (a W_{t-1} k - v) k^T (§9.5)."""
+  not Gated DeltaNet's a W_{t-1} - theta (a W_{t-1} k - v) k^T."""
   T, D, a = 9, 4, 0.7
   args, w0 = linear_inputs(6, T, D, a=a)
   k, v, theta = (np.asarray(x)[0, :, 0] for x in args[1:4])
@@ -257,7 +257,7 @@ def test_decay_order_is_titans_not_gated_delta(x64):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_split_invariance_under_jit(x64, depth):
-  """Prefix, one-token decode steps and ragged pieces with the carried state equal one call (§9.6),
+  """Prefix, one-token decode steps and ragged pieces with the carried state equal one call,
   from a mid-stream state, with splits on and off chunk boundaries."""
   B, T, H, D, b = 2, 23, 2, 4, 4
   args, w0 = make_inputs(11 + depth, B, T, H, D, depth)

@@ -1,6 +1,6 @@
 """Titans memory, pallas_gpu (the per-chunk Pallas kernel inside the xla engine): parity with
 `reference` and `xla` in outputs, final state and gradients (interpret mode on CPU, compiled on a
-GPU), and the NotImplementedError / fallback contract of DESIGN.md §2."""
+GPU), and the NotImplementedError / fallback contract of docs/design.md, "Kernel ops"."""
 import functools
 
 import jax

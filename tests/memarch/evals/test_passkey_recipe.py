@@ -1,4 +1,4 @@
-"""The passkey recipe of issue #7: configs/landmark.py and configs/hcam.py with task=passkey train on
+"""The passkey recipe: configs/landmark.py and configs/hcam.py with task=passkey train on
 512-token passkey rows and evaluate to 8k tokens without the memory forgetting the key."""
 import os
 
