@@ -66,3 +66,15 @@ def sow(module: nnx.Module, variable_type, name: str, value) -> None:
   """
   if hasattr(module, "__captures__"):
     module.sow(variable_type, name, value)
+
+
+def dense(rngs: nnx.Rngs, shape, axes, std: float | None = None) -> nnx.Param:
+  """A weight of `shape` sharded over the logical `axes`: LeCun-normal, or N(0, std^2)."""
+  init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
+
+
+def const(value: float, shape, axes) -> nnx.Param:
+  """A parameter of `shape` filled with `value`, sharded over the logical `axes`."""
+  return nnx.Param(nnx.with_partitioning(nnx.initializers.constant(value), axes)(
+      jax.random.PRNGKey(0), shape))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers.base import dense
 from layers.conv import CausalConv1D
 from layers.norms import l2_normalize, rms_normalize
 from pallas_kernels import gated_delta_rule
@@ -45,11 +46,6 @@ class GatedDeltaNetConfig:
   @property
   def dk(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
-
-
-def dense(rngs, shape, axes, std=None):
-  init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
-  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
 
 
 def mamba_decay_params(num_heads: int, rngs: nnx.Rngs):

@@ -42,7 +42,8 @@ from flax import nnx
 
 from layers.base import AuxLoss, Stat, sow
 from layers.conv import CausalConv1D
-from layers.deltanet import GatedOutput, dense, log_decay, mamba_decay_params
+from layers.base import dense
+from layers.deltanet import GatedOutput, log_decay, mamba_decay_params
 from layers.norms import l2_normalize
 from pallas_kernels import gated_delta_rule
 

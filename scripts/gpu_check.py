@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (puts the repo root on sys.path)
-import jax  # noqa: E402
+import bench  # a sibling script: python puts scripts/ on sys.path
+import jax
 
 
 SMOKE = ("configs/gated_deltanet.py", "configs/mom.py", "configs/peer.py", "configs/landmark.py",

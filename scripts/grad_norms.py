@@ -20,16 +20,13 @@ import argparse
 import gc
 import json
 import os
-import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 FAMILIES = (
     "transformer", "gated_deltanet",

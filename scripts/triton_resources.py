@@ -18,9 +18,7 @@ import json
 import os
 import re
 import subprocess
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 NUM_WARPS = 4   # the kernels' compiler params (pltriton.CompilerParams) use 4 warps
 # kernels (by file name prefix) compiled with other warps than NUM_WARPS (Titans: pallas_gpu._Config,

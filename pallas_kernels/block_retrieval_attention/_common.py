@@ -4,15 +4,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common import compute_dtype
+
 # Finite "minus infinity": a masked logit must stay finite so that fully masked blocks (empty LSE)
 # and fully masked rows give finite values and gradients, which are then zeroed by the masks.
 NEG_INF = -1e30
 
 SHARE_MODES = ("token_head", "token")
-
-
-def compute_dtype(x):
-  return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
 
 
 def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask):

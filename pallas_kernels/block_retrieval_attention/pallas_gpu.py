@@ -49,9 +49,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._common import check_kernel_dtypes
+from pallas_kernels._common import tile_dot as _dot
 from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_DIM = 256            # d, dv and the padded block size Cp
 LOCAL_TILE = 64          # ts: local keys per tile
 DECODE_MAX_QUERIES = 8   # decode=None: Tq <= this uses the decode kernel
@@ -59,9 +60,6 @@ DECODE_SPLITS = 4        # programs per query row in the decode kernel (at most)
 HALF_NEG = NEG_INF / 2   # anything below is masked
 f32 = jnp.float32
 
-
-def _pow2(n: int) -> int:
-  return max(1, 1 << (int(n) - 1).bit_length())
 
 
 class Cfg(NamedTuple):
@@ -91,13 +89,6 @@ class KernelInputs(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- tile math
-
-def _dot(a, b, *, ta=False, tb=False):
-  """a @ b with a, b optionally transposed; float32 accumulation, IEEE for float32 operands."""
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-  prec = lax.Precision.HIGHEST if a.dtype == f32 else None
-  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=f32)
-
 
 def _block_logits(q, k, kbias, g, scale):
   """Adjusted logits of one block for a query tile (the grouped softmax as one softmax).
@@ -468,10 +459,7 @@ _core = make_core(KernelInputs, _forward, _decode, _backward)
 
 def check_supported(q, blk_k, blk_v, local):
   arrays = (q, blk_k, blk_v) + (tuple(local[:2]) if local is not None else ())
-  for a in arrays:
-    if jnp.dtype(a.dtype).type not in SUPPORTED_DTYPES:
-      raise NotImplementedError(f"block_retrieval_attention: the Pallas GPU kernels take "
-                                f"float32/bfloat16/float16, got {a.dtype}")
+  check_kernel_dtypes("block_retrieval_attention", *arrays)
   d, dv, c = q.shape[-1], blk_v.shape[-1], blk_k.shape[2]
   if max(d, dv, c) > MAX_DIM:
     raise NotImplementedError(f"block_retrieval_attention: the Pallas kernels need head dims and "
@@ -500,8 +488,8 @@ def block_retrieval_attention_pallas_gpu(q, blk_k, blk_v, gate, allowed, *, alwa
   N, C = blk_k.shape[1:3]
   dv = blk_v.shape[-1]
   scale = d ** -0.5 if scale is None else float(scale)
-  dp, dvp, cp = max(16, _pow2(d)), max(16, _pow2(dv)), max(16, _pow2(C))
-  tq = max(16, min(128, _pow2(T), 1 << (max(1, int(chunk_size)).bit_length() - 1)))
+  dp, dvp, cp = max(16, pl.next_power_of_2(d)), max(16, pl.next_power_of_2(dv)), max(16, pl.next_power_of_2(C))
+  tq = max(16, min(128, pl.next_power_of_2(T), 1 << (max(1, int(chunk_size)).bit_length() - 1)))
   tp = pl.cdiv(T, tq) * tq
   nq = tp // tq
   decode = T <= DECODE_MAX_QUERIES if decode is None else decode
@@ -528,7 +516,7 @@ def block_retrieval_attention_pallas_gpu(q, blk_k, blk_v, gate, allowed, *, alwa
   else:
     k_loc, v_loc, m_loc = local
     S = k_loc.shape[1]
-    ts = max(16, min(LOCAL_TILE, _pow2(S)))
+    ts = max(16, min(LOCAL_TILE, pl.next_power_of_2(S)))
     sp = pl.cdiv(S, ts) * ts
     ns = sp // ts
     kl_ = _pad_to(_pad_to(heads_major(k_loc), 3, dp), 2, sp)

@@ -32,9 +32,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._common import tile_dot as _dot
 from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
 from pallas_kernels.block_retrieval_attention.pallas_gpu import (DECODE_MAX_QUERIES, _block_logits,
-                                                                 _dot, _local_logits, _online,
+                                                                 _local_logits, _online,
                                                                  check_supported, make_core)
 
 LOCAL_TILE = 128
@@ -403,7 +404,7 @@ def _pad_to(x, axis, n, value=0):
 
 
 def _round_up(n, m):
-  return -(-n // m) * m
+  return pl.cdiv(n, m) * m
 
 
 def block_retrieval_attention_pallas_tpu(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_retrieval_attention._common import NEG_INF, compute_dtype, select_blocks
+from pallas_kernels._common import compute_dtype
+from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
 
 
 def block_retrieval_attention_reference(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from pallas_kernels.block_retrieval_attention._common import NEG_INF, compute_dtype, select_blocks
+from pallas_kernels._common import compute_dtype
+from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
 
 DEFAULT_CHUNK = 128
 
@@ -70,7 +72,7 @@ def block_retrieval_attention_xla(q, blk_k, blk_v, gate, allowed, *, always=None
   tq = max(1, min(chunk_size, t))
   if tq == t:
     return body((q, gate, allowed, always, m_loc))
-  nt = -(-t // tq)
+  nt = pl.cdiv(t, tq)
   pad = nt * tq - t
 
   def tiles(x):  # [B, T, ...] -> [nt, B, tq, ...], padding with zeros/False (empty rows)

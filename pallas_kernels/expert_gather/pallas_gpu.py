@@ -41,7 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+from pallas_kernels._common import check_kernel_dtypes
+
 MAX_WIDTH = 4096
 TILE_ELEMS = 4096  # BT * padded width of one gathered tile (registers): sets BT
 ROW_BLOCK = 16     # RB: table rows per segment-sum program (>= 16: a dot operand)
@@ -51,15 +52,9 @@ COL_BLOCK = 256    # BD: columns per segment-sum program
 f32 = jnp.float32
 
 
-def _pow2(n: int) -> int:
-  return max(1, 1 << (int(n) - 1).bit_length())
-
-
 def check_supported(name, *arrays):
+  check_kernel_dtypes(name, *arrays)
   for a in arrays:
-    if jnp.dtype(a.dtype).type not in SUPPORTED_DTYPES:
-      raise NotImplementedError(f"{name}: the Pallas GPU kernels take float32/bfloat16/float16, "
-                                f"got {a.dtype}")
     if a.ndim == 2 and a.shape[1] > MAX_WIDTH:
       raise NotImplementedError(f"{name}: row width {a.shape[1]} > {MAX_WIDTH} is not supported")
 
@@ -96,7 +91,7 @@ def act_and_grad(name, z):
 
 def _load_rows(ref, rows, width, col0=0, block=None):
   """ref[rows, col0:col0+block] as float32 [len(rows), block]; columns >= width read as 0."""
-  block = block or _pow2(width)
+  block = block or pl.next_power_of_2(width)
   col = col0 + jnp.arange(block, dtype=jnp.int32)
   view = ref.at[rows[:, None], col[None, :]]
   if isinstance(col0, int) and col0 == 0 and block == width:
@@ -124,7 +119,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, interpret, name, num_
 
 
 def _block_tokens(*widths) -> int:
-  return max(1, min(32, TILE_ELEMS // _pow2(max(widths))))
+  return max(1, min(32, TILE_ELEMS // pl.next_power_of_2(max(widths))))
 
 
 def _whole(shape):
@@ -147,7 +142,7 @@ def _gather_sum_kernel(idx_ref, w_ref, tab_ref, y_ref, *, K, D):
   def body(k, acc):
     return acc + w_ref[k, :].astype(f32)[:, None] * _load_rows(tab_ref, idx_ref[k, :], D)
 
-  _store_tile(y_ref, lax.fori_loop(0, K, body, jnp.zeros((bt, _pow2(D)), f32)), D)
+  _store_tile(y_ref, lax.fori_loop(0, K, body, jnp.zeros((bt, pl.next_power_of_2(D)), f32)), D)
 
 
 def gather_sum(table_ND, idx_KT, w_KT, out_dtype, *, bt, interpret):
@@ -189,7 +184,7 @@ def _mlp_fwd_kernel(idx_ref, w_ref, x_ref, down_ref, up_ref, y_ref, z_ref, *, K,
     c = w_ref[k, :].astype(f32) * act_and_grad(act, z)[0]
     return acc + c[:, None] * _load_rows(up_ref, i, F)
 
-  _store_tile(y_ref, lax.fori_loop(0, K, body, jnp.zeros((bt, _pow2(F)), f32)), F)
+  _store_tile(y_ref, lax.fori_loop(0, K, body, jnp.zeros((bt, pl.next_power_of_2(F)), f32)), F)
 
 
 def mlp_forward(x_TE, down_NE, up_NF, idx_KT, w_KT, *, act, bt, interpret):
@@ -220,7 +215,7 @@ def _mlp_bwd_kernel(idx_ref, w_ref, z_ref, dy_ref, down_ref, up_ref, dx_ref, dw_
     cd_ref[k, :] = dz             # row i of d(down) gets dz x[t]
     return dx + dz[:, None] * _load_rows(down_ref, i, E)
 
-  _store_tile(dx_ref, lax.fori_loop(0, K, body, jnp.zeros((bt, _pow2(E)), f32)), E)
+  _store_tile(dx_ref, lax.fori_loop(0, K, body, jnp.zeros((bt, pl.next_power_of_2(E)), f32)), E)
 
 
 def mlp_backward_tokens(dy_TF, down_NE, up_NF, idx_KT, w_KT, z_KT, dx_dtype, *, act, bt,
@@ -276,7 +271,7 @@ def _segment_sum_kernel(start_ref, rows_ref, tok_ref, coef_ref, x_ref, g_ref, *,
     return acc + jnp.dot(onehot, contrib, precision=lax.Precision.HIGHEST,
                          preferred_element_type=f32)
 
-  n_steps = (hi - lo + ENTRY_BLOCK - 1) // ENTRY_BLOCK
+  n_steps = pl.cdiv(hi - lo, ENTRY_BLOCK)
   acc = lax.fori_loop(0, n_steps, body, jnp.zeros((ROW_BLOCK, BD), f32))
   _store_tile(g_ref, acc, D, col0)
 
@@ -287,7 +282,7 @@ def segment_sum(entries: SortedEntries, coef_TK, x_TD, num_rows, out_dtype, *, i
   coef = jnp.concatenate([coef_TK.reshape(-1)[entries.order].astype(f32),
                           jnp.zeros((ENTRY_BLOCK,), f32)])
   n_blocks = pl.cdiv(num_rows, ROW_BLOCK)
-  bd = min(COL_BLOCK, max(16, _pow2(D)))
+  bd = min(COL_BLOCK, max(16, pl.next_power_of_2(D)))
   e = entries.rows.shape[0]
   return _call(
       functools.partial(_segment_sum_kernel, D=D, BD=bd),

@@ -11,17 +11,13 @@ batch and heads, scanned over chunks) and the Pallas kernels (one tile per progr
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def compute_dtype(*xs):
-  """float64 when any input is float64 (exact tests), float32 otherwise."""
-  return jnp.float64 if any(x is not None and x.dtype == jnp.float64 for x in xs) else jnp.float32
+from pallas_kernels._common import dot
 
 
 def check_inputs(name: str, q, k, v, beta, g, initial_state, segment_ids, chunk_size,
@@ -117,21 +113,6 @@ def chunk_masks(segment_ids, B: int, T: int, C: int, dtype):
   return runs.astype(dtype), cin, tail
 
 
-def _dot(a, b, precision=None):
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=a.dtype)
-
-
-def _dot_nt(a, b, precision=None):  # a @ b.T
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                         preferred_element_type=a.dtype)
-
-
-def _dot_tn(a, b, precision=None):  # a.T @ b
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=a.dtype)
-
-
 def unit_lower_inverse(A, *, block: int = 16, precision=None):
   """(I + A)^-1 for strictly lower-triangular A [C, C], with matmuls and masks only.
 
@@ -154,18 +135,20 @@ def unit_lower_inverse(A, *, block: int = 16, precision=None):
   A_d = jnp.where(in_diag, A, 0.0)
   # A loop, not an unrolled Python for: the body is traced once, which keeps compiles short.
   D = lax.fori_loop(
-      1, bs, lambda r, D: jnp.where(lax.rem(row, bs_) == r, eye - _dot(A_d, D, precision), D), eye)
+      1, bs,
+      lambda r, D: jnp.where(lax.rem(row, bs_) == r, eye - dot(A_d, D, precision=precision), D),
+      eye)
   nb = C // bs
   if nb == 1:
     return D
-  N = _dot(D, jnp.where(in_diag, 0.0, A), precision)
+  N = dot(D, jnp.where(in_diag, 0.0, A), precision=precision)
   inv = eye - N
   power, span = N, 2
   while span < nb:
-    power = _dot(power, power, precision)
-    inv = _dot(inv, eye + power, precision)
+    power = dot(power, power, precision=precision)
+    inv = dot(inv, eye + power, precision=precision)
     span *= 2
-  return _dot(inv, D, precision)
+  return dot(inv, D, precision=precision)
 
 
 def _chunk_gates(Gc, Gr, segc, segr, cin):
@@ -199,17 +182,17 @@ def chunk_step(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, *, scale: float,
   """
   row, col, gamma, _, G_last, cin_last, eG = _chunk_gates(Gc, Gr, segc, segr, cin)
   if delta:
-    A = jnp.where(row > col, beta * _dot_nt(k, k, precision) * gamma, 0.0)
+    A = jnp.where(row > col, beta * dot(k, k, tb=True, precision=precision) * gamma, 0.0)
     Tm = unit_lower_inverse(A, precision=precision)
-    W = _dot(Tm, beta * eG * k, precision)
-    U = _dot(Tm, beta * v, precision)
-    v_new = U - cin * _dot(W, S, precision)
+    W = dot(Tm, beta * eG * k, precision=precision)
+    U = dot(Tm, beta * v, precision=precision)
+    v_new = U - cin * dot(W, S, precision=precision)
   else:
     v_new = v
-  o = scale * (cin * eG * _dot(q, S, precision)
-               + _dot(_dot_nt(q, k, precision) * gamma, v_new, precision))
+  o = scale * (cin * eG * dot(q, S, precision=precision)
+               + dot(dot(q, k, tb=True, precision=precision) * gamma, v_new, precision=precision))
   k_tail = tail * jnp.exp(G_last - Gc) * k
-  S_next = cin_last * jnp.exp(G_last) * S + _dot_tn(k_tail, v_new, precision)
+  S_next = cin_last * jnp.exp(G_last) * S + dot(k_tail, v_new, ta=True, precision=precision)
   return o, S_next
 
 
@@ -234,9 +217,9 @@ def chunk_step_bwd(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, do, dS_next,
   Returns (dq [C, K], dk [C, K], dv [C, V], dbeta [C, 1] (0 when delta=False), dG [C, 1],
   dS_n [K, V]).
   """
-  dot = functools.partial(_dot, precision=precision)
-  dot_nt = functools.partial(_dot_nt, precision=precision)
-  dot_tn = functools.partial(_dot_tn, precision=precision)
+  dot_nn = functools.partial(dot, precision=precision)
+  dot_nt = functools.partial(dot, tb=True, precision=precision)
+  dot_tn = functools.partial(dot, ta=True, precision=precision)
   rowsum = lambda x: jnp.sum(x, axis=1, keepdims=True)      # [C, n] -> [C, 1]
   row, col, gamma, last, G_last, cin_last, eG = _chunk_gates(Gc, Gr, segc, segr, cin)
   decay_last = cin_last * jnp.exp(G_last)                  # [1, 1]
@@ -248,19 +231,19 @@ def chunk_step_bwd(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, do, dS_next,
     A = jnp.where(strict, beta * kk * gamma, 0.0)
     Tm = unit_lower_inverse(A, precision=precision)
     X_w, X_u = beta * eG * k, beta * v
-    W_cin = cin * dot(Tm, X_w)
-    v_new = dot(Tm, X_u) - dot(W_cin, S)
+    W_cin = cin * dot_nn(Tm, X_w)
+    v_new = dot_nn(Tm, X_u) - dot_nn(W_cin, S)
   else:
     v_new = v
   qk = dot_nt(q, k)
-  qS = scale * cin * eG * dot(q, S)                         # the inter-chunk output term
+  qS = scale * cin * eG * dot_nn(q, S)                      # the inter-chunk output term
   # Reverse pass: dV' and the state cotangent entering this chunk.
-  dv_new = scale * dot_tn(qk * gamma, do) + dot(k_tail, dS_next)
+  dv_new = scale * dot_tn(qk * gamma, do) + dot_nn(k_tail, dS_next)
   dS = scale * dot_tn(cin * eG * q, do) + decay_last * dS_next
   # Gradients through P = scale (Q K^T) . Gamma and the inter-chunk term.
   dP = dot_nt(do, v_new)                                     # [C, C]
   dQK = scale * dP * gamma
-  dq = scale * cin * eG * dot_nt(do, S) + dot(dQK, k)
+  dq = scale * cin * eG * dot_nt(do, S) + dot_nn(dQK, k)
   dk = dot_tn(dQK, q)
   dgamma = scale * dP * qk                                   # masked by gamma below
   dG = rowsum(do * qS)
@@ -278,7 +261,7 @@ def chunk_step_bwd(q, k, v, beta, Gc, Gr, segc, segr, cin, tail, S, do, dS_next,
     dT = dot_nt(dW, X_w) + dot_nt(dv_new, X_u)
     dA = jnp.where(strict, -dot_nt(dot_tn(Tm, dT), Tm), 0.0)
     dkk = dA * beta * gamma                                  # d(K K^T) through A
-    dk = dk + dot(dkk, k) + dot_tn(dkk, k) + beta * eG * dX_w
+    dk = dk + dot_nn(dkk, k) + dot_tn(dkk, k) + beta * eG * dX_w
     dgamma = dgamma + dA * beta * kk
     dv = beta * dX_u
     dbeta = rowsum(dA * kk * gamma) + rowsum(dX_w * eG * k) + rowsum(dX_u * v)
@@ -299,5 +282,3 @@ def default_scale(scale, K: int) -> float:
   return float(K) ** -0.5 if scale is None else float(scale)
 
 
-def next_pow2(n: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(n)))

@@ -19,9 +19,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common import check_kernel_dtypes, is_pow2
 from pallas_kernels.gated_delta_rule import _common
 
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class Cfg(NamedTuple):
@@ -38,11 +38,8 @@ class Cfg(NamedTuple):
 def check_supported(name: str, q, k, v, chunk_size: int, *, min_chunk: int = 16) -> None:
   """NotImplementedError (so dispatch under implementation=None falls back to xla) for what the
   kernels do not handle."""
-  for x in (q, k, v):
-    if jnp.dtype(x.dtype).type not in SUPPORTED_DTYPES:
-      raise NotImplementedError(f"{name}: Pallas kernels take float32/bfloat16/float16 inputs, "
-                                f"got {x.dtype}")
-  if chunk_size < min_chunk or chunk_size & (chunk_size - 1):
+  check_kernel_dtypes(name, q, k, v)
+  if not is_pow2(chunk_size, min_chunk):
     raise NotImplementedError(f"{name}: Pallas kernels need a power-of-two chunk_size >= "
                               f"{min_chunk}, got {chunk_size}")
 

@@ -176,7 +176,7 @@ def recurrence_pallas_gpu(q, k, v, beta, g, *, scale, initial_state, segment_ids
   if max(K, V) > MAX_DIM:
     raise NotImplementedError(f"{name}: pallas_gpu keeps S in registers; needs K, V <= {MAX_DIM}, "
                               f"got K={K}, V={V}")
-  pad = lambda n: max(16, _common.next_pow2(n))
+  pad = lambda n: max(16, pl.next_power_of_2(n))
   wide = max(pad(K), pad(V)) >= WIDE
   return _pallas_common.pallas_recurrence(
       q, k, v, beta, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,

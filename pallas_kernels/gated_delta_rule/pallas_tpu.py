@@ -155,7 +155,7 @@ def recurrence_pallas_tpu(q, k, v, beta, g, *, scale, initial_state, segment_ids
                           delta, interpret):
   name = "gated_delta_rule" if delta else "linear_attention"
   _pallas_common.check_supported(name, q, k, v, chunk_size, min_chunk=8)
-  pad = lambda n: -(-n // 128) * 128
+  pad = lambda n: pl.cdiv(n, 128) * 128
   return _pallas_common.pallas_recurrence(
       q, k, v, beta, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
       chunk_size=chunk_size, delta=delta, interpret=interpret, kernel=_forward,

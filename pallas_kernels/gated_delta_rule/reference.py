@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import compute_dtype
 from pallas_kernels.gated_delta_rule import _common
 
 
@@ -19,7 +20,7 @@ def recurrence_reference(q, k, v, beta, g, *, scale, initial_state, segment_ids,
   """lax.scan over tokens. beta is ignored (and may be None) when delta=False; g may be None."""
   B, T, H, K = q.shape
   V = v.shape[-1]
-  dt = _common.compute_dtype(q, k, v, beta, g, initial_state)
+  dt = compute_dtype(q, k, v, beta, g, initial_state)
   scale = _common.default_scale(scale, K)
   S0 = (jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt))
   g = jnp.zeros((B, T, H), dt) if g is None else g

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import compute_dtype
 from pallas_kernels.gated_delta_rule import _common
 
 
@@ -40,7 +41,7 @@ def chunk_inputs(ch: _common.Chunked):
 def recurrence_xla(q, k, v, beta, g, *, scale, initial_state, segment_ids, chunk_size, delta):
   B, T, H, K = q.shape
   V = v.shape[-1]
-  dt = _common.compute_dtype(q, k, v, beta, g, initial_state)
+  dt = compute_dtype(q, k, v, beta, g, initial_state)
   scale = _common.default_scale(scale, K)
   ch = _common.prepare_chunks(q, k, v, beta, g, segment_ids, chunk_size, dt)
   S0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
