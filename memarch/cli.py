@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import re
 import sys
@@ -200,13 +199,19 @@ def _show_warning(msg, category, filename, lineno, file=None, line=None):
   print(f"warning: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
 
 
+def _unraisable(args) -> None:
+  """Drops Orbax's 'Event loop is closed' noise (reads of an unreadable checkpoint completing after
+  its event loop closed, dozens per checkpoint); anything else goes to Python's default hook."""
+  if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+    return
+  sys.__unraisablehook__(args)
+
+
 def quiet_libraries() -> None:
   """absl/Orbax INFO logs off and warnings as one line; called by `run` after the flags are parsed,
   unless --verbose. Only the script's process is affected: library functions never change logging."""
   absl_logging.set_verbosity(absl_logging.WARNING)
-  # Orbax's background threads log the failures of an unreadable checkpoint through asyncio and
-  # absl at ERROR, once per array; the checkpoint's fallback warning or the error line says it once.
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  sys.unraisablehook = _unraisable
   warnings.showwarning = _show_warning
 
 
@@ -243,14 +248,24 @@ def no_extra_args(argv, hint: str = "") -> None:
                    + (f"; {hint}" if hint else "; flags take the form --name=value"))
 
 
-def workdir_arg(value: str | None, *, flag: str = "--workdir") -> str | None:
-  """The --workdir value, refused when empty (it would write into the current folder) or a file."""
+def workdir_arg(value: str | None, *, flag: str = "--workdir", writable: bool = False) -> str | None:
+  """The --workdir value, refused when empty (it would write into the current folder) or a file;
+  with `writable`, also when it cannot be created or written (checked before any compute)."""
   if value is None:
     return None
   if not value.strip():
     raise CliError(f"{flag} is empty; pass a directory, e.g. {flag}=runs/my_run")
   if os.path.exists(value) and not os.path.isdir(value):
     raise CliError(f"{flag}={value} is a file, not a directory")
+  if writable:
+    existing = os.path.abspath(value)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise CliError(f"{flag}={value} cannot be created: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise CliError(f"{flag}={value} is not writable ({existing}: permission denied); choose "
+                     "another directory")
   return value
 
 

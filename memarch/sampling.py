@@ -76,8 +76,10 @@ def load_trained(workdir: str):
     opt = nnx.Optimizer(model, make_optimizer(configs_lib.opt_config(cfg), cfg.train.num_steps),
                         wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
+  steps = ", ".join(map(str, cli.checkpoint_steps(workdir)))
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  # The fallback warnings are collected: when no checkpoint is readable, one error says so.
+  # The fallback warnings are collected: when no checkpoint is readable, one error says so and
+  # carries them as notes (shown with its traceback).
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     try:
@@ -85,10 +87,11 @@ def load_trained(workdir: str):
     finally:
       ck.close()
   if restored is None:
-    steps = ", ".join(map(str, cli.checkpoint_steps(workdir))) or "none"
-    first = f"; the newest: {caught[0].message}" if caught else ""
-    raise FileNotFoundError(
-        f"no readable checkpoint in {workdir}/checkpoints (steps: {steps}){first}")
+    e = FileNotFoundError(f"no readable checkpoint in {workdir}/checkpoints: every checkpoint (steps "
+                          f"{steps}) failed to restore; train again or restore a copy")
+    for w in caught:
+      e.add_note(str(w.message))
+    raise e
   for w in caught:
     warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
   model, _ = nnx.merge(graphdef, restored[1])

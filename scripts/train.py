@@ -23,11 +23,11 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg is None:
     raise cli.CliError("--config is required, e.g. --config=configs/titans.py")
-  workdir = cli.workdir_arg(_WORKDIR.value)
+  workdir = cli.workdir_arg(_WORKDIR.value, writable=True)
   if workdir is None:
     spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else "run"
     name = os.path.splitext(os.path.basename(str(spec).split(":")[0]))[0]
-    workdir = os.path.join("runs", name)
+    workdir = cli.workdir_arg(os.path.join("runs", name), writable=True)
   from memarch.train import train_and_evaluate
   train_and_evaluate(cfg, workdir)
 
