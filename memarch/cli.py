@@ -138,9 +138,9 @@ def check_config_arg(argv) -> None:
     where = os.path.dirname(path) or "."
     if not os.path.isdir(where) and os.path.isdir("configs"):
       where = "configs"
-    known = sorted(os.path.join(where, os.path.basename(p))
-                   for p in glob.glob(os.path.join(where, "*.py")) if not p.endswith("__init__.py"))
-    hint = f"; the configs in {where}/ are {', '.join(known)}" if known else ""
+    known = sorted(os.path.basename(p) for p in glob.glob(os.path.join(where, "*.py"))
+                   if not p.endswith("__init__.py"))
+    hint = f"; {where}/ has {', '.join(known)}" if known else ""
     raise CliError(f"config file {path!r} does not exist{hint}")
 
 
