@@ -31,21 +31,15 @@ class CliError(ValueError):
   """Bad input to a script (a flag, an argument, a workdir); the message says how to fix it."""
 
 
-# Errors whose message is written for the user; anything else is shown with its type, as a bug.
-try:
-  from memarch.evals.runner import EvalError as _EvalError
-except Exception:  # noqa: BLE001 - the boundary must load even if the evals package cannot
-  _EvalError = CliError
+# Errors whose message is written for the user: these, and every exception class memarch defines
+# (TrainingError, EvalError, ...). Anything else is shown with its type, as a bug.
 _USER_ERRORS = (ValueError, OSError, ImportError, NotImplementedError, KeyError, app.UsageError,
-                flags.Error, _EvalError)
+                flags.Error)
 
 
-def _user_error_types():
-  """The user-facing error types, TrainingError included once memarch.train is loaded (it imports
-  jax, so it is not imported here)."""
-  train = sys.modules.get("memarch.train")
-  extra = (train.TrainingError,) if train is not None and hasattr(train, "TrainingError") else ()
-  return _USER_ERRORS + extra
+def _is_user_error(exc: BaseException) -> bool:
+  return isinstance(exc, _USER_ERRORS) or any(
+      t.__module__.startswith("memarch") for t in type(exc).__mro__)
 
 
 def _inner(exc: BaseException) -> BaseException | None:
@@ -75,7 +69,7 @@ def message(exc: BaseException) -> str:
     text = str(exc.args[0])  # str(KeyError) wraps the message in quotes
   else:
     text = str(exc) or type(exc).__name__
-  if not isinstance(exc, _user_error_types()):
+  if not _is_user_error(exc):
     text = f"{type(exc).__name__}: {text} (rerun with --verbose for the traceback)"
   required = re.fullmatch(r"flag --(\w+)=None: Flag --\1 must have a value other than None\.", text)
   if required:
@@ -182,8 +176,11 @@ def _parse_flags(argv):
     check_config_arg(argv)
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - every parse error becomes one line
-    if not isinstance(e, flags.Error):
-      e = unknown_override(argv) or e
+    if not isinstance(e, flags.Error):  # raised while loading the config file
+      spec = _config_arg(argv)
+      e = unknown_override(argv) or (CliError(
+          f"--config={spec} did not load: {type(e).__name__}: {e} (a config file defines "
+          "get_config(arg=None) returning a ConfigDict)") if spec else e)
     fail(e, verbose=_verbose(argv))
 
 
