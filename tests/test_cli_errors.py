@@ -125,6 +125,10 @@ FAST_CASES = [
     ("eval.py", ["--workdir={wd}", "--lengths=1k"], "error: --lengths: '1k' is not an integer"),
     ("eval.py", ["--workdir={wd}", "--batch_size=0"],
      "error: flag --batch_size=0: 0 is not a positive integer"),
+    # --config was silently ignored without --train_first.
+    ("eval.py", ["--workdir={wd}", "--config={cfg}/transformer.py"],
+     "error: --config is read only with --train_first (the workdir's config.json describes its "
+     "model)"),
 ]
 
 
@@ -137,6 +141,15 @@ def test_bad_flags_and_workdirs_get_one_line(text_workdir, tmp_path, script, arg
   fill = dict(wd=text_workdir, tmp=str(tmp_path), cfg=CONFIGS, names=config_names())
   r = run_script(script, *[a.format(**fill) for a in args], cwd=str(tmp_path))
   assert_one_error(r, line.format(**fill))
+
+
+def test_verbose_prints_the_traceback_then_the_line(tmp_path):
+  r = run_script("sample.py", f"--workdir={tmp_path}", "--verbose", cwd=str(tmp_path))
+  assert r.returncode == 2
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert lines[0] == "Traceback (most recent call last):" and len(lines) > 3
+  assert lines[-1] == (f"error: {tmp_path} has no config.json: not a memarch training workdir (train "
+                       f"first with scripts/train.py --config=... --workdir={tmp_path})")
 
 
 def test_missing_text_file_and_sentencepiece_model_get_one_line(tmp_path):
