@@ -33,11 +33,14 @@ class CliError(ValueError):
 
 # Errors whose message is written for the user: these, and every exception class memarch defines
 # (TrainingError, EvalError, ...). Anything else is shown with its type, as a bug.
-_USER_ERRORS = (ValueError, OSError, ImportError, NotImplementedError, KeyError, app.UsageError,
-                flags.Error)
+_USER_ERRORS = (ValueError, OSError, ImportError, NotImplementedError, app.UsageError, flags.Error)
 
 
 def _is_user_error(exc: BaseException) -> bool:
+  """Expected errors: the types above, memarch's own, and a KeyError with a sentence for a message
+  (a bare KeyError('name') is a bug: its type and the hint to --verbose are kept)."""
+  if isinstance(exc, KeyError):
+    return bool(exc.args) and " " in str(exc.args[0])
   return isinstance(exc, _USER_ERRORS) or any(
       t.__module__.startswith("memarch") for t in type(exc).__mro__)
 
@@ -65,7 +68,7 @@ def message(exc: BaseException) -> str:
     exc = _inner(exc)
   if isinstance(exc, OSError) and exc.filename and exc.strerror:
     text = f"{exc.filename}: {exc.strerror}"  # no '[Errno 13]'
-  elif isinstance(exc, KeyError) and exc.args:
+  elif isinstance(exc, KeyError) and _is_user_error(exc):
     text = str(exc.args[0])  # str(KeyError) wraps the message in quotes
   else:
     text = str(exc) or type(exc).__name__

@@ -5,7 +5,6 @@ The flag and config cases fail before jax is imported (well under a second each)
 a trained model share one tiny Shakespeare workdir trained in this process.
 """
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -206,3 +205,5 @@ def test_message_is_one_line_without_errno():
   assert cli.message(ValueError("first\n  second")) == "first second"
   assert cli.message(TypeError("x")) == "TypeError: x (rerun with --verbose for the traceback)"
   assert cli.message(KeyError("no feature 'text'")) == "no feature 'text'"
+  assert cli.message(KeyError("w_down")) == ("KeyError: 'w_down' (rerun with --verbose for the "
+                                             "traceback)")
