@@ -179,7 +179,7 @@ def _parse_flags(argv):
     check_config_arg(argv)
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - every parse error becomes one line
-    if not isinstance(e, flags.Error):  # raised while loading the config file
+    if not isinstance(e, (flags.Error, CliError)):  # raised while loading the config file
       spec = _config_arg(argv)
       e = unknown_override(argv) or (CliError(
           f"--config={spec} did not load: {type(e).__name__}: {e} (a config file defines "
