@@ -215,8 +215,9 @@ def quiet_libraries() -> None:
   warnings.showwarning = _show_warning
 
 
-def run(main) -> None:
-  """`app.run(main)` behind the boundary: one line and exit status 2 for any error."""
+def run(main, *, interrupted: str = "interrupted") -> None:
+  """`app.run(main)` behind the boundary: one line and exit status 2 for any error; Ctrl-C prints
+  `error: <interrupted>` and exits with 130."""
 
   if "verbose" not in flags.FLAGS:  # defined here, so importing this module changes no flags
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
@@ -227,7 +228,7 @@ def run(main) -> None:
     try:
       return main(argv)
     except KeyboardInterrupt:
-      print("error: interrupted", file=sys.stderr, flush=True)
+      print(f"error: {interrupted}", file=sys.stderr, flush=True)
       sys.exit(EXIT_INTERRUPTED)
     except SystemExit:
       raise

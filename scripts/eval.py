@@ -58,7 +58,7 @@ def _numbers(flag: str, values, kind):
 
 def main(argv):
   cli.no_extra_args(argv)
-  workdir = cli.workdir_arg(_WORKDIR.value)
+  workdir = cli.workdir_arg(_WORKDIR.value, writable=_TRAIN_FIRST.value)
   lengths = _numbers("lengths", _LENGTHS.value, int)
   depths = _numbers("depths", _DEPTHS.value, float)
   from memarch.evals.runner import EvalError, parse_names, run_evals

@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, interrupted="interrupted; rerun the same command to resume from the newest checkpoint")
