@@ -5,8 +5,9 @@ decode step costs O(state), and the tokens equal what the parallel pass would pr
 """
 from __future__ import annotations
 
-import json
+import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,17 @@ from memarch.lm import LM
 
 def generate(model: LM, prompt_BT: jax.Array, num_new: int, *, temperature: float = 0.0,
              seed: int = 0) -> jax.Array:
-  """Returns [B, num_new] tokens: greedy when temperature == 0, else softmax(logits / temperature)."""
+  """Returns [B, num_new] tokens: greedy when temperature == 0, else softmax(logits / temperature).
+
+  Refuses (ValueError) an empty prompt, num_new < 1 and a negative or non-finite temperature: a
+  negative one would sample from the reversed distribution."""
+  if len(prompt_BT.shape) != 2 or prompt_BT.shape[1] < 1:
+    raise ValueError(f"the prompt must hold at least one token per row, got shape "
+                     f"{tuple(prompt_BT.shape)}")
+  if int(num_new) != num_new or num_new < 1:
+    raise ValueError(f"num_new must be a positive integer (tokens to generate), got {num_new}")
+  if not math.isfinite(temperature) or temperature < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
   b, p = prompt_BT.shape
   graphdef, params = nnx.split(model)
 
@@ -47,10 +58,13 @@ def generate(model: LM, prompt_BT: jax.Array, num_new: int, *, temperature: floa
 
 
 def load_trained(workdir: str):
-  """(config, model) restored from the newest checkpoint in a training workdir."""
+  """(config, data source, model) restored from the newest readable checkpoint in a training workdir.
+
+  A missing workdir, config.json or checkpoint, and a workdir whose every checkpoint is unreadable,
+  raise a one-line FileNotFoundError/ValueError (`memarch.cli.trained_workdir`)."""
   import ml_collections
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  from memarch import cli
+  cfg = ml_collections.ConfigDict(cli.trained_workdir(workdir))
   for section in ("layer_pattern", "channel_pattern"):
     cfg.model[section] = tuple(cfg.model[section])
   from memarch.data import make_source
@@ -62,11 +76,23 @@ def load_trained(workdir: str):
     opt = nnx.Optimizer(model, make_optimizer(configs_lib.opt_config(cfg), cfg.train.num_steps),
                         wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
+  steps = ", ".join(map(str, cli.checkpoint_steps(workdir)))
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
-  restored = ck.restore_latest(ckpt_lib.abstract_like(state))
-  ck.close()
+  # The fallback warnings are collected: when no checkpoint is readable, one error says so and
+  # carries them as notes (shown with its traceback).
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      restored = ck.restore_latest(ckpt_lib.abstract_like(state))
+    finally:
+      ck.close()
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints; train first with "
-                            "scripts/train.py --workdir=" + workdir)
+    e = FileNotFoundError(f"no readable checkpoint in {workdir}/checkpoints: every checkpoint (steps "
+                          f"{steps}) failed to restore; train again or restore a copy")
+    for w in caught:
+      e.add_note(str(w.message))
+    raise e
+  for w in caught:
+    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
   model, _ = nnx.merge(graphdef, restored[1])
   return cfg, data, model

@@ -10,15 +10,18 @@ perplexity (bits per byte) against context length.
       --config.train.num_steps=50                                           # train a tiny model first
 
 Writes <workdir>/eval/<name>.json and <name>.png (MQAR also mqar.md; perplexity.json is a list that
-later runs merge into). See memarch/evals/runner.py and memarch/evals/perplexity.py.
+later runs merge into). See memarch/evals/runner.py and memarch/evals/perplexity.py. Errors print one
+line (`error: ...`, exit status 2); --verbose adds the traceback.
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from memarch import cli  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir with checkpoints", required=True)
 _EVALS = flags.DEFINE_string("evals", None, "comma-separated: babilong,passkey,niah,mqar,perplexity "
@@ -26,41 +29,53 @@ _EVALS = flags.DEFINE_string("evals", None, "comma-separated: babilong,passkey,n
 _LENGTHS = flags.DEFINE_list("lengths", None, "context/prompt lengths in tokens, e.g. 1024,2048")
 _DEPTHS = flags.DEFINE_list("depths", None, "needle/passkey depths in [0, 1], e.g. 0,0.5,1")
 _TASKS = flags.DEFINE_list("tasks", None, "BABILong tasks, e.g. qa1,qa2")
-_NUM = flags.DEFINE_integer("num_examples", None, "examples per cell")
-_SEGMENT = flags.DEFINE_integer("segment_len", None, "tokens per model call (state carried)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "examples per batch")
+_NUM = flags.DEFINE_integer("num_examples", None, "examples per cell", lower_bound=1)
+_SEGMENT = flags.DEFINE_integer("segment_len", None, "tokens per model call (state carried)",
+                                lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", None, "examples per batch", lower_bound=1)
 _MQAR = flags.DEFINE_string("mqar_settings", None, "MQAR seq_len:kv list, e.g. 64:4,128:8")
 _SEED = flags.DEFINE_integer("seed", 0, "eval example seed")
 _TEXT_PATHS = flags.DEFINE_list("text_paths", None, "perplexity: local text files to score (one "
                                 "document each) instead of the held-out split")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", None, "perplexity: tokens scored per length, spread "
-                                   "over the documents (0 = all)")
+                                   "over the documents (0 = all)", lower_bound=0)
 _TRAIN_FIRST = flags.DEFINE_bool("train_first", False, "train --config in --workdir first")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg] for --train_first",
                                           lock_config=True)
 
 
+def _numbers(flag: str, values, kind):
+  """--lengths=1024,2048 -> [1024, 2048], with a one-line error naming the flag."""
+  out = []
+  for v in values or ():
+    try:
+      out.append(kind(v))
+    except ValueError:
+      raise cli.CliError(f"--{flag}: {v!r} is not {'an integer' if kind is int else 'a number'}"
+                         ) from None
+  return out or None
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_extra_args(argv)
+  workdir = cli.workdir_arg(_WORKDIR.value, writable=_TRAIN_FIRST.value)
+  lengths = _numbers("lengths", _LENGTHS.value, int)
+  depths = _numbers("depths", _DEPTHS.value, float)
   from memarch.evals.runner import EvalError, parse_names, run_evals
-  from memarch.train import TrainingError, train_and_evaluate
-  try:
-    parse_names(_EVALS.value)  # fail on a typo before any training
-    if _TRAIN_FIRST.value:
-      if _CONFIG.value is None:
-        raise EvalError("--train_first needs --config=configs/<family>.py[:args]")
-      train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    run_evals(_WORKDIR.value, _EVALS.value,
-              lengths=[int(x) for x in _LENGTHS.value] if _LENGTHS.value else None,
-              depths=[float(x) for x in _DEPTHS.value] if _DEPTHS.value else None,
-              tasks=_TASKS.value, num_examples=_NUM.value, segment_len=_SEGMENT.value,
-              batch_size=_BATCH.value, mqar_settings=_MQAR.value, seed=_SEED.value,
-              text_paths=_TEXT_PATHS.value, max_tokens=_MAX_TOKENS.value)
-  except (EvalError, TrainingError, ValueError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  parse_names(_EVALS.value)  # fail on a typo before any training
+  if _TRAIN_FIRST.value:
+    if _CONFIG.value is None:
+      raise EvalError("--train_first needs --config=configs/<family>.py[:args]")
+    from memarch.train import train_and_evaluate
+    train_and_evaluate(_CONFIG.value, workdir)
+  elif _CONFIG.value is not None:
+    raise EvalError("--config is read only with --train_first (the workdir's config.json describes "
+                    "its model)")
+  run_evals(workdir, _EVALS.value, lengths=lengths, depths=depths, tasks=_TASKS.value,
+            num_examples=_NUM.value, segment_len=_SEGMENT.value, batch_size=_BATCH.value,
+            mqar_settings=_MQAR.value, seed=_SEED.value, text_paths=_TEXT_PATHS.value,
+            max_tokens=_MAX_TOKENS.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
