@@ -13,15 +13,11 @@ Writes <workdir>/eval/<name>.json and <name>.png (MQAR also mqar.md; perplexity.
 later runs merge into). See memarch/evals/runner.py and memarch/evals/perplexity.py. Errors print one
 line (`error: ...`, exit status 2); --verbose adds the traceback.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from memarch import cli  # noqa: E402
+from memarch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir with checkpoints", required=True)
 _EVALS = flags.DEFINE_string("evals", None, "comma-separated: babilong,passkey,niah,mqar,perplexity "

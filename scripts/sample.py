@@ -5,14 +5,11 @@
 
 Errors print one line (`error: ...`, exit status 2); --verbose adds the traceback.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from memarch import cli  # noqa: E402
+from memarch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "training workdir with checkpoints", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "text prompt (models trained on text; required there)")

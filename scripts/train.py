@@ -5,14 +5,11 @@ from the newest checkpoint in the workdir. Errors print one line (`error: ...`, 
 --verbose adds the traceback and the libraries' INFO logs.
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from memarch import cli  # noqa: E402
+from memarch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config name>)")
