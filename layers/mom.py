@@ -38,11 +38,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
-from layers.base import AuxLoss, Stat, sow
+from layers.base import AuxLoss, Stat, dense, sow
 from layers.conv import CausalConv1D
-from layers.base import dense
 from layers.deltanet import GatedOutput, log_decay, mamba_decay_params
 from layers.norms import l2_normalize
 from pallas_kernels import gated_delta_rule
@@ -182,7 +182,7 @@ class MoM(nnx.Module):
     sow(self, Stat, "router_entropy", -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), -1)))
     sow(self, Stat, "memory_load_max", jnp.max(jnp.mean(sel, axis=(0, 1))) / (kk / m))
     # Per (batch, memory): routed tokens first, in time order.
-    sel_BMT = jnp.moveaxis(sel, 2, 1)
+    sel_BMT = rearrange(sel, "b t m -> b m t")
     order = jnp.argsort(1 - sel_BMT, axis=-1, stable=True)  # [B, M, T]
     lengths = jnp.sum(sel_BMT, -1).astype(jnp.int32)  # [B, M]
     x_rows = jnp.take_along_axis(x_BTD[:, None], order[..., None], axis=2)  # [B, M, T, D]
@@ -208,7 +208,7 @@ class MoM(nnx.Module):
     o_rows = o_rows.reshape(b, m, t, h, dk)
     inverse = jnp.argsort(order, axis=-1)  # position of token t inside its row
     o_BMT = jnp.take_along_axis(o_rows, inverse[..., None, None], axis=2)
-    w_BMT = jnp.moveaxis(w_BTM, 2, 1).astype(o_BMT.dtype)
+    w_BMT = rearrange(w_BTM, "b t m -> b m t").astype(o_BMT.dtype)
     o = jnp.einsum("bmthv,bmt->bthv", o_BMT, w_BMT)
     new_state = {"S": S.reshape(b, m, h, dk, dk),
                  "conv": jax.tree.map(lambda a: a.reshape(b, m, *a.shape[1:]), conv)}
