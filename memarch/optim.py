@@ -45,8 +45,9 @@ def schedule(cfg: OptConfig, num_steps: int) -> optax.Schedule:
   if cfg.schedule == "constant":
     return optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)) if warmup else optax.constant_schedule(cfg.lr)
   if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1), max(num_steps, warmup + 1),
-                                              end_value=end)
+    # decay_steps counts the warmup and must exceed it (a 1-step run has warmup 1 and decay 2).
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(warmup, 1),
+                                              max(num_steps, max(warmup, 1) + 1), end_value=end)
   decay = max(int(num_steps * cfg.decay_fraction), 1)
   stable = max(num_steps - warmup - decay, 0)
   return optax.join_schedules(

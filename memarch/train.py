@@ -17,50 +17,21 @@ from typing import Any
 
 from absl import logging as absl_logging
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from layers.base import AuxLoss, Stat
 from memarch import checkpoint as ckpt_lib
 from memarch import configs_lib, metrics as metrics_lib, sharding
 from memarch.data import make_source
 from memarch.data.mqar import IGNORE
 from memarch.lm import LM, count_params
-from memarch.optim import make_optimizer
+from memarch import step as step_lib
+from memarch.optim import make_optimizer, schedule
+from memarch.step import StepConfig
 
 
 class TrainingError(RuntimeError):
   """A run stopped for a reason the user must fix (message says how)."""
-
-
-def cross_entropy(logits_BTV, targets_BT):
-  """Mean cross-entropy over labelled positions (targets != -100); returns (loss, n_labelled)."""
-  mask = targets_BT != IGNORE
-  safe = jnp.where(mask, targets_BT, 0)
-  logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  n = jnp.maximum(mask.sum(), 1)
-  return jnp.sum(jnp.where(mask, nll, 0.0)) / n, mask.sum()
-
-
-def _flat_name(path) -> str:
-  parts = []
-  for p in path:
-    key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", None)))
-    if key in ("value",) or isinstance(p, jax.tree_util.SequenceKey):
-      continue
-    parts.append(str(key))
-  return ".".join(parts)
-
-
-def flatten_sown(state) -> dict[str, jax.Array]:
-  """nnx.capture output -> {'blocks.0.mixer.surprise_norm': scalar} (mean over repeated sows)."""
-  out: dict[str, list] = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    out.setdefault(_flat_name(path), []).append(jnp.mean(leaf.astype(jnp.float32)))
-  return {k: jnp.mean(jnp.stack(v)) for k, v in out.items()}
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -145,64 +116,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
     log(f"memarch: resumed from checkpoint at step {step} in {ckpt.directory}")
   write_config(workdir, config, start_step)
 
-  accum = opt_cfg.grad_accum
   # Only packed sources (several documents per row) need segment ids; every mixer then runs each
   # document as if alone (docs/packed_documents.md).
   packed = bool(getattr(data, "pack", False))
-  aux_weights = dict(configs_lib.to_dict(tc.aux_loss_weights))
-  batch_shard = sharding.batch_sharding(mesh, 3)
-
-  def loss_fn(params, rest, mb, collect_stats):
-    model = nnx.merge(graphdef_model, params, rest)
-    types = (AuxLoss, Stat) if collect_stats else (AuxLoss,)
-    seg = mb["segment_ids"] if packed else None
-    out = nnx.capture(model, *types)(mb["inputs"], segment_ids_BT=seg)
-    (logits, _), sown = out[0], out[1:]
-    loss, n = cross_entropy(logits, mb["targets"])
-    aux = flatten_sown(sown[0])
-    total = loss
-    for name, value in aux.items():
-      w = next((aux_weights[k] for k in aux_weights if name.endswith(k)), 1.0)
-      total = total + w * value
-    stats = flatten_sown(sown[1]) if collect_stats else {}
-    preds = jnp.argmax(logits, -1)
-    mask = mb["targets"] != IGNORE
-    acc = jnp.sum((preds == mb["targets"]) & mask) / jnp.maximum(mask.sum(), 1)
-    return total, dict(loss=loss, acc=acc, tokens=n, **{f"aux/{k}": v for k, v in aux.items()},
-                       **{f"stats/{k}": v for k, v in stats.items()})
-
-  model_for_split, _ = nnx.merge(graphdef, state)
-  graphdef_model = nnx.graphdef(model_for_split)
-  del model_for_split
-
-  def train_step(state, batch, collect_stats: bool):
-    model, optimizer = nnx.merge(graphdef, state)
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
-
-    def body(carry, mb):
-      (l, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, mb, collect_stats)
-      return jax.tree.map(jnp.add, carry, (g, aux)), None
-
-    zero = jax.tree.map(jnp.zeros_like, params)
-    first = jax.tree.map(lambda x: x[0], micro)
-    aux_shape = jax.eval_shape(lambda: loss_fn(params, rest, first, collect_stats)[1])
-    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-    (grads, aux), _ = jax.lax.scan(body, (zero, zero_aux), micro)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    aux = {k: (v if k == "tokens" else v / accum) for k, v in aux.items()}
-    gnorm = optax.tree.norm(grads)
-    optimizer.update(model, grads)
-    new_state = nnx.state((model, optimizer))
-    ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(gnorm)
-    if tc.skip_nonfinite:
-      new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
-    lr = make_optimizer_schedule(optimizer.step[...])
-    return new_state, dict(aux, grad_norm=gnorm, finite=ok, lr=lr)
-
-  from memarch.optim import schedule as _schedule
-  make_optimizer_schedule = _schedule(opt_cfg, tc.num_steps)
-  step_fn = jax.jit(train_step, donate_argnums=0, static_argnums=2)
+  step_cfg = StepConfig.from_config(config, packed=packed)
+  step_fn = step_lib.jit_train_step(graphdef, step_cfg)
+  predict = step_lib.jit_eval_step(graphdef, step_cfg)
+  lr_at = schedule(opt_cfg, tc.num_steps)
 
   # ---- evaluation ----
   # Text sources (lm_eval) score fixed rows of their held-out split: loss, bits per byte and
@@ -212,16 +132,6 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
     eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
   else:
     eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
-
-  @jax.jit
-  def predict(state, inputs, segment_ids, targets):
-    """(argmax [B, T], negative log-likelihood of each target [B, T], 0 where ignored)."""
-    model, _ = nnx.merge(graphdef, state)
-    logits, _ = model(inputs, segment_ids_BT=segment_ids if packed else None)
-    mask = targets != IGNORE
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.argmax(logits, -1), jnp.where(mask, nll, 0.0)
 
   def evaluate(state) -> dict[str, float]:
     if eval_set is None:
@@ -234,7 +144,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
       pad = bs - len(sl["inputs"])
       if pad:  # keep one compiled shape
         sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
-      preds, nll = predict(state, sl["inputs"], sl["segment_ids"], sl["targets"])
+      preds, nll = predict(state, {k: sl[k] for k in ("inputs", "segment_ids", "targets")})
       preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
       tgt = sl["targets"][:bs - pad]
       mask = tgt != IGNORE
@@ -283,7 +193,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
     if step % tc.log_every == 0 or step == end_step:
       now = time.time()
       row = {"train/loss": float(m["loss"]), "train/accuracy": float(m["acc"]),
-             "train/grad_norm": float(m["grad_norm"]), "train/lr": float(m["lr"]),
+             "train/grad_norm": float(m["grad_norm"]), "train/lr": float(lr_at(step)),
              "train/tokens_per_sec": tokens_since / max(now - t_last, 1e-9),
              "train/elapsed_sec": now - t_start}
       row.update({k: float(v) for k, v in m.items() if k.startswith(("aux/", "stats/"))})

@@ -55,40 +55,30 @@ def load(family: str, size: str, seq_len: int, batch: int, **model_overrides):
 
 def first_step_grad_norm(config, batch=None) -> dict:
   """{'params', 'grad_norm', 'loss'} of `config`'s freshly initialised LM on its first training
-  batch (or `batch`: inputs, targets, segment_ids), with memarch.train's loss."""
-  from layers.base import AuxLoss
-  from memarch import configs_lib
+  batch (or `batch`: inputs, targets, segment_ids), with the training loss (memarch.step.loss_fn)."""
+  from memarch import configs_lib, step as step_lib
   from memarch.data import make_source
   from memarch.lm import LM, count_params
   from memarch.sharding import mesh_context
-  from memarch.train import cross_entropy, flatten_sown
   data = make_source(config.data, seed=config.seed, workdir=None, may_train_tokenizer=False)
   lm_cfg = configs_lib.lm_config(config, data.vocab_size)
-  packed = bool(getattr(data, "pack", False))
+  step_cfg = step_lib.StepConfig.from_config(config, packed=bool(getattr(data, "pack", False)))
   if batch is None:
     batch = data.batch(0)
   batch = {k: jnp.asarray(v) for k, v in batch.items()
            if k in ("inputs", "targets", "segment_ids")}
-  aux_weights = dict(configs_lib.to_dict(config.train.aux_loss_weights))
   with mesh_context():
     model = LM(lm_cfg, rngs=nnx.Rngs(config.seed))
   n_params = count_params(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   del model
 
-  def loss_fn(params, batch):
-    model = nnx.merge(graphdef, params, rest)
-    seg = batch["segment_ids"] if packed else None
-    (logits, _), sown = nnx.capture(model, AuxLoss)(batch["inputs"], segment_ids_BT=seg)
-    loss, _ = cross_entropy(logits, batch["targets"])
-    total = loss
-    for name, value in flatten_sown(sown).items():
-      total = total + next((aux_weights[k] for k in aux_weights if name.endswith(k)), 1.0) * value
-    return total, loss
+  def loss(params, batch):
+    return step_lib.loss_fn(nnx.merge(graphdef, params, rest), batch, step_cfg)
 
-  (_, loss), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch)
-  out = {"params": n_params, "grad_norm": float(optax.tree.norm(grads)), "loss": float(loss)}
-  del params, rest, grads
+  (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch)
+  out = {"params": n_params, "grad_norm": float(optax.tree.norm(grads)),
+         "loss": float(metrics["loss"])}
   jax.clear_caches()
   gc.collect()
   return out

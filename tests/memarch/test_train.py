@@ -159,3 +159,24 @@ def test_text_training_reports_held_out_bits_per_byte(tmp_path):
     assert 0 < r["eval/bits_per_byte"] < 12
   assert out["eval/bits_per_byte"] == rows[-1]["eval/bits_per_byte"]
   assert os.path.getsize(tmp_path / "curves.png") > 1000 and os.listdir(tmp_path / "tensorboard")
+
+
+def test_bench_times_the_training_step(monkeypatch, tmp_path):
+  """scripts/bench.py's arch suite and the training loop compile one step function
+  (memarch.step.jit_train_step), so what the bench times is what trains."""
+  import importlib.util
+
+  from memarch import step as step_lib
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  calls = []
+  real = step_lib.jit_train_step
+  monkeypatch.setattr(step_lib, "jit_train_step",
+                      lambda graphdef, cfg: calls.append(cfg) or real(graphdef, cfg))
+  row = bench.lm_step_bench(os.path.join(ROOT, "configs/transformer.py") + ":size=tiny", batch=8, seq_len=16, iters=1)
+  assert row["step_s"] > 0 and row["peak_bytes"] > 0
+  c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py") + ":size=tiny")
+  c.train.num_steps, c.data.batch_size, c.data.seq_len = 1, 8, 16
+  train_and_evaluate(c, str(tmp_path), quiet=True)
+  assert len(calls) == 2 and calls[0] == calls[1], calls
