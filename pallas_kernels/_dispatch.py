@@ -1,4 +1,4 @@
-"""Implementation dispatch shared by every kernel op (DESIGN.md section 2).
+"""Implementation dispatch shared by every kernel op (docs/design.md).
 
 An op module registers its implementations by name; `dispatch` picks one:
 

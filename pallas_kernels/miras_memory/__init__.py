@@ -3,13 +3,13 @@
 The Titans memory engine (`pallas_kernels.titans_memory`: one token loop, one chunked form) with
 other pluggable pieces (`titans_memory.rules.MemoryRule`): an attentional bias and a retention over
 the Titans MLP memory, plain GD (no momentum), chunked with gradients at the chunk base
-(reference/titans_miras.md §7; see `reference.py` for the equations):
+(docs/architectures/miras.md; see `reference.py` for the equations):
 
     Moneta: bias="lp", p=3, retention="lq", q_norm=4      (Eq. 24-25, rescaled mirror map [ours])
     Yaad:   bias="huber", retention="l2"                  (Eq. 26)
     Memora: bias="l2", retention="kl"                     (Eq. 21, 27; lag_token=True)
 
-Implementations (DESIGN.md §2): `reference` (token lax.scan, the oracle) and `xla` (chunked; the
+Implementations (docs/design.md): `reference` (token lax.scan, the oracle) and `xla` (chunked; the
 default on every backend: no Pallas kernel yet).
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
       boundaries are global, so any split of a stream gives the same outputs and final state.
     bias: "l2" | "lp" | "huber" | "dot"; p: the l_p exponent. retention: "l2" | "lq" | "kl";
       q_norm: the l_q exponent; kl_scale_HL: Memora's per-matrix scale c (default ones).
-    lag_token: Memora's lag token (§7.3): the first token of each chunk takes its own exact step
+    lag_token: Memora's lag token (docs/architectures/miras.md): the first token of each chunk takes its own exact step
       (chunks of {1, b-1} tokens on the global grid).
     exact_read: read phi(X_t) at every token instead of at chunk ends only (a check; ~10x the
       cost of the chunked form). Irrelevant for retention "l2" (phi is the identity).

@@ -2,8 +2,8 @@
 
 Moneta (Eq. 24-25), Yaad (Eq. 26) and Memora (Eq. 21, 27) share the Titans MLP memory
 M_W(x) = x + LN(W_2 gelu(W_1 x)), plain GD without momentum and decoupled step size theta / retention
-factor a (reference/titans_miras.md §7). Per token, head and memory layer l, with the frozen-base
-rule of §7.3:
+factor a (docs/architectures/miras.md). Per token, head and memory layer l, with gradients at the
+chunk-start state (Miras §5.4):
 
     e_t = M_{W_base}(k_t) - v_t,       W_base = phi(X_base)   (X_base: the state at the chunk start)
     g_t = attentional-bias output gradient of e_t;   u_t = backprop of g_t through M at W_base
@@ -19,7 +19,7 @@ with the pieces of `pallas_kernels.titans_memory.rules` (the biases g and retent
 there) and no momentum. Chunk boundaries are global (`phase`), exactly as in `titans_memory`; tokens
 at positions >= lengths[b] leave the state untouched and read the state at the last real token.
 
-Memora's "lag token" (§7.3, `lag_token=True`): the first token of every b-chunk takes its own exact
+Memora's "lag token" (`lag_token=True`; docs/architectures/miras.md): the first token of every b-chunk takes its own exact
 step, i.e. the base also refreshes after it (chunks of sizes {1, b-1}, still global via `phase`).
 """
 from __future__ import annotations

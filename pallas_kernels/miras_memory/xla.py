@@ -1,7 +1,7 @@
 """Chunked Miras memories in plain JAX: the portable, autodiff-able default.
 
-The chunked Miras rule (Behrouz et al., arXiv 2504.13173 §5.4; reference/titans_miras.md §7.3, the
-eta = 0 form of §3.2) is the Titans engine (`pallas_kernels.titans_memory.xla.memory_xla`) with a
+The chunked Miras rule (Behrouz et al., arXiv 2504.13173 §5.4; docs/architectures/miras.md, the
+eta = 0 form of Titans v1 §3.2) is the Titans engine (`pallas_kernels.titans_memory.xla.memory_xla`) with a
 Miras `MemoryRule` (no momentum): inside a chunk every inner gradient is taken at W_base = phi(X_0),
 so the state is the linear recurrence X_t = beta_t X_0 - sum_{i<=t} G[t, i] g_i r_i^T. phi is applied
 at chunk ends only (Miras §5.4): inside a chunk the reads use the linearised weights

@@ -6,9 +6,9 @@ Per token, head and memory layer, with gradients at the chunk-start weights (fro
     W_t = a_t W_{t-1} + S_t,        y_t = M_{W_t}(q_t)   (read after write [ours])
 
 M_W is linear (W x) at depth 1 and x + LN(W_L gelu(... gelu(W_1 x))) at depth L >= 2 (exact erf GELU,
-LayerNorm eps 1e-5, affine outer-loop only). See reference/titans_miras.md §1-3, §9-10.
+LayerNorm eps 1e-5, affine outer-loop only). See docs/architectures/titans.md.
 
-Implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle), `xla` (chunked dual
+Implementations (docs/design.md): `reference` (token lax.scan, the oracle), `xla` (chunked dual
 form, the portable default on every backend) and `pallas_gpu` (the same chunked engine with the
 per-chunk step as a fused Pallas/Triton kernel: depth 1 or 2, power-of-two D, E and chunk >= 16,
 <= 128 KiB of weights per head; see `pallas_gpu.py`). `None` runs `xla` on every backend for now:

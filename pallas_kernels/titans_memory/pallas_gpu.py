@@ -1,6 +1,6 @@
 """Titans memory: the per-chunk step as a Pallas GPU kernel (`pl.pallas_call`, Triton lowering).
 
-Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18; reference/titans_miras.md §3.2-3.3).
+Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18; docs/architectures/titans.md).
 The whole chunked engine stays `xla.memory_xla` (scan over chunks, `jax.checkpoint`, phase shift,
 padding masks, chunk-end carry); this module only replaces its vmapped `chunk_step` through the
 `chunk_fn` hook, so the kernel path inherits split invariance and the chunk-boundary backprop memory.
@@ -23,7 +23,7 @@ loaded tile). Their gradients (and so theta's, eta's and log_a's) flow back thro
 
 Backward: `jax.custom_vjp` around the per-chunk call; the residuals are the kernel inputs only. A
 second `pl.pallas_call` (grid (B, H)) runs `chunk_math_bwd`, the VJP of `chunk_math` written out by
-hand (option (a) of issue #9: one kernel, each weight tile short-lived):
+hand (one kernel, each weight tile short-lived):
 
   4. Recompute the [n, *] rows of steps 1-2: the factors (r, g) with their LayerNorm and GELU
      intermediates, and per layer its input Z, Z X_0^T, Z S_0^T, Z R^T and pre-activation.
@@ -41,8 +41,7 @@ hand (option (a) of issue #9: one kernel, each weight tile short-lived):
 Every weight cotangent is stored as soon as it is formed, and each [out, in] input is read where a
 dot needs it (twice or three times per program in all; HBM traffic is cheap next to shared memory
 here), so at most two or three state tiles are staged at a time. The LN-affine cotangents leave
-per (b, h) and are summed over b outside. `jax.vjp` of `chunk_math` inside the kernel (the earlier
-backward) kept all residual tiles alive: 486 KiB at D = 64, E = 256, 125 KiB now.
+per (b, h) and are summed over b outside.
 
 Choices [ours]:
 - Exact (erf) GELU as in `reference.gelu`; Triton has no erf lowering, so erf is Abramowitz &
@@ -53,26 +52,12 @@ Choices [ours]:
 - Supported: the Titans rule (l2 bias, identity retention, momentum), depth 1 (linear) and depth 2
   (MLP), D and E powers of two >= 16 and a power-of-two chunk >= 16 (Triton dots need every
   dimension >= 16). Anything else raises NotImplementedError (dispatch then falls back to xla).
-- Shared memory, measured (H100 run, and Triton 3.6 compiles for sm_90 of the lowered modules,
-  `scripts/triton_resources.py --only=titans`): float32 IEEE dots run on FMA units and Triton
-  stages every dot operand in shared memory from its load on. With all inputs loaded up front the
-  forward needed 401408 bytes at D = 64, E = 256 (six [256, 64] state tiles resident; an H100
-  block gets 232448) and failed to launch. The forward kernel therefore reads each input where it
-  is used (`_Lazy`) and carries a layer right after reading it: 172 KiB at D = 64, E = 256. The
-  hand-written backward needs 125 KiB there (104 KiB at depth 1, D = 128, 4 warps); the jax.vjp
-  backward it replaces needed 486 KiB. Both kernels therefore run up to MAX_STATE_BYTES
-  (128 KiB of float32 weights per head); above it the op raises NotImplementedError (dispatch
-  falls back to xla).
-- Registers (ptxas -v on Triton's PTX, same tool): every Titans kernel spills; at D = 64,
-  E = 256 ptxas reports 32 registers with 47 KB (forward) and 113 KB (backward; 107 KB for the
-  jax.vjp one) of spill stores. A program holds [n, E] activations and, briefly, one or two
-  [256, 64] float32 tiles (64 floats per thread each at 8 warps). num_warps = 4 at depth 1, 8 at
-  depth 2; num_stages = 1 (nothing is looped over inside a program). No GPU timing exists yet:
-  tiling E across programs is the next step once `scripts/bench.py --suite=kernels` has numbers.
-- Verified on an H100 (jax 0.11.2, compiled, not interpreted), with the earlier jax.vjp backward:
-  parity with reference and xla in outputs, final state and all gradients at depth 1 and 2 with
-  D = 16, and at D = 64, E = 256 (forward kernel + XLA backward). The hand-written backward is
-  checked in interpret mode (the same tests) and lowered for CUDA; not yet run on a GPU.
+- Shared memory bounds the design: Triton stages every dot operand in shared memory from its load
+  on, so the kernels read each input where it is used (`_Lazy`) and the backward stores each weight
+  cotangent as soon as it is formed; both then fit up to MAX_STATE_BYTES of float32 weights per
+  head. Above it the op raises NotImplementedError. num_warps = 4 at depth 1, 8 at depth 2;
+  num_stages = 1 (nothing is looped over inside a program). The compiler's shared-memory and
+  register numbers and the H100 parity run are in docs/results.md ("Titans memory Pallas kernel").
 """
 from __future__ import annotations
 
@@ -94,8 +79,8 @@ from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
 f32 = jnp.float32
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Shared-memory bound (module docstring): the forward needs about 1.4x, the backward about 1x the
-# bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB.
-MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256: forward 172 KiB, backward 125 KiB
+# bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB (docs/results.md).
+MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256
 
 
 # ------------------------------------------------------------------ per-program math (2-D tiles)
@@ -179,7 +164,7 @@ class ChunkIn(NamedTuple):
 class _Lazy:
   """A kernel input read where it is used (`_val`), not at the top of the program: Triton stages
   every dot operand in shared memory from its load on, so six [E, D] state tiles loaded up front
-  would all be resident at once (401 KiB at D = 64, E = 256; an H100 block has 227 KiB)."""
+  would all be resident at once (more than an H100 block has at D = 64, E = 256)."""
 
   def __init__(self, ref):
     self.ref = ref

@@ -1,11 +1,11 @@
 """Token-by-token oracle for the Titans neural memory (Behrouz et al., arXiv 2501.00663 v1, Eq. 13-15).
 
-Per head, with the frozen-base rule of reference/titans_miras.md §2:
+Per head, with gradients at the chunk-start weights (v1 §3.2; docs/architectures/titans.md):
 
     u_t = grad_W 1/2 ||M_W(k_t) - v_t||^2  at W = W_base   (W_base: weights at the chunk start)
     S_t = eta_t S_{t-1} - theta_t u_t           (theta per memory layer)
     W_t = a_t W_{t-1} + S_t                     (a_t = exp(log_a_t))
-    y_t = M_{W_t}(q_t)                          (read after write [ours], §2)
+    y_t = M_{W_t}(q_t)                          (read after write [ours])
 
 This is `memory_reference`, the engine's token loop, with the Titans rule (`rules.TITANS`: l2 bias,
 l2 retention, momentum); the Miras memories (`pallas_kernels.miras_memory`) run the same loop with
@@ -16,7 +16,7 @@ already consumed, and `w_base`. After a token that completes a chunk (phase wrap
 refreshed to the current weights, so a state with phase 0 always has w_base == w [ours: a canonical
 state, which makes "final states are equal" a meaningful test of split invariance].
 
-Memory model M_W (titans_miras.md §1): depth 1 is linear, M_W(x) = W x. Depth L >= 2 is
+Memory model M_W (docs/architectures/titans.md): depth 1 is linear, M_W(x) = W x. Depth L >= 2 is
 M_W(x) = x + LN(W_L gelu(... gelu(W_1 x))) with exact (erf) GELU [ours: the paper says only "GELU";
 erf is smooth to every order we differentiate], LayerNorm over the D features with eps 1e-5 and an
 outer-loop-only affine. The inner gradient is a plain `jax.vjp` of M per token (the bias' output
@@ -89,7 +89,7 @@ def memory_apply(w, ln_scale_HD, ln_bias_HD, x_BTHD):
 
 
 def inner_loss(ws, ln_scale_D, ln_bias_D, k_D, v_D):
-  """1/2 ||M_W(k) - v||^2, summed over features (titans_miras.md §1 [ours])."""
+  """1/2 ||M_W(k) - v||^2, summed over features [ours]."""
   e = mlp_apply(ws, ln_scale_D, ln_bias_D, k_D[None])[0] - v_D
   return 0.5 * jnp.sum(e * e)
 

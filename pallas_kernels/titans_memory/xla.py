@@ -1,8 +1,8 @@
 """Chunked memory engine in plain JAX: the portable, autodiff-able default for Titans and Miras.
 
 Implements the chunked training form of Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18;
-reference/titans_miras.md §3.2-3.3) for any `rules.MemoryRule` (Miras, arXiv 2504.13173 §5.4;
-titans_miras.md §7.3). Inside a chunk of b tokens every inner gradient is taken at the chunk-start
+docs/architectures/titans.md) for any `rules.MemoryRule` (Miras, arXiv 2504.13173 §5.4;
+docs/architectures/miras.md). Inside a chunk of b tokens every inner gradient is taken at the chunk-start
 weights W_base = phi(X_base), so the momentum S and the state X are linear recurrences in the
 per-token gradients u_i = g_i r_i^T (one rank-1 factor pair per memory layer):
 
@@ -11,31 +11,31 @@ per-token gradients u_i = g_i r_i^T (one rank-1 factor pair per memory layer):
     mom_t = prod_{j<=t} eta_j,  f = A diag(m) mom,  G = A diag(m) B diag(theta^(l)).
 
 Without momentum (all of Miras) B = I and S, f, mom drop out: G = A diag(m theta^(l)) (its own code
-path, §3.2). The rule's attentional bias only changes the output gradient g of the batched backward
+path). The rule's attentional bias only changes the output gradient g of the batched backward
 that gives the factors (g_i, r_i); its retention phi decides the read:
-- phi = identity ("l2": Titans, Yaad): the dual form per layer (§3.2 step 3), with Z the layer's
+- phi = identity ("l2": Titans, Yaad): the dual form per layer (v1 §3.2), with Z the layer's
   input rows, Z_out = diag(beta) Z X_0^T + diag(f) Z S_0^T - (G o Z R^T) Gamma; depth 1 is the
-  closed form of §3.3 (E = K W_base^T - V). No per-token weights.
+  closed form of v1 Eq. 16-18 (E = K W_base^T - V). No per-token weights.
 - otherwise ("lq": Moneta, "kl": Memora), phi at chunk ends only (Miras §5.4; rules.py): the same
   dual form over the linearised weights, with beta X_0 replaced by beta (X_0 + P (phi(X_base) -
   X_base)); the token that ends a chunk reads phi(X_n), evaluated by the next chunk (whose base
   phi(X_base) is that same matrix) or, for the last chunk, after the scan. `rule.exact_read`
   materialises the per-token states X_t of a chunk instead (n |W|) and reads phi(X_t) (a check).
-The chunk-end carry is §3.2 step 4. X_0 (the chunk's starting state) and X_base coincide except in
+The chunk-end carry is state_at(n - 1) above. X_0 (the chunk's starting state) and X_base coincide except in
 the first chunk of a call that starts mid-chunk, where the carried base is the gradient base.
 
 Choices [ours]:
 - m_t (the per-token mask, 0 on padding) enters X_t = a_t X_{t-1} + m_t S_t, hence the diag(m) above;
   padding tokens also get theta = 0, eta = 1, a = 1, which makes them exactly neutral even under
-  momentum (titans_miras.md §10 "Short sequences").
-- Split invariance (§9.6): the sequence is shifted right by the carried `phase` (a per-row
+  momentum (docs/architectures/titans.md).
+- Split invariance (docs/architectures/titans.md): the sequence is shifted right by the carried `phase` (a per-row
   dynamic slice of a padded copy, so shapes are static under jit) and right-padded to
   NC = ceil((T + b - 1) / b) chunks: one chunk more than an aligned call needs, the price of a traced
   phase.
 - The decay matrices A and B are masked cumulative products of the linear factors (no logs): a = 0
   and eta = 0 are exact, cumprod's autodiff has no division, and A and B share one helper. (The
-  log-space form of §3.2 would take log 0 for Miras' a = 0.)
-- Memora's lag token (`rule.lag_token`, §7.3): token 0 of each chunk takes its own exact step at X_0
+  log-space form of the paper (v1 §3.2) would take log 0 for Miras' a = 0.)
+- Memora's lag token (`rule.lag_token`; docs/architectures/miras.md): token 0 of each chunk takes its own exact step at X_0
   and the other tokens' gradients are taken at X_1 (a second batched backward per chunk).
 - The chunk body is under `jax.checkpoint` and gets only (X, S, first-chunk flag, chunk inputs):
   backprop keeps chunk-boundary states (|W| per chunk, 2 |W| with momentum) plus the inputs, and
