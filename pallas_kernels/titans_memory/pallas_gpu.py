@@ -3,7 +3,8 @@
 Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18; docs/architectures/titans.md).
 The whole chunked engine stays `xla.memory_xla` (scan over chunks, `jax.checkpoint`, phase shift,
 padding masks, chunk-end carry); this module only replaces its vmapped `chunk_step` through the
-`chunk_fn` hook, so the kernel path inherits split invariance and the chunk-boundary backprop memory.
+`chunk_fn` hook, so the kernel path inherits split invariance and the chunk-boundary backprop
+memory.
 
 One chunk of n tokens of one (batch row, head) per program, grid (B, H), everything fused:
 
@@ -72,7 +73,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.titans_memory.reference import LN_EPS, titans_reset
+from pallas_kernels.titans_memory.engine import (ChunkCarry, ChunkEnds, ChunkOut, ChunkTokens,
+                                                 DotOps, MemoryInputs, MemoryParams, MemoryState,
+                                                 read_and_carry)
+from pallas_kernels.titans_memory.reference import LN_EPS
 from pallas_kernels.titans_memory.rules import TITANS
 from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
 
@@ -191,28 +195,20 @@ def grad_factors(xb, k, v, ln_s, ln_b):
   return (k, h1), (g1, g2)
 
 
+KERNEL_OPS = DotOps(mm=_mm, mm_t=_mm_t, t_mm=_t_mm, gelu=_gelu,
+                    layer_norm=lambda x, scale, bias: _normalize(x)[0] * scale + bias, val=_val)
+
+
 def chunk_math(c: ChunkIn):
   """One chunk of one (batch row, head): (y [n, D], X_n, S_n); module docstring steps 1-3.
-  Fields of c may be `_Lazy` (the forward kernel); each layer's states are read, used for the
+  Fields of c may be `_Lazy` (the forward kernel). Steps 2-3 are `engine.read_and_carry`, the code
+  the XLA path runs, here over Triton-lowerable dots; each layer's states are read, used for the
   read and carried in one place, which keeps their live ranges short."""
-  L = len(c.x)
   q, k, v, ln_s, ln_b = map(_val, (c.q, c.k, c.v, c.ln_s, c.ln_b))
-  beta, f = _val(c.beta), _val(c.f)
   rs, gs = grad_factors(c.xb, k, v, ln_s, ln_b)
-  z, x_new, s_new = q, [], []
-  for l in range(L):
-    x_l, s_l = _val(c.x[l]), _val(c.s[l])
-    z = (beta * _mm_t(z, x_l) + f * _mm_t(z, s_l)
-         - _mm(_val(c.G[l]) * _mm_t(z, rs[l]), gs[l]))
-    if l < L - 1:
-      z = _gelu(z)
-    x_new.append(_val(c.beta_n) * x_l + _val(c.f_n) * s_l
-                 - _t_mm(gs[l] * _val(c.g_end[l]), rs[l]))
-    s_new.append(_val(c.mom_n) * s_l - _t_mm(gs[l] * _val(c.s_end[l]), rs[l]))
-  if L > 1:
-    xhat, _ = _normalize(z)
-    z = q + xhat * ln_s + ln_b
-  return z, tuple(x_new), tuple(s_new)
+  ends = ChunkEnds(beta_n=c.beta_n, f_n=c.f_n, mom_n=c.mom_n, g_end=c.g_end, s_end=c.s_end)
+  return read_and_carry(KERNEL_OPS, q, rs, gs, c.G, c.x, _val(c.beta), _val(c.f), c.x, c.s, ends,
+                        ln_s, ln_b)
 
 
 def _rowsum(x):   # [n, m] -> [n, 1]
@@ -433,34 +429,38 @@ def _chunk_call_bwd(cfg, ins, cts):
 _chunk_call.defvjp(_chunk_call_fwd, _chunk_call_bwd)
 
 
-def _chunk_fn(cfg, x, s, xb, q, k, v, theta, a, eta, delta, m, keep, c_HL, ln_s, ln_b, pb):
+def _chunk_fn(cfg, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams, keep) -> ChunkOut:
   """`memory_xla`'s chunk_fn: the batched `chunk_step` of the Titans rule for one chunk of every
-  (b, h). q, k, v [B, H, n, D]; theta [B, H, n, L]; a, eta [B, H, n]; m [B, n]; x, s, xb tuples of
-  [B, H, out, in]; ln_s, ln_b [H, D]; pb [B, H] (unused: phi is the identity). Returns
-  (y [B, H, n, D], X_n, S_n, base = xb, pb)."""
-  del delta, keep, c_HL                # Titans: no Huber threshold, no lag token, no KL scale
-  beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(a, eta, m)
+  (b, h): tokens [B, H, n, ...] (mask m [B, n]), carry [B, H, ...], params [H, ...]. The base
+  and its retention product pass through unchanged (phi is the identity, no lag token)."""
+  del keep                             # Titans: no lag token (and no Huber threshold, no KL scale)
+  x, s, xb, pb = carry
+  beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(tok.a, tok.eta, tok.m)
   col = lambda t: t[..., None]
-  G = tuple(AmB * theta[..., None, :, l] for l in range(len(x)))
+  G = tuple(AmB * tok.theta[..., None, :, l] for l in range(len(x)))
   ins = ChunkIn(
-      q=q, k=k, v=v, beta=col(beta), f=col(f), beta_n=col(beta[..., -1:]), f_n=col(f[..., -1:]),
-      mom_n=col(mom[..., -1:]), G=G, g_end=tuple(col(g[..., -1, :]) for g in G),
-      s_end=tuple(col(theta[..., l] * Bm[..., -1, :]) for l in range(len(x))),
-      x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=ln_s[:, None, :], ln_b=ln_b[:, None, :])
+      q=tok.q, k=tok.k, v=tok.v, beta=col(beta), f=col(f), beta_n=col(beta[..., -1:]),
+      f_n=col(f[..., -1:]), mom_n=col(mom[..., -1:]), G=G,
+      g_end=tuple(col(g[..., -1, :]) for g in G),
+      s_end=tuple(col(tok.theta[..., l] * Bm[..., -1, :]) for l in range(len(x))),
+      x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=params.ln_scale[:, None, :],
+      ln_b=params.ln_bias[:, None, :])
   ins = jax.tree.map(lambda t: t.astype(f32), ins)
   y, x_new, s_new = _chunk_call(cfg, ins)
-  return y, x_new, s_new, xb, pb
+  return ChunkOut(y, x_new, s_new, xb, pb)
 
 
 def _pow2_at_least_16(n: int) -> bool:
   return n >= 16 and n & (n - 1) == 0
 
 
-def check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size) -> int:
+def check_supported(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState,
+                    chunk_size) -> int:
   """NotImplementedError (one line) for what the kernel does not handle; returns the depth L."""
   name = "titans_memory"
-  leaves = jax.tree.leaves(((q, k, v, theta, eta, log_a, ln_scale, ln_bias),
-                            (state["w"], state["s"], state["w_base"])))
+  if rule != TITANS:
+    raise NotImplementedError(f"{name}: pallas_gpu runs the Titans rule only, got {rule}")
+  leaves = jax.tree.leaves((inputs._replace(resets=None), params, (state.x, state.s, state.base)))
   for x in leaves:
     if jnp.dtype(x.dtype).type not in SUPPORTED_DTYPES:
       raise NotImplementedError(f"{name}: pallas_gpu takes float32/bfloat16/float16 inputs, "
@@ -468,10 +468,10 @@ def check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_
   if not _pow2_at_least_16(chunk_size):
     raise NotImplementedError(f"{name}: pallas_gpu needs a power-of-two chunk_size >= 16 "
                               f"(Triton dots), got {chunk_size}")
-  ws = tuple(state["w"])
+  ws = tuple(state.x)
   if len(ws) > 2:
     raise NotImplementedError(f"{name}: pallas_gpu supports memory depth 1 or 2, got {len(ws)}")
-  dims = {"D": q.shape[-1]} | ({"E": ws[0].shape[-2]} if len(ws) == 2 else {})
+  dims = {"D": inputs.q.shape[-1]} | ({"E": ws[0].shape[-2]} if len(ws) == 2 else {})
   for n, d in dims.items():
     if not _pow2_at_least_16(d):
       raise NotImplementedError(f"{name}: pallas_gpu needs {n} a power of two >= 16, got {d}")
@@ -487,16 +487,13 @@ def _state_bytes(ws) -> int:
   return sum(4 * w.shape[-2] * w.shape[-1] for w in ws)
 
 
-def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
-                             chunk_size=16, lengths=None, resets=None, reset_state=None,
-                             assume_aligned=False, interpret=False):
-  """`titans_memory` with the per-chunk step as a Pallas kernel; same signature and semantics
+def memory_pallas_gpu(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState, *,
+                      chunk_size, lengths=None, reset: MemoryState | None = None,
+                      assume_aligned=False, interpret=False):
+  """`xla.memory_xla` with the per-chunk step as a Pallas kernel; same arguments and result
   (inputs already validated). Raises NotImplementedError for what the kernel does not support."""
-  L = check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size)
+  L = check_supported(rule, inputs, params, state, chunk_size)
   cfg = _Config(interpret=interpret, num_warps=4 if L == 1 else 8)
-  o, (w, s, wb, phase, _) = memory_xla(
-      TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
-      s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
-      lengths=lengths, resets=resets, reset=titans_reset(reset_state),
-      assume_aligned=assume_aligned, chunk_fn=functools.partial(_chunk_fn, cfg))
-  return o, {"w": w, "s": s, "w_base": wb, "phase": phase}
+  return memory_xla(rule, inputs, params, state, chunk_size=chunk_size, lengths=lengths,
+                    reset=reset, assume_aligned=assume_aligned,
+                    chunk_fn=functools.partial(_chunk_fn, cfg))

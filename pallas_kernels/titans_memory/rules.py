@@ -24,8 +24,9 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
   W = phi(X); the state recurrence itself is always the linear X_t = a_t X_{t-1} + (update):
     "l2": phi(W) = W                                 (weight decay a_t: Titans, Yaad)
     "lq": phi_q(A) = ssign(A) sabs(A)^(q-1) / (mean sabs(A)^q)^((q-2)/q) per weight matrix: the
-          rescaled mirror map [ours; docs/architectures/miras.md] (degree 1; phi_2(A) = A). The printed A / ||A||_q^(q-2)
-          (degree 3 - q, which makes retention amplify W at q = 4) is not implemented. (Moneta)
+          rescaled mirror map [ours; docs/architectures/miras.md] (degree 1; phi_2(A) = A). The
+          printed A / ||A||_q^(q-2) (degree 3 - q, which makes retention amplify W at q = 4) is
+          not implemented. (Moneta)
     "kl": phi(Z) = c softmax_row(Z) over each row's fan-in, c per (head, memory layer) (Memora,
           Eq. 21, 27: Softmax(a log W - theta grad) up to row constants).
 - Learning algorithm (`momentum`): with momentum (Titans, v1 Eq. 13-14) S_t = eta_t S_{t-1} -
@@ -40,7 +41,8 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
   weights in the chunked form: |W| per token, ~10x the time and memory; a check, not a default).
 
 The update u_t^(l) = g_t^(l) r_t^(l)^T of memory layer l is the gradient of the bias at
-W_base = phi(X_base), X_base the state at the chunk start (the frozen-base rule of Titans v1 §3.2 and Miras §5.4).
+W_base = phi(X_base), X_base the state at the chunk start (the frozen-base rule of Titans v1 §3.2
+and Miras §5.4).
 """
 from __future__ import annotations
 
