@@ -15,6 +15,7 @@ One chunk of n tokens of one (batch row, head) per program, grid (B, H), everyth
        y = q + LN(Z) (depth 2, GELU between the layers).
   3. Chunk-end carry: X_n = beta_n X_0 + f_n S_0 - Gamma^T diag(G[n, :]) R,
                       S_n = mom_n S_0 - Gamma^T diag(theta B[n, :]) R.
+  Steps 2-3 are `engine.read_and_carry`, the code the XLA path runs, over this module's dots.
 
 The decay matrices (beta, f, mom, A diag(m) B; `xla.decay_matrices`, a cumprod) are computed outside
 the kernel in plain JAX, per (b, h, chunk), and theta is folded into them there: the kernel gets
