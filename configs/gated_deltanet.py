@@ -14,7 +14,8 @@ def get_config(arg=None):
   a = configs_lib.parse_arg(arg, size="tiny", chunk=64, hybrid=False, task="mqar")
   c = configs_lib.base_config(a.size)
   c.model.layer_pattern = ("gated_deltanet", "swa") if a.hybrid else ("gated_deltanet",)
-  c.model.mixer = {"gated_deltanet": dict(conv_size=4, chunk_size=a.chunk, implementation=""),
+  c.model.mixer = {"gated_deltanet": dict(conv_size=4, chunk_size=a.chunk,
+                                          implementation=configs_lib.impl_field()),
                    "swa": dict(window=64)}
   c.train.num_steps = 2000
   c.train.stop_at_accuracy = 0.99

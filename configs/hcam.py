@@ -36,7 +36,7 @@ def get_config(arg=None):
       top_k=a.k if a.k >= 0 else (2 if cpu else 4),
       # task=passkey keeps 1024 chunks (16k tokens at C = 16), so evaluation never forgets the key.
       max_chunks=a.max_chunks or (1024 if long else 64 if cpu else 512),
-      implementation="")}
+      implementation=configs_lib.impl_field())}
   if a.seq_len:
     c.data.seq_len = a.seq_len
   if a.kv:

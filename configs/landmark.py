@@ -30,7 +30,7 @@ def get_config(arg=None):
       block_size=a.block or (16 if cpu else 64),
       top_k=a.k if a.k >= 0 else (2 if cpu else 4),
       recent_blocks=a.recent if a.recent >= 0 else (1 if cpu else 3),
-      share=a.share, positions=a.positions, implementation="")}
+      share=a.share, positions=a.positions, implementation=configs_lib.impl_field())}
   if a.seq_len:
     c.data.seq_len = a.seq_len
   if a.kv:

@@ -31,7 +31,7 @@ def get_config(arg=None):
   c.model.mixer = {name: dict(memory_depth=a.depth, expansion=4, chunk_size=a.chunk,
                               theta_max=0.0,  # 0: the per-depth default
                               num_persistent=a.chunk if cpu else 128, conv_size=4,
-                              implementation="")}
+                              implementation=configs_lib.impl_field())}
   if a.hybrid:
     c.model.mixer["swa"] = dict(window=64 if cpu else 2048)
   if a.seq_len:

@@ -15,7 +15,8 @@ def get_config(arg=None):
   c = configs_lib.base_config(a.size)
   c.model.layer_pattern = ("mom",)
   c.model.mixer = {"mom": dict(num_memories=a.memories, top_k=a.topk, shared_memory=a.shared,
-                               conv_size=4, chunk_size=a.chunk, implementation="")}
+                               conv_size=4, chunk_size=a.chunk,
+                               implementation=configs_lib.impl_field())}
   c.train.aux_loss_weights = {"balance": a.balance}
   c.train.num_steps = 2000
   c.train.stop_at_accuracy = 0.99

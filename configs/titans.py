@@ -25,7 +25,8 @@ def get_config(arg=None):
   c.model.mixer = {name: dict(
       memory_depth=a.depth, expansion=4, chunk_size=a.chunk, theta_max=0.0,  # 0: per-depth default
       num_persistent=a.chunk if cpu else 128, conv_size=4, momentum=True,
-      segment_len=32 if cpu else 512, window=64 if cpu else 2048, implementation="")}
+      segment_len=32 if cpu else 512, window=64 if cpu else 2048,
+      implementation=configs_lib.impl_field())}
   if a.seq_len:
     c.data.seq_len = a.seq_len
   if a.kv:

@@ -23,6 +23,7 @@ from layers.base import dense
 from layers.conv import CausalConv1D
 from layers.norms import l2_normalize, rms_normalize
 from pallas_kernels import gated_delta_rule
+from pallas_kernels._dispatch import check_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +36,8 @@ class GatedDeltaNetConfig:
   implementation: str | None = None
 
   def __post_init__(self):
-    if self.implementation == "":
-      object.__setattr__(self, "implementation", None)
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "gated_deltanet"))
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"gated_deltanet: d_model={self.d_model} is not divisible by num_heads="
                        f"{self.num_heads}; set head_dim or change num_heads")

@@ -62,6 +62,7 @@ from layers.attention import Attention, AttentionConfig, attend, causal_mask
 from layers.landmark import (DocGrid, doc_grid, last_document_blocks, restart_rows, scatter_rows,
                              stream_blocks, write_blocks)
 from layers.packing import to_slots
+from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
 
 
@@ -81,8 +82,8 @@ class HCAMConfig:
   implementation: str | None = None  # kernel path (None: best available)
 
   def __post_init__(self):
-    if self.implementation == "":
-      object.__setattr__(self, "implementation", None)
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "hcam"))
     if self.top_k == 0:
       object.__setattr__(self, "top_k", None)
     if self.d_model % self.num_heads:

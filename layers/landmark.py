@@ -63,6 +63,7 @@ from flax import nnx
 
 from layers.packing import Realigned, document_starts, realign, to_slots
 from layers.rotary import apply_rope
+from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
 
 IGNORE = -100
@@ -83,8 +84,8 @@ class LandmarkConfig:
   implementation: str | None = None  # kernel path (None: best available)
 
   def __post_init__(self):
-    if self.implementation == "":
-      object.__setattr__(self, "implementation", None)
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "landmark"))
     if self.top_k == 0:
       object.__setattr__(self, "top_k", None)
     if self.d_model % self.num_heads:

@@ -44,7 +44,9 @@ from flax import nnx
 
 from layers.base import MemoryInit
 from layers.titans import NeuralMemory, TitansConfig, _const, _dense, memory_shapes
+from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
+from pallas_kernels.titans_memory.engine import MemoryParams
 from pallas_kernels.titans_memory.reference import mlp_apply, token_grads
 from pallas_kernels.titans_memory.rules import MemoryRule
 
@@ -65,8 +67,8 @@ class MirasConfig:
   q_norm: float = 4.0  # Moneta's l_q retention
 
   def __post_init__(self):
-    if self.implementation == "":
-      object.__setattr__(self, "implementation", None)
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "miras"))
     if self.model not in MODELS:
       raise ValueError(f"miras: unknown model {self.model!r}; choose one of {sorted(MODELS)}")
     if self.d_model % self.num_heads:
@@ -125,7 +127,7 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
       read = lambda x: mlp_apply(rule.phi(x, c_L), ln_s, ln_b, k_D[None])[0]
       read_w = lambda w: mlp_apply(w, ln_s, ln_b, k_D[None])[0]
       e = read(x0) - v_D
-      u = token_grads(rule, x0, c_L, ln_s, ln_b, k_D, v_D, None)
+      u = token_grads(rule, x0, MemoryParams(ln_s, ln_b, c_L), k_D, v_D, None)
       step = tuple(-u_ for u_ in u)
       _, dm = jax.jvp(read_w, (w0,), (step,)) if linearised else jax.jvp(read, (x0,), (step,))
       return -jnp.dot(dm, e) / jnp.dot(e, e)

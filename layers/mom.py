@@ -46,6 +46,7 @@ from layers.conv import CausalConv1D
 from layers.deltanet import GatedOutput, log_decay, mamba_decay_params
 from layers.norms import l2_normalize
 from pallas_kernels import gated_delta_rule
+from pallas_kernels._dispatch import check_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,8 @@ class MoMConfig:
   implementation: str | None = None
 
   def __post_init__(self):
-    if self.implementation == "":
-      object.__setattr__(self, "implementation", None)
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "mom"))
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"mom: d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
     if not 1 <= self.top_k <= self.num_memories:

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from layers import base, routing
+from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.expert_gather import expert_mlp
 from pallas_kernels.expert_gather._common import ACTIVATIONS
 from pallas_kernels.expert_gather.xla import DEFAULT_CHUNK
@@ -65,6 +66,8 @@ class PEERConfig:
     return self.d_key or 2 * max(1, self.d_model // 4)
 
   def __post_init__(self):
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "peer"))
     if self.dk % 2:
       raise ValueError(f"peer: d_key must be even (two halves), got {self.dk}")
     if not 1 <= self.top_k <= self.num_experts:

@@ -41,6 +41,7 @@ from layers.base import MemoryInit, Stat, sow
 from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
 from layers.packing import from_slots, realign, to_slots
+from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
 
 
@@ -60,8 +61,8 @@ class TitansConfig:
   implementation: str | None = None  # kernel path of the memory op (None: best available)
 
   def __post_init__(self):
-    if self.implementation == "":
-      object.__setattr__(self, "implementation", None)
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "titans"))
     if self.d_model % self.num_heads:
       raise ValueError(f"titans: d_model={self.d_model} is not divisible by num_heads="
                        f"{self.num_heads}")

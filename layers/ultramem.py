@@ -47,6 +47,7 @@ from flax import nnx
 
 from layers import base, routing
 from layers.mlp import SwiGLU, SwiGLUConfig
+from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.expert_gather import expert_mlp
 from pallas_kernels.expert_gather.xla import DEFAULT_CHUNK
 
@@ -94,6 +95,8 @@ class UltraMemConfig:
     return min(self.prefilter, self.group_size)
 
   def __post_init__(self):
+    object.__setattr__(self, "implementation",
+                       check_implementation(self.implementation, "ultramem"))
     if self.num_subkeys % self.num_core_groups:
       raise ValueError(f"ultramem: num_subkeys={self.num_subkeys} must be divisible by "
                        f"num_core_groups={self.num_core_groups}")

@@ -107,9 +107,18 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       stats_every=0))  # > 0: log layer statistics (memory surprise, gates) every N steps
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0,  # 0 = all
                                           distributed=False))
-  c.kernels = ml_collections.ConfigDict(dict(implementation=""))  # '' = best available
+  # None: each op's best available path; a name of pallas_kernels._dispatch.Implementation forces
+  # that path in every mixer whose own `implementation` is None.
+  c.kernels = ml_collections.ConfigDict(dict(implementation=impl_field()))
   c.evals = ml_collections.ConfigDict(dict(names=("mqar",)))
   return c
+
+
+def impl_field():
+  """A kernel-implementation config field: None (best available) until set to a name of
+  `pallas_kernels._dispatch.Implementation`; typed str, so a command-line override
+  (`--config.kernels.implementation=xla`) parses."""
+  return ml_collections.config_dict.placeholder(str)
 
 
 def passkey_task(c, a) -> None:
@@ -220,11 +229,13 @@ def lm_config(c: ml_collections.ConfigDict, vocab_size: int):
   """The typed model config (modules never read a ConfigDict)."""
   from memarch.lm import LMConfig
   m = c.model
-  impl = c.kernels.implementation or None
+  impl = c.kernels.implementation or None   # a config.json written before None stored ""
   mixer_kwargs = {name: dict(_plain(kw)) for name, kw in m.mixer.items()}
-  if impl:
-    for kw in mixer_kwargs.values():
-      kw.setdefault("implementation", impl)
+  for kw in mixer_kwargs.values():
+    if "implementation" in kw:
+      kw["implementation"] = kw["implementation"] or None
+    if impl and kw.get("implementation") is None:   # the mixer's own choice wins
+      kw["implementation"] = impl
   return LMConfig(
       vocab_size=m.vocab_size or vocab_size, d_model=m.d_model, num_layers=m.num_layers,
       num_heads=m.num_heads, layer_pattern=tuple(m.layer_pattern), mixer_kwargs=mixer_kwargs,

@@ -34,28 +34,20 @@ NotImplementedError (float64, head dims or block size > 256).
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import dispatch
+from pallas_kernels._dispatch import dispatch, lazy
 from pallas_kernels.block_retrieval_attention import _common
 from pallas_kernels.block_retrieval_attention.reference import block_retrieval_attention_reference
 from pallas_kernels.block_retrieval_attention.xla import (DEFAULT_CHUNK,
                                                           block_retrieval_attention_xla)
 
 
-def _pallas_gpu(*args, **kwargs):
-  from pallas_kernels.block_retrieval_attention import pallas_gpu
-  return pallas_gpu.block_retrieval_attention_pallas_gpu(*args, **kwargs)
-
-
-def _pallas_tpu(*args, **kwargs):
-  from pallas_kernels.block_retrieval_attention import pallas_tpu
-  return pallas_tpu.block_retrieval_attention_pallas_tpu(*args, **kwargs)
-
-
 IMPLEMENTATIONS = {
     "reference": block_retrieval_attention_reference,
     "xla": block_retrieval_attention_xla,
-    "pallas_gpu": _pallas_gpu,
-    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": lazy("pallas_kernels.block_retrieval_attention.pallas_gpu",
+                       "block_retrieval_attention_pallas_gpu"),
+    "pallas_tpu": lazy("pallas_kernels.block_retrieval_attention.pallas_tpu",
+                       "block_retrieval_attention_pallas_tpu"),
 }
 
 

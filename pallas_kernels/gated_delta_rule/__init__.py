@@ -8,27 +8,19 @@ oracle), `xla` (chunked WY/UT form, the portable default), `pallas_gpu` (Triton-
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import dispatch
+from pallas_kernels._dispatch import dispatch, lazy
 from pallas_kernels.gated_delta_rule import _common
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
 
-def _pallas_gpu(*args, **kwargs):
-  from pallas_kernels.gated_delta_rule import pallas_gpu
-  return pallas_gpu.gated_delta_rule_pallas_gpu(*args, **kwargs)
-
-
-def _pallas_tpu(*args, **kwargs):
-  from pallas_kernels.gated_delta_rule import pallas_tpu
-  return pallas_tpu.gated_delta_rule_pallas_tpu(*args, **kwargs)
-
-
 IMPLEMENTATIONS = {
     "reference": gated_delta_rule_reference,
     "xla": gated_delta_rule_xla,
-    "pallas_gpu": _pallas_gpu,
-    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": lazy("pallas_kernels.gated_delta_rule.pallas_gpu",
+                       "gated_delta_rule_pallas_gpu"),
+    "pallas_tpu": lazy("pallas_kernels.gated_delta_rule.pallas_tpu",
+                       "gated_delta_rule_pallas_tpu"),
 }
 
 

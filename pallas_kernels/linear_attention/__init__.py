@@ -5,27 +5,17 @@ optional (None: ungated linear attention, Katharopoulos et al. 2020).
 """
 from __future__ import annotations
 
-from pallas_kernels._dispatch import dispatch
+from pallas_kernels._dispatch import dispatch, lazy
 from pallas_kernels.gated_delta_rule import _common
 from pallas_kernels.linear_attention.reference import linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
 
 
-def _pallas_gpu(*args, **kwargs):
-  from pallas_kernels.linear_attention import pallas_gpu
-  return pallas_gpu.linear_attention_pallas_gpu(*args, **kwargs)
-
-
-def _pallas_tpu(*args, **kwargs):
-  from pallas_kernels.linear_attention import pallas_tpu
-  return pallas_tpu.linear_attention_pallas_tpu(*args, **kwargs)
-
-
 IMPLEMENTATIONS = {
     "reference": linear_attention_reference,
     "xla": linear_attention_xla,
-    "pallas_gpu": _pallas_gpu,
-    "pallas_tpu": _pallas_tpu,
+    "pallas_gpu": lazy("pallas_kernels.linear_attention.pallas_gpu", "linear_attention_pallas_gpu"),
+    "pallas_tpu": lazy("pallas_kernels.linear_attention.pallas_tpu", "linear_attention_pallas_tpu"),
 }
 
 

@@ -3,31 +3,41 @@
 The Titans memory engine (`pallas_kernels.titans_memory`: one token loop, one chunked form) with
 other pluggable pieces (`titans_memory.rules.MemoryRule`): an attentional bias and a retention over
 the Titans MLP memory, plain GD (no momentum), chunked with gradients at the chunk base
-(reference/titans_miras.md §7; see `reference.py` for the equations):
+(docs/architectures/miras.md; see `reference.py` for the equations):
 
     Moneta: bias="lp", p=3, retention="lq", q_norm=4      (Eq. 24-25, rescaled mirror map [ours])
     Yaad:   bias="huber", retention="l2"                  (Eq. 26)
     Memora: bias="l2", retention="kl"                     (Eq. 21, 27; lag_token=True)
 
-Implementations (DESIGN.md §2): `reference` (token lax.scan, the oracle) and `xla` (chunked; the
-default on every backend: no Pallas kernel yet).
+Implementations (docs/design.md): `reference` (token lax.scan, the oracle) and `xla` (chunked; the
+default on every backend: no Pallas kernel yet), i.e. the engine's `reference.memory_reference` and
+`xla.memory_xla` with a Miras rule (`reference.miras_rule`). The chunked form takes every inner
+gradient of a chunk at W_base = phi(X_0) (Miras §5.4), so the state is the linear recurrence
+X_t = beta_t X_0 - sum_{i<=t} G[t, i] g_i r_i^T (the eta = 0 form of Titans v1 §3.2); inside a
+chunk the reads use the linearised weights W_t = beta_t phi(X_0) - sum_i G[t, i] g_i r_i^T in the
+dual form, and the token that ends a chunk reads phi(X_t) (`exact_read=True` reads phi(X_t) at
+every token: a check, ~10x the cost). Memora's lag token steps token 0 of each chunk at X_0 and
+takes the other tokens' gradients at X_1. See `titans_memory.xla` for padding, the phase shift,
+checkpointing and precision.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 
 from pallas_kernels._dispatch import dispatch
-from pallas_kernels.miras_memory.reference import STATE_KEY, miras_memory_reference
-from pallas_kernels.miras_memory.xla import miras_memory_xla
+from pallas_kernels.miras_memory.reference import STATE_KEY, miras_rule
 from pallas_kernels.titans_memory import (broadcast_initial, check_resets, check_sequences,
                                           check_state_and_gates)
-from pallas_kernels.titans_memory.reference import compute_dtype, memory_apply
+from pallas_kernels.titans_memory.engine import MemoryInputs, MemoryParams, MemoryState
+from pallas_kernels.titans_memory.reference import compute_dtype, memory_apply, memory_reference
 from pallas_kernels.titans_memory.rules import BIASES, RETENTIONS, MemoryRule
+from pallas_kernels.titans_memory.xla import memory_xla
 
 __all__ = ["miras_memory", "init_miras_state", "miras_weights", "MODELS", "IMPLEMENTATIONS",
            "STATE_KEY"]
 
-IMPLEMENTATIONS = {"reference": miras_memory_reference, "xla": miras_memory_xla}
+# The engine's paths (`titans_memory.IMPLEMENTATIONS`); the Titans kernel does not run Miras rules.
+IMPLEMENTATIONS = {"reference": memory_reference, "xla": memory_xla}
 
 # The paper's three models as (bias, retention) pairs; Memora also takes lag_token=True.
 MODELS = {"moneta": ("lp", "lq"), "yaad": ("huber", "l2"), "memora": ("l2", "kl")}
@@ -100,7 +110,7 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
       boundaries are global, so any split of a stream gives the same outputs and final state.
     bias: "l2" | "lp" | "huber" | "dot"; p: the l_p exponent. retention: "l2" | "lq" | "kl";
       q_norm: the l_q exponent; kl_scale_HL: Memora's per-matrix scale c (default ones).
-    lag_token: Memora's lag token (§7.3): the first token of each chunk takes its own exact step
+    lag_token: Memora's lag token (docs/architectures/miras.md): the first token of each chunk takes its own exact step
       (chunks of {1, b-1} tokens on the global grid).
     exact_read: read phi(X_t) at every token instead of at chunk ends only (a check; ~10x the
       cost of the chunked form). Irrelevant for retention "l2" (phi is the identity).
@@ -118,14 +128,14 @@ def miras_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_
     kl_scale_HL = jnp.ones((H, L), compute_dtype(q_BTHD))
   _check(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD,
          kl_scale_HL, state, bias, retention, chunk_size, lengths, resets_BT, reset_state)
-  as_tuples = lambda st: None if st is None else {
-      key: tuple(st[key]), "base": tuple(st["base"]), "base_decay": st["base_decay"],
-      "phase": st["phase"]}
-  state, reset_state = as_tuples(state), as_tuples(reset_state)
-  kw = dict(state=state, bias=bias, p=float(p), retention=retention, q_norm=float(q_norm),
-            chunk_size=chunk_size, lengths=lengths, lag_token=bool(lag_token),
-            exact_read=bool(exact_read), resets=resets_BT, reset_state=reset_state)
-  if assume_aligned and implementation != "reference":
-    kw["assume_aligned"] = True
-  return dispatch("miras_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,
-                  v_BTHD, theta_BTHL, a_BTH, delta_BTH, ln_scale_HD, ln_bias_HD, kl_scale_HL, **kw)
+  to_engine = lambda st: MemoryState(x=tuple(st[key]), s=None, base=tuple(st["base"]),
+                                     phase=st["phase"], base_decay=st["base_decay"])
+  rule = miras_rule(bias, float(p), retention, float(q_norm), bool(lag_token), bool(exact_read))
+  inputs = MemoryInputs(q=q_BTHD, k=k_BTHD, v=v_BTHD, theta=theta_BTHL, a=a_BTH, delta=delta_BTH,
+                        resets=resets_BT)
+  o, out = dispatch("miras_memory", IMPLEMENTATIONS, implementation, interpret, rule, inputs,
+                    MemoryParams(ln_scale_HD, ln_bias_HD, kl_scale_HL), to_engine(state),
+                    chunk_size=chunk_size, lengths=lengths,
+                    reset=None if reset_state is None else to_engine(reset_state),
+                    assume_aligned=assume_aligned)
+  return o, {key: out.x, "base": out.base, "base_decay": out.base_decay, "phase": out.phase}

@@ -6,15 +6,15 @@ Per token, head and memory layer, with gradients at the chunk-start weights (fro
     W_t = a_t W_{t-1} + S_t,        y_t = M_{W_t}(q_t)   (read after write [ours])
 
 M_W is linear (W x) at depth 1 and x + LN(W_L gelu(... gelu(W_1 x))) at depth L >= 2 (exact erf GELU,
-LayerNorm eps 1e-5, affine outer-loop only). See reference/titans_miras.md §1-3, §9-10.
+LayerNorm eps 1e-5, affine outer-loop only). See docs/architectures/titans.md.
 
-Implementations (DESIGN.md §2, §6): `reference` (token lax.scan, the oracle), `xla` (chunked dual
+Implementations (docs/design.md): `reference` (token lax.scan, the oracle), `xla` (chunked dual
 form, the portable default on every backend) and `pallas_gpu` (the same chunked engine with the
 per-chunk step as a fused Pallas/Triton kernel: depth 1 or 2, power-of-two D, E and chunk >= 16,
 <= 128 KiB of weights per head; see `pallas_gpu.py`). `None` runs `xla` on every backend for now:
-the kernel is opt-in (`implementation="pallas_gpu"`) until a device timing shows it faster [ours;
-it has passed parity on an H100 but has no timing yet]. The first two are the memory engine
-(`reference.memory_reference`, `xla.memory_xla`) with the Titans rule
+the kernel is opt-in (`implementation="pallas_gpu"`, `_dispatch.resolve`'s opt_in) until a device
+timing shows it faster [ours]. All three are the memory engine (`reference.memory_reference`,
+`xla.memory_xla`, `pallas_gpu.memory_pallas_gpu`, typed inputs in `engine`) with the Titans rule
 (`rules.TITANS`); `pallas_kernels.miras_memory` runs the same engine with other pluggable pieces
 (attentional bias, retention, no momentum: `rules.MemoryRule`).
 """
@@ -23,18 +23,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._dispatch import dispatch
-from pallas_kernels.titans_memory.pallas_gpu import titans_memory_pallas_gpu
-from pallas_kernels.titans_memory.reference import memory_apply, titans_memory_reference
-from pallas_kernels.titans_memory.xla import titans_memory_xla
+from pallas_kernels._dispatch import dispatch, lazy
+from pallas_kernels.titans_memory.engine import MemoryInputs, MemoryParams, MemoryState
+from pallas_kernels.titans_memory.reference import memory_apply, memory_reference
+from pallas_kernels.titans_memory.rules import TITANS
+from pallas_kernels.titans_memory.xla import memory_xla
 
 __all__ = ["titans_memory", "init_memory_state", "memory_apply", "IMPLEMENTATIONS"]
 
+# Each takes (rule, MemoryInputs, MemoryParams, MemoryState, *, chunk_size, lengths, reset,
+# assume_aligned); the Pallas path also interpret.
 IMPLEMENTATIONS = {
-    "reference": titans_memory_reference,
-    "xla": titans_memory_xla,
-    "pallas_gpu": titans_memory_pallas_gpu,
+    "reference": memory_reference,
+    "xla": memory_xla,
+    "pallas_gpu": lazy("pallas_kernels.titans_memory.pallas_gpu", "memory_pallas_gpu"),
 }
+# Run only when asked for by name, until a device timing shows the kernel faster than xla.
+OPT_IN = ("pallas_gpu",)
 
 
 def _check_weights(name: str, ws, lead: tuple[int, ...]) -> None:
@@ -189,13 +194,17 @@ def titans_memory(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_sca
   """
   check_inputs(q_BTHD, k_BTHD, v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD,
                state, chunk_size, lengths, resets_BT, reset_state)
-  as_tuples = lambda st: None if st is None else {
-      "w": tuple(st["w"]), "s": tuple(st["s"]), "w_base": tuple(st["w_base"]), "phase": st["phase"]}
-  state, reset_state = as_tuples(state), as_tuples(reset_state)
-  if implementation is None:
-    implementation = "xla"   # the kernel is opt-in until measured faster (module docstring)
-  return dispatch("titans_memory", IMPLEMENTATIONS, implementation, interpret, q_BTHD, k_BTHD,
-                  v_BTHD, theta_BTHL, eta_BTH, log_a_BTH, ln_scale_HD, ln_bias_HD, state=state,
-                  chunk_size=chunk_size, lengths=lengths, resets=resets_BT, reset_state=reset_state,
-                  **({"assume_aligned": True} if assume_aligned and implementation != "reference"
-                     else {}))
+  inputs = MemoryInputs(q=q_BTHD, k=k_BTHD, v=v_BTHD, theta=theta_BTHL, a=jnp.exp(log_a_BTH),
+                        eta=eta_BTH, resets=resets_BT)
+  o, out = dispatch("titans_memory", IMPLEMENTATIONS, implementation, interpret, TITANS, inputs,
+                    MemoryParams(ln_scale_HD, ln_bias_HD), _engine_state(state),
+                    chunk_size=chunk_size, lengths=lengths,
+                    reset=None if reset_state is None else _engine_state(reset_state),
+                    assume_aligned=assume_aligned, opt_in=OPT_IN)
+  return o, {"w": out.x, "s": out.s, "w_base": out.base, "phase": out.phase}
+
+
+def _engine_state(state) -> MemoryState:
+  """A Titans state dict -> the engine's MemoryState (base_decay unused: phi is the identity)."""
+  return MemoryState(x=tuple(state["w"]), s=tuple(state["s"]), base=tuple(state["w_base"]),
+                     phase=state["phase"])

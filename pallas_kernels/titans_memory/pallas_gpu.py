@@ -1,9 +1,10 @@
 """Titans memory: the per-chunk step as a Pallas GPU kernel (`pl.pallas_call`, Triton lowering).
 
-Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18; reference/titans_miras.md §3.2-3.3).
+Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18; docs/architectures/titans.md).
 The whole chunked engine stays `xla.memory_xla` (scan over chunks, `jax.checkpoint`, phase shift,
 padding masks, chunk-end carry); this module only replaces its vmapped `chunk_step` through the
-`chunk_fn` hook, so the kernel path inherits split invariance and the chunk-boundary backprop memory.
+`chunk_fn` hook, so the kernel path inherits split invariance and the chunk-boundary backprop
+memory.
 
 One chunk of n tokens of one (batch row, head) per program, grid (B, H), everything fused:
 
@@ -14,6 +15,7 @@ One chunk of n tokens of one (batch row, head) per program, grid (B, H), everyth
        y = q + LN(Z) (depth 2, GELU between the layers).
   3. Chunk-end carry: X_n = beta_n X_0 + f_n S_0 - Gamma^T diag(G[n, :]) R,
                       S_n = mom_n S_0 - Gamma^T diag(theta B[n, :]) R.
+  Steps 2-3 are `engine.read_and_carry`, the code the XLA path runs, over this module's dots.
 
 The decay matrices (beta, f, mom, A diag(m) B; `xla.decay_matrices`, a cumprod) are computed outside
 the kernel in plain JAX, per (b, h, chunk), and theta is folded into them there: the kernel gets
@@ -23,7 +25,7 @@ loaded tile). Their gradients (and so theta's, eta's and log_a's) flow back thro
 
 Backward: `jax.custom_vjp` around the per-chunk call; the residuals are the kernel inputs only. A
 second `pl.pallas_call` (grid (B, H)) runs `chunk_math_bwd`, the VJP of `chunk_math` written out by
-hand (option (a) of issue #9: one kernel, each weight tile short-lived):
+hand (one kernel, each weight tile short-lived):
 
   4. Recompute the [n, *] rows of steps 1-2: the factors (r, g) with their LayerNorm and GELU
      intermediates, and per layer its input Z, Z X_0^T, Z S_0^T, Z R^T and pre-activation.
@@ -41,8 +43,7 @@ hand (option (a) of issue #9: one kernel, each weight tile short-lived):
 Every weight cotangent is stored as soon as it is formed, and each [out, in] input is read where a
 dot needs it (twice or three times per program in all; HBM traffic is cheap next to shared memory
 here), so at most two or three state tiles are staged at a time. The LN-affine cotangents leave
-per (b, h) and are summed over b outside. `jax.vjp` of `chunk_math` inside the kernel (the earlier
-backward) kept all residual tiles alive: 486 KiB at D = 64, E = 256, 125 KiB now.
+per (b, h) and are summed over b outside.
 
 Choices [ours]:
 - Exact (erf) GELU as in `reference.gelu`; Triton has no erf lowering, so erf is Abramowitz &
@@ -53,26 +54,12 @@ Choices [ours]:
 - Supported: the Titans rule (l2 bias, identity retention, momentum), depth 1 (linear) and depth 2
   (MLP), D and E powers of two >= 16 and a power-of-two chunk >= 16 (Triton dots need every
   dimension >= 16). Anything else raises NotImplementedError (dispatch then falls back to xla).
-- Shared memory, measured (H100 run, and Triton 3.6 compiles for sm_90 of the lowered modules,
-  `scripts/triton_resources.py --only=titans`): float32 IEEE dots run on FMA units and Triton
-  stages every dot operand in shared memory from its load on. With all inputs loaded up front the
-  forward needed 401408 bytes at D = 64, E = 256 (six [256, 64] state tiles resident; an H100
-  block gets 232448) and failed to launch. The forward kernel therefore reads each input where it
-  is used (`_Lazy`) and carries a layer right after reading it: 172 KiB at D = 64, E = 256. The
-  hand-written backward needs 125 KiB there (104 KiB at depth 1, D = 128, 4 warps); the jax.vjp
-  backward it replaces needed 486 KiB. Both kernels therefore run up to MAX_STATE_BYTES
-  (128 KiB of float32 weights per head); above it the op raises NotImplementedError (dispatch
-  falls back to xla).
-- Registers (ptxas -v on Triton's PTX, same tool): every Titans kernel spills; at D = 64,
-  E = 256 ptxas reports 32 registers with 47 KB (forward) and 113 KB (backward; 107 KB for the
-  jax.vjp one) of spill stores. A program holds [n, E] activations and, briefly, one or two
-  [256, 64] float32 tiles (64 floats per thread each at 8 warps). num_warps = 4 at depth 1, 8 at
-  depth 2; num_stages = 1 (nothing is looped over inside a program). No GPU timing exists yet:
-  tiling E across programs is the next step once `scripts/bench.py --suite=kernels` has numbers.
-- Verified on an H100 (jax 0.11.2, compiled, not interpreted), with the earlier jax.vjp backward:
-  parity with reference and xla in outputs, final state and all gradients at depth 1 and 2 with
-  D = 16, and at D = 64, E = 256 (forward kernel + XLA backward). The hand-written backward is
-  checked in interpret mode (the same tests) and lowered for CUDA; not yet run on a GPU.
+- Shared memory bounds the design: Triton stages every dot operand in shared memory from its load
+  on, so the kernels read each input where it is used (`_Lazy`) and the backward stores each weight
+  cotangent as soon as it is formed; both then fit up to MAX_STATE_BYTES of float32 weights per
+  head. Above it the op raises NotImplementedError. num_warps = 4 at depth 1, 8 at depth 2;
+  num_stages = 1 (nothing is looped over inside a program). The compiler's shared-memory and
+  register numbers and the H100 parity run are in docs/results.md ("Titans memory Pallas kernel").
 """
 from __future__ import annotations
 
@@ -87,15 +74,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.titans_memory.reference import LN_EPS, titans_reset
+from pallas_kernels.titans_memory.engine import (ChunkCarry, ChunkEnds, ChunkOut, ChunkTokens,
+                                                 DotOps, MemoryInputs, MemoryParams, MemoryState,
+                                                 read_and_carry)
+from pallas_kernels.titans_memory.reference import LN_EPS
 from pallas_kernels.titans_memory.rules import TITANS
 from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
 
 f32 = jnp.float32
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Shared-memory bound (module docstring): the forward needs about 1.4x, the backward about 1x the
-# bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB.
-MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256: forward 172 KiB, backward 125 KiB
+# bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB (docs/results.md).
+MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256
 
 
 # ------------------------------------------------------------------ per-program math (2-D tiles)
@@ -179,7 +169,7 @@ class ChunkIn(NamedTuple):
 class _Lazy:
   """A kernel input read where it is used (`_val`), not at the top of the program: Triton stages
   every dot operand in shared memory from its load on, so six [E, D] state tiles loaded up front
-  would all be resident at once (401 KiB at D = 64, E = 256; an H100 block has 227 KiB)."""
+  would all be resident at once (more than an H100 block has at D = 64, E = 256)."""
 
   def __init__(self, ref):
     self.ref = ref
@@ -206,28 +196,20 @@ def grad_factors(xb, k, v, ln_s, ln_b):
   return (k, h1), (g1, g2)
 
 
+KERNEL_OPS = DotOps(mm=_mm, mm_t=_mm_t, t_mm=_t_mm, gelu=_gelu,
+                    layer_norm=lambda x, scale, bias: _normalize(x)[0] * scale + bias, val=_val)
+
+
 def chunk_math(c: ChunkIn):
   """One chunk of one (batch row, head): (y [n, D], X_n, S_n); module docstring steps 1-3.
-  Fields of c may be `_Lazy` (the forward kernel); each layer's states are read, used for the
+  Fields of c may be `_Lazy` (the forward kernel). Steps 2-3 are `engine.read_and_carry`, the code
+  the XLA path runs, here over Triton-lowerable dots; each layer's states are read, used for the
   read and carried in one place, which keeps their live ranges short."""
-  L = len(c.x)
   q, k, v, ln_s, ln_b = map(_val, (c.q, c.k, c.v, c.ln_s, c.ln_b))
-  beta, f = _val(c.beta), _val(c.f)
   rs, gs = grad_factors(c.xb, k, v, ln_s, ln_b)
-  z, x_new, s_new = q, [], []
-  for l in range(L):
-    x_l, s_l = _val(c.x[l]), _val(c.s[l])
-    z = (beta * _mm_t(z, x_l) + f * _mm_t(z, s_l)
-         - _mm(_val(c.G[l]) * _mm_t(z, rs[l]), gs[l]))
-    if l < L - 1:
-      z = _gelu(z)
-    x_new.append(_val(c.beta_n) * x_l + _val(c.f_n) * s_l
-                 - _t_mm(gs[l] * _val(c.g_end[l]), rs[l]))
-    s_new.append(_val(c.mom_n) * s_l - _t_mm(gs[l] * _val(c.s_end[l]), rs[l]))
-  if L > 1:
-    xhat, _ = _normalize(z)
-    z = q + xhat * ln_s + ln_b
-  return z, tuple(x_new), tuple(s_new)
+  ends = ChunkEnds(beta_n=c.beta_n, f_n=c.f_n, mom_n=c.mom_n, g_end=c.g_end, s_end=c.s_end)
+  return read_and_carry(KERNEL_OPS, q, rs, gs, c.G, c.x, _val(c.beta), _val(c.f), c.x, c.s, ends,
+                        ln_s, ln_b)
 
 
 def _rowsum(x):   # [n, m] -> [n, 1]
@@ -448,34 +430,38 @@ def _chunk_call_bwd(cfg, ins, cts):
 _chunk_call.defvjp(_chunk_call_fwd, _chunk_call_bwd)
 
 
-def _chunk_fn(cfg, x, s, xb, q, k, v, theta, a, eta, delta, m, keep, c_HL, ln_s, ln_b, pb):
+def _chunk_fn(cfg, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams, keep) -> ChunkOut:
   """`memory_xla`'s chunk_fn: the batched `chunk_step` of the Titans rule for one chunk of every
-  (b, h). q, k, v [B, H, n, D]; theta [B, H, n, L]; a, eta [B, H, n]; m [B, n]; x, s, xb tuples of
-  [B, H, out, in]; ln_s, ln_b [H, D]; pb [B, H] (unused: phi is the identity). Returns
-  (y [B, H, n, D], X_n, S_n, base = xb, pb)."""
-  del delta, keep, c_HL                # Titans: no Huber threshold, no lag token, no KL scale
-  beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(a, eta, m)
+  (b, h): tokens [B, H, n, ...] (mask m [B, n]), carry [B, H, ...], params [H, ...]. The base
+  and its retention product pass through unchanged (phi is the identity, no lag token)."""
+  del keep                             # Titans: no lag token (and no Huber threshold, no KL scale)
+  x, s, xb, pb = carry
+  beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(tok.a, tok.eta, tok.m)
   col = lambda t: t[..., None]
-  G = tuple(AmB * theta[..., None, :, l] for l in range(len(x)))
+  G = tuple(AmB * tok.theta[..., None, :, l] for l in range(len(x)))
   ins = ChunkIn(
-      q=q, k=k, v=v, beta=col(beta), f=col(f), beta_n=col(beta[..., -1:]), f_n=col(f[..., -1:]),
-      mom_n=col(mom[..., -1:]), G=G, g_end=tuple(col(g[..., -1, :]) for g in G),
-      s_end=tuple(col(theta[..., l] * Bm[..., -1, :]) for l in range(len(x))),
-      x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=ln_s[:, None, :], ln_b=ln_b[:, None, :])
+      q=tok.q, k=tok.k, v=tok.v, beta=col(beta), f=col(f), beta_n=col(beta[..., -1:]),
+      f_n=col(f[..., -1:]), mom_n=col(mom[..., -1:]), G=G,
+      g_end=tuple(col(g[..., -1, :]) for g in G),
+      s_end=tuple(col(tok.theta[..., l] * Bm[..., -1, :]) for l in range(len(x))),
+      x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=params.ln_scale[:, None, :],
+      ln_b=params.ln_bias[:, None, :])
   ins = jax.tree.map(lambda t: t.astype(f32), ins)
   y, x_new, s_new = _chunk_call(cfg, ins)
-  return y, x_new, s_new, xb, pb
+  return ChunkOut(y, x_new, s_new, xb, pb)
 
 
 def _pow2_at_least_16(n: int) -> bool:
   return n >= 16 and n & (n - 1) == 0
 
 
-def check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size) -> int:
+def check_supported(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState,
+                    chunk_size) -> int:
   """NotImplementedError (one line) for what the kernel does not handle; returns the depth L."""
   name = "titans_memory"
-  leaves = jax.tree.leaves(((q, k, v, theta, eta, log_a, ln_scale, ln_bias),
-                            (state["w"], state["s"], state["w_base"])))
+  if rule != TITANS:
+    raise NotImplementedError(f"{name}: pallas_gpu runs the Titans rule only, got {rule}")
+  leaves = jax.tree.leaves((inputs._replace(resets=None), params, (state.x, state.s, state.base)))
   for x in leaves:
     if jnp.dtype(x.dtype).type not in SUPPORTED_DTYPES:
       raise NotImplementedError(f"{name}: pallas_gpu takes float32/bfloat16/float16 inputs, "
@@ -483,10 +469,10 @@ def check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_
   if not _pow2_at_least_16(chunk_size):
     raise NotImplementedError(f"{name}: pallas_gpu needs a power-of-two chunk_size >= 16 "
                               f"(Triton dots), got {chunk_size}")
-  ws = tuple(state["w"])
+  ws = tuple(state.x)
   if len(ws) > 2:
     raise NotImplementedError(f"{name}: pallas_gpu supports memory depth 1 or 2, got {len(ws)}")
-  dims = {"D": q.shape[-1]} | ({"E": ws[0].shape[-2]} if len(ws) == 2 else {})
+  dims = {"D": inputs.q.shape[-1]} | ({"E": ws[0].shape[-2]} if len(ws) == 2 else {})
   for n, d in dims.items():
     if not _pow2_at_least_16(d):
       raise NotImplementedError(f"{name}: pallas_gpu needs {n} a power of two >= 16, got {d}")
@@ -502,16 +488,13 @@ def _state_bytes(ws) -> int:
   return sum(4 * w.shape[-2] * w.shape[-1] for w in ws)
 
 
-def titans_memory_pallas_gpu(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state,
-                             chunk_size=16, lengths=None, resets=None, reset_state=None,
-                             assume_aligned=False, interpret=False):
-  """`titans_memory` with the per-chunk step as a Pallas kernel; same signature and semantics
+def memory_pallas_gpu(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState, *,
+                      chunk_size, lengths=None, reset: MemoryState | None = None,
+                      assume_aligned=False, interpret=False):
+  """`xla.memory_xla` with the per-chunk step as a Pallas kernel; same arguments and result
   (inputs already validated). Raises NotImplementedError for what the kernel does not support."""
-  L = check_supported(q, k, v, theta, eta, log_a, ln_scale, ln_bias, state, chunk_size)
+  L = check_supported(rule, inputs, params, state, chunk_size)
   cfg = _Config(interpret=interpret, num_warps=4 if L == 1 else 8)
-  o, (w, s, wb, phase, _) = memory_xla(
-      TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
-      s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
-      lengths=lengths, resets=resets, reset=titans_reset(reset_state),
-      assume_aligned=assume_aligned, chunk_fn=functools.partial(_chunk_fn, cfg))
-  return o, {"w": w, "s": s, "w_base": wb, "phase": phase}
+  return memory_xla(rule, inputs, params, state, chunk_size=chunk_size, lengths=lengths,
+                    reset=reset, assume_aligned=assume_aligned,
+                    chunk_fn=functools.partial(_chunk_fn, cfg))

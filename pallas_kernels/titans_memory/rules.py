@@ -6,7 +6,7 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
 
 - Attentional bias (`bias`): the inner loss of one token, given as its gradient g w.r.t. the memory
   output (the engine backpropagates g through M_W), with e = M_W(k) - v and
-  sabs(x) = sqrt(x^2 + 1e-6), ssign(x) = x / sabs(x) (reference/titans_miras.md §7.1 [ours]):
+  sabs(x) = sqrt(x^2 + 1e-6), ssign(x) = x / sabs(x) [ours; docs/architectures/miras.md]:
     "l2":    g = e                                   (1/2 ||e||^2: Titans, Memora)
     "lp":    g = ssign(e) sabs(e)^(p-1)              (||e||_p^p / p: Moneta, Eq. 24; the 1/p makes
              p = 2 the l2 bias above, so one theta calibration serves both; Eq. 24's gradient
@@ -24,8 +24,9 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
   W = phi(X); the state recurrence itself is always the linear X_t = a_t X_{t-1} + (update):
     "l2": phi(W) = W                                 (weight decay a_t: Titans, Yaad)
     "lq": phi_q(A) = ssign(A) sabs(A)^(q-1) / (mean sabs(A)^q)^((q-2)/q) per weight matrix: the
-          rescaled mirror map of §7.2 [ours] (degree 1; phi_2(A) = A). The printed A / ||A||_q^(q-2)
-          (degree 3 - q, which makes retention amplify W at q = 4) is not implemented. (Moneta)
+          rescaled mirror map [ours; docs/architectures/miras.md] (degree 1; phi_2(A) = A). The
+          printed A / ||A||_q^(q-2) (degree 3 - q, which makes retention amplify W at q = 4) is
+          not implemented. (Moneta)
     "kl": phi(Z) = c softmax_row(Z) over each row's fan-in, c per (head, memory layer) (Memora,
           Eq. 21, 27: Softmax(a log W - theta grad) up to row constants).
 - Learning algorithm (`momentum`): with momentum (Titans, v1 Eq. 13-14) S_t = eta_t S_{t-1} -
@@ -40,7 +41,8 @@ Titans MLP memory M_W, or the linear W x at depth 1) and takes the other three f
   weights in the chunked form: |W| per token, ~10x the time and memory; a check, not a default).
 
 The update u_t^(l) = g_t^(l) r_t^(l)^T of memory layer l is the gradient of the bias at
-W_base = phi(X_base), X_base the state at the chunk start (the frozen-base rule of §2, §7.3).
+W_base = phi(X_base), X_base the state at the chunk start (the frozen-base rule of Titans v1 §3.2
+and Miras §5.4).
 """
 from __future__ import annotations
 

@@ -1,42 +1,45 @@
 """Chunked memory engine in plain JAX: the portable, autodiff-able default for Titans and Miras.
 
 Implements the chunked training form of Titans (Behrouz et al., arXiv 2501.00663 v1 §3.2, Eq. 16-18;
-reference/titans_miras.md §3.2-3.3) for any `rules.MemoryRule` (Miras, arXiv 2504.13173 §5.4;
-titans_miras.md §7.3). Inside a chunk of b tokens every inner gradient is taken at the chunk-start
-weights W_base = phi(X_base), so the momentum S and the state X are linear recurrences in the
-per-token gradients u_i = g_i r_i^T (one rank-1 factor pair per memory layer):
+docs/architectures/titans.md) for any `rules.MemoryRule` (Miras, arXiv 2504.13173 §5.4;
+docs/architectures/miras.md). Inside a chunk of b tokens every inner gradient is taken at the
+chunk-start weights W_base = phi(X_base), so the momentum S and the state X are linear recurrences
+in the per-token gradients u_i = g_i r_i^T (one rank-1 factor pair per memory layer):
 
-    X_t = beta_t X_0 + f_t S_0 - sum_{i<=t} G[t, i] g_i r_i^T,    S_n = mom_n S_0 - sum_i theta_i B[n, i] g_i r_i^T
+    X_t = beta_t X_0 + f_t S_0 - sum_{i<=t} G[t, i] g_i r_i^T,
+    S_n = mom_n S_0 - sum_i theta_i B[n, i] g_i r_i^T,
     A[t, s] = prod_{s<j<=t} a_j,  B[t, s] = prod_{s<j<=t} eta_j,  beta_t = prod_{j<=t} a_j,
     mom_t = prod_{j<=t} eta_j,  f = A diag(m) mom,  G = A diag(m) B diag(theta^(l)).
 
 Without momentum (all of Miras) B = I and S, f, mom drop out: G = A diag(m theta^(l)) (its own code
-path, §3.2). The rule's attentional bias only changes the output gradient g of the batched backward
+path). The rule's attentional bias only changes the output gradient g of the batched backward
 that gives the factors (g_i, r_i); its retention phi decides the read:
-- phi = identity ("l2": Titans, Yaad): the dual form per layer (§3.2 step 3), with Z the layer's
+- phi = identity ("l2": Titans, Yaad): the dual form per layer (v1 §3.2), with Z the layer's
   input rows, Z_out = diag(beta) Z X_0^T + diag(f) Z S_0^T - (G o Z R^T) Gamma; depth 1 is the
-  closed form of §3.3 (E = K W_base^T - V). No per-token weights.
+  closed form of v1 Eq. 16-18 (E = K W_base^T - V). No per-token weights.
 - otherwise ("lq": Moneta, "kl": Memora), phi at chunk ends only (Miras §5.4; rules.py): the same
   dual form over the linearised weights, with beta X_0 replaced by beta (X_0 + P (phi(X_base) -
   X_base)); the token that ends a chunk reads phi(X_n), evaluated by the next chunk (whose base
   phi(X_base) is that same matrix) or, for the last chunk, after the scan. `rule.exact_read`
   materialises the per-token states X_t of a chunk instead (n |W|) and reads phi(X_t) (a check).
-The chunk-end carry is §3.2 step 4. X_0 (the chunk's starting state) and X_base coincide except in
-the first chunk of a call that starts mid-chunk, where the carried base is the gradient base.
+The read and the chunk-end carry are `engine.read_and_carry`, the same code the Pallas kernel runs.
+X_0 (the chunk's starting state) and X_base coincide except in the first chunk of a call that
+starts mid-chunk, where the carried base is the gradient base.
 
 Choices [ours]:
 - m_t (the per-token mask, 0 on padding) enters X_t = a_t X_{t-1} + m_t S_t, hence the diag(m) above;
   padding tokens also get theta = 0, eta = 1, a = 1, which makes them exactly neutral even under
-  momentum (titans_miras.md §10 "Short sequences").
-- Split invariance (§9.6): the sequence is shifted right by the carried `phase` (a per-row
-  dynamic slice of a padded copy, so shapes are static under jit) and right-padded to
-  NC = ceil((T + b - 1) / b) chunks: one chunk more than an aligned call needs, the price of a traced
-  phase.
+  momentum (docs/architectures/titans.md).
+- Split invariance (docs/architectures/titans.md): the sequence is shifted right by the carried
+  `phase` (a per-row dynamic slice of a padded copy, so shapes are static under jit) and
+  right-padded to NC = ceil((T + b - 1) / b) chunks: one chunk more than an aligned call needs, the
+  price of a traced phase.
 - The decay matrices A and B are masked cumulative products of the linear factors (no logs): a = 0
   and eta = 0 are exact, cumprod's autodiff has no division, and A and B share one helper. (The
-  log-space form of §3.2 would take log 0 for Miras' a = 0.)
-- Memora's lag token (`rule.lag_token`, §7.3): token 0 of each chunk takes its own exact step at X_0
-  and the other tokens' gradients are taken at X_1 (a second batched backward per chunk).
+  log-space form of the paper (v1 §3.2) would take log 0 for Miras' a = 0.)
+- Memora's lag token (`rule.lag_token`; docs/architectures/miras.md): token 0 of each chunk takes
+  its own exact step at X_0 and the other tokens' gradients are taken at X_1 (a second batched
+  backward per chunk).
 - The chunk body is under `jax.checkpoint` and gets only (X, S, first-chunk flag, chunk inputs):
   backprop keeps chunk-boundary states (|W| per chunk, 2 |W| with momentum) plus the inputs, and
   recomputes the gradient factors and decay matrices of a chunk in the backward pass.
@@ -51,9 +54,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.titans_memory.engine import (ChunkCarry, ChunkEnds, ChunkOut, ChunkTokens,
+                                                 DotOps, MemoryInputs, MemoryParams, MemoryState,
+                                                 read_and_carry)
 from pallas_kernels.titans_memory.reference import (compute_dtype, gelu, layer_norm, memory_apply,
-                                                    mlp_apply, titans_reset)
-from pallas_kernels.titans_memory.rules import TITANS
+                                                    mlp_apply)
 
 _mm = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
 
@@ -105,36 +110,35 @@ def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n):
   return rs, gs
 
 
-def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L, ln_s, ln_b, pb,
-               q_prev=None):
-  """One chunk of one (batch row, head): returns (y [n, D], X_n, S_n, the base of tokens 1..n-1,
-  the retention product since that base at the chunk's last token).
+XLA_OPS = DotOps(mm=lambda a, b: _mm("ts,so->to", a, b), mm_t=lambda a, b: _mm("ni,oi->no", a, b),
+                 t_mm=lambda a, b: _mm("so,si->oi", a, b), gelu=gelu, layer_norm=layer_norm)
 
-  x, s, xb: tuples of [out, in] (start state, momentum or None, gradient-base state); q, k, v
-  [n, D]; theta [n, L]; a, eta (or None), delta (or None), m [n]; c_L [L] or None; ln_s, ln_b [D];
-  pb: the retention product from the base xb to the chunk start (1 unless the call started
+
+def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
+               keep_base) -> ChunkOut:
+  """One chunk of one (batch row, head) (`engine.ChunkTokens`, `engine.ChunkCarry`; params per head:
+  ln [D], kl_scale [L] or None).
+
+  carry.pb is the retention product from the base xb to the chunk start (1 unless the call started
   mid-chunk). keep_base (lag token only): token 0 is not real here (a call that starts mid-chunk),
   so tokens 1..n-1 keep the carried base xb.
-  q_prev [D] (linearised reads only): the previous chunk's last query. That token ended its chunk
+  tok.q_prev (linearised reads only): the previous chunk's last query. That token ended its chunk
   and reads phi(X_n) of the previous chunk, which is this chunk's phi(xb): it is read here, where
-  phi(xb) is computed anyway, and returned as a sixth result (`memory_xla` puts it in place).
+  phi(xb) is computed anyway, and returned as y_prev (`memory_xla` puts it in place).
   """
-  L, n = len(x), q.shape[0]
-  beta, f, AmB, mom, Bm = decay_matrices(a, eta, m)
-  G = [AmB * theta[None, :, l] for l in range(L)]          # lower triangular (exact zeros)
-
-  def state_at(t, rs, gs):
-    """X_t (a static token index t), tuple of [out, in]."""
-    return tuple((beta[t] * x[l] if s is None else beta[t] * x[l] + f[t] * s[l])
-                 - _mm("so,s,si->oi", gs[l], G[l][t], rs[l]) for l in range(L))
+  x, s, xb, pb = carry
+  ln_s, ln_b, c_L = params
+  L, n = len(x), tok.q.shape[0]
+  beta, f, AmB, mom, Bm = decay_matrices(tok.a, tok.eta, tok.m)
+  G = [AmB * tok.theta[None, :, l] for l in range(L)]      # lower triangular (exact zeros)
 
   w_base = rule.phi(xb, c_L)
   lag = rule.lag_token and n > 1
   # With the lag token only token 0 takes its gradient at xb; the others take theirs at the base
   # after it (below), so only row 0 is computed here.
   rows = 1 if lag else n
-  rs, gs = grad_factors(rule, w_base, ln_s, ln_b, k[:rows], v[:rows],
-                        None if delta is None else delta[:rows])
+  rs, gs = grad_factors(rule, w_base, ln_s, ln_b, tok.k[:rows], tok.v[:rows],
+                        None if tok.delta is None else tok.delta[:rows])
   base = xb
   # The read's start term, coef_t * W0: the state's own beta_t X_0 plus, for a linearised read,
   # P_t (phi(base) - base) with P_t the retention product since the base (rules.py). Both are
@@ -148,58 +152,57 @@ def chunk_step(rule, x, s, xb, q, k, v, theta, a, eta, delta, m, keep_base, c_L,
                - G[l][0, 0] * jnp.outer(gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
     base = tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
     w_base1 = rule.phi(base, c_L)
-    rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, k, v, delta)
+    rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k, tok.v, tok.delta)
     rs = tuple(jnp.concatenate([r0, r1[1:]]) for r0, r1 in zip(rs, rs1))
     gs = tuple(jnp.concatenate([g0, g1[1:]]) for g0, g1 in zip(gs, gs1))
     if rule.reads_linearised:
-      w0 = tuple(jnp.where(keep_base, w_, a[0] * x_ + p_ - x1_)
+      w0 = tuple(jnp.where(keep_base, w_, tok.a[0] * x_ + p_ - x1_)
                  for w_, x_, p_, x1_ in zip(w0, x, w_base1, x1))
-      coef = jnp.where(keep_base, beta, segment_products(a)[0][:, 0])
+      coef = jnp.where(keep_base, beta, segment_products(tok.a)[0][:, 0])
   since_base = pb * coef                                      # P_t (equal to pb beta_t without lag)
-  if rule.reads_linearised or rule.weights_are_state:
-    # Dual form over W_t = coef_t W0 + f_t S_0 - sum_i G[t, i] g_i r_i^T: no per-token weights.
-    z = q
-    for l in range(L):
-      z_out = coef[:, None] * _mm("ni,oi->no", z, w0[l])
-      if s is not None:
-        z_out = z_out + f[:, None] * _mm("ni,oi->no", z, s[l])
-      z_out = z_out - _mm("ts,so->to", G[l] * _mm("ti,si->ts", z, rs[l]), gs[l])
-      z = gelu(z_out) if l < L - 1 else z_out
-    y = z if L == 1 else q + layer_norm(z, ln_s, ln_b)
-  else:  # exact_read: per-token states X_t for the whole chunk, read with phi(X_t)
+  col = lambda t: None if t is None else t[:, None]
+  ends = ChunkEnds(
+      beta_n=beta[-1], f_n=None if s is None else f[-1], mom_n=None if s is None else mom[-1],
+      g_end=tuple(col(G[l][-1]) for l in range(L)),
+      s_end=None if s is None else tuple(col(tok.theta[:, l] * Bm[-1]) for l in range(L)))
+  # Dual form over W_t = coef_t W0 + f_t S_0 - sum_i G[t, i] g_i r_i^T (no per-token weights),
+  # unless the rule reads phi(X_t) exactly at every token.
+  dual = rule.reads_linearised or rule.weights_are_state
+  y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G, w0, col(coef),
+                                   col(f), x, s, ends, ln_s, ln_b)
+  if not dual:  # exact_read: per-token states X_t for the whole chunk, read with phi(X_t)
     xs_t = tuple((beta[:, None, None] * x[l][None] if s is None else
                   beta[:, None, None] * x[l][None] + f[:, None, None] * s[l][None])
                  - _mm("ts,so,si->toi", G[l], gs[l], rs[l]) for l in range(L))
-    y = mlp_apply(rule.phi(xs_t, c_L), ln_s[None], ln_b[None], q[:, None, :])[:, 0]
-  x_new = state_at(n - 1, rs, gs)
-  s_new = None if s is None else tuple(
-      mom[-1] * s[l] - _mm("so,s,si->oi", gs[l], theta[:, l] * Bm[-1], rs[l]) for l in range(L))
-  if q_prev is None:
-    return y, x_new, s_new, base, since_base[-1]
-  return y, x_new, s_new, base, since_base[-1], mlp_apply(w_base, ln_s, ln_b, q_prev[None])[0]
+    y = mlp_apply(rule.phi(xs_t, c_L), ln_s[None], ln_b[None], tok.q[:, None, :])[:, 0]
+  y_prev = (None if tok.q_prev is None else
+            mlp_apply(w_base, ln_s, ln_b, tok.q_prev[None])[0])
+  return ChunkOut(y, x_new, s_new, base, since_base[-1], y_prev)
 
 
-def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, x, s, base, phase,
-               chunk_size, lengths, base_decay=None, resets=None, reset=None, assume_aligned=False,
+def memory_xla(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState, *,
+               chunk_size, lengths=None, reset: MemoryState | None = None, assume_aligned=False,
                chunk_fn=None):
   """The chunked engine; same arguments and result as `reference.memory_reference`.
 
   `assume_aligned=True` is the caller's promise that every row starts at a chunk boundary
   (phase 0, e.g. a fresh training sequence): the phase shift and its extra chunk are skipped.
-  `chunk_fn` (optional) replaces the vmapped `chunk_step` of one chunk for all (batch row, head):
-  same arguments and results, batched ([B, H, ...] per-head arrays, mask m and keep [B, ...], c_HL,
-  ln_s, ln_b [H, ...]); the scan, checkpointing, phase shift, masks and carry stay as they are
-  (e.g. the Pallas kernel of `pallas_gpu.py`).
-  `resets`/`reset` as in the oracle, but every reset must start a chunk of the global grid
-  (phase + t a multiple of b; `layers.packing` moves packed documents there): the chunk then starts
-  from `reset`. A reset anywhere else makes every output NaN rather than silently wrong.
+  `chunk_fn(carry, tokens, params, keep)` (optional) replaces the vmapped `chunk_step` of one chunk
+  for all (batch row, head): `engine.ChunkCarry` and `engine.ChunkTokens` batched [B, H, ...]
+  (the mask m [B, n]), params [H, ...], keep [B]; returns a batched `engine.ChunkOut`. The scan,
+  checkpointing, phase shift, masks and carry stay as they are (e.g. the Pallas kernel of
+  `pallas_gpu.py`).
+  Resets (inputs.resets, `reset`) as in the oracle, but every reset must start a chunk of the global
+  grid (phase + t a multiple of b; `layers.packing` moves packed documents there): the chunk then
+  starts from `reset`. A reset anywhere else makes every output NaN rather than silently wrong.
   """
+  q, k, v, theta, a, eta, delta, resets = inputs
   B, T, H, D = q.shape
   b = chunk_size
-  dt = compute_dtype(q, k, v, theta, a, eta, delta, ln_scale, ln_bias, x, s, base)
+  dt = compute_dtype(inputs, params.ln_scale, params.ln_bias, state.x, state.s, state.base)
   nc = -(-T // b) if assume_aligned else -(-(T + b - 1) // b)
   tp = nc * b
-  phase0 = jnp.zeros((B,), jnp.int32) if assume_aligned else phase.astype(jnp.int32)
+  phase0 = jnp.zeros((B,), jnp.int32) if assume_aligned else state.phase.astype(jnp.int32)
   n_real = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
   real = jnp.arange(T)[None, :] < n_real[:, None]            # [B, T]
 
@@ -219,49 +222,48 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   def gate(g, fill):  # per-token gate [B, T, H]: `fill` (neutral) on padding
     return None if g is None else chunks(shift(jnp.where(real[..., None], g, fill), fill))
 
-  xs = (chunks(shift(q, 0.0)), chunks(shift(k, 0.0)), chunks(shift(v, 0.0)),
-        chunks(shift(jnp.where(real[..., None, None], theta, 0), 0.0)),
-        gate(a, 1.0), gate(eta, 1.0), gate(delta, 1.0),
-        jnp.moveaxis(shift(real, 0.0).reshape(B, nc, b), 1, 0))
+  tokens = ChunkTokens(
+      q=chunks(shift(q, 0.0)), k=chunks(shift(k, 0.0)), v=chunks(shift(v, 0.0)),
+      theta=chunks(shift(jnp.where(real[..., None, None], theta, 0), 0.0)),
+      a=gate(a, 1.0), eta=gate(eta, 1.0), delta=gate(delta, 1.0),
+      m=jnp.moveaxis(shift(real, 0.0).reshape(B, nc, b), 1, 0))   # [nc, B, b]
   if resets is not None:
     r_bc = shift(resets & real, 0.0).reshape(B, nc, b) > 0
     misplaced = jnp.any(r_bc[:, :, 1:])
     resets_c = jnp.moveaxis(r_bc[:, :, 0], 1, 0)               # [nc, B]: chunk c starts a document
-  ln_s, ln_b = ln_scale.astype(dt), ln_bias.astype(dt)
-  c_HL = None if c_HL is None else c_HL.astype(dt)
+  prm = jax.tree.map(lambda t: t.astype(dt), params)
   cast = lambda xs: None if xs is None else tuple(t.astype(dt) for t in xs)
-  x0, s0, xb0 = cast(x), cast(s), cast(base)
-  pb0 = jnp.ones((B, H), dt) if base_decay is None else base_decay.astype(dt)
+  x0, s0, xb0 = cast(state.x), cast(state.s), cast(state.base)
+  pb0 = jnp.ones((B, H), dt) if state.base_decay is None else state.base_decay.astype(dt)
   if resets is not None:
-    r_x, r_s = cast(reset[0]), cast(reset[1])
-  c_last = (phase0 + n_real - 1) // b                         # chunk of the last real token (-1: none)
+    r_x, r_s = cast(reset.x), cast(reset.s)
+  c_last = (phase0 + n_real - 1) // b                 # chunk of the last real token (-1: none)
   lag = rule.lag_token and b > 1
-  # heads share the row's mask and lag flag; batch rows share the KL scale and LayerNorm affine
+  # heads share the row's mask and lag flag; batch rows share the params (LayerNorm, KL scale)
   step = functools.partial(chunk_step, dataclasses.replace(rule, lag_token=lag))
   lin = rule.reads_linearised
-  step_bh = jax.vmap(jax.vmap(step, in_axes=(0,) * 10 + (None, None, 0, 0, 0, 0) + (0,) * lin),
-                     in_axes=(0,) * 12 + (None, None, None, 0) + (0,) * lin)
   if lin:  # each chunk also gets the previous chunk's last query (chunk_step: q_prev)
-    q_last = xs[0][:, :, :, -1]                                # [nc, B, H, D]
-    xs = xs + (jnp.concatenate([jnp.zeros_like(q_last[:1]), q_last[:-1]]),)
+    q_last = tokens.q[:, :, :, -1]                             # [nc, B, H, D]
+    tokens = tokens._replace(q_prev=jnp.concatenate([jnp.zeros_like(q_last[:1]), q_last[:-1]]))
+  head_tokens = jax.tree.map(lambda _: 0, tokens)._replace(m=None)   # the mask is per row
+  step_bh = jax.vmap(jax.vmap(step, in_axes=(0, head_tokens, 0, None)), in_axes=(0, 0, None, 0))
 
   @jax.checkpoint
-  def compute(x, s, first, xs_c):
+  def compute(x, s, first, tok_c):
     first = jnp.broadcast_to(first, (B,))
     xb = tuple(jnp.where(first[:, None, None, None], b0, x_) for b0, x_ in zip(xb0, x))
     pb = jnp.where(first[:, None], pb0, 1.0)                    # [B, H]
     keep = first & (phase0 > 0)                                # [B]
-    return (step_bh if chunk_fn is None else chunk_fn)(x, s, xb, *xs_c[:8], keep, c_HL, ln_s, ln_b,
-                                                       pb, *xs_c[8:])
+    return (step_bh if chunk_fn is None else chunk_fn)(ChunkCarry(x, s, xb, pb), tok_c, prm, keep)
 
   def end_read(x, q_BHD):
     """M_{phi(X)}(q) for one query per (row, head): the read of a chunk-ending token."""
-    w = rule.phi(x, None if c_HL is None else c_HL[None])
-    return mlp_apply(w, ln_s[None], ln_b[None], q_BHD[:, :, None, :])[:, :, 0]
+    w = rule.phi(x, None if prm.kl_scale is None else prm.kl_scale[None])
+    return mlp_apply(w, prm.ln_scale[None], prm.ln_bias[None], q_BHD[:, :, None, :])[:, :, 0]
 
   def body(carry, inp):
     x, s, sel, pb_sel = carry
-    c, xs_c, *r = inp
+    c, tok_c, *r = inp
     first = c == 0
     if resets is not None:  # a document starts here: the chunk runs from the reset state, as alone
       r = r[0]
@@ -271,26 +273,27 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
       x = tuple(map(rb, r_x, x))
       s = None if s is None else tuple(map(rb, r_s, s))
       first = first & ~r
-    y, x_new, s_new, base, pb_end, *y_prev = compute(x, s, first, xs_c)
-    if y_prev:
-      y_prev = y_prev[0]
+    out = compute(x, s, first, tok_c)
+    y = out.y
+    if lin:
+      y_prev = out.y_prev
       if resets is not None:
         # the previous chunk's last token reads phi of ITS end state, not of the reset state
-        y_prev = jnp.where(r[:, None, None], end_read(x_pre, xs_c[8]), y_prev)
+        y_prev = jnp.where(r[:, None, None], end_read(x_pre, tok_c.q_prev), y_prev)
       y = (y, y_prev)
     # A 0/1 blend instead of jnp.where: the backward then keeps a [B] flag per chunk, not a
     # predicate broadcast to |W|; with h in {0, 1} the blend is exact.
     h = (c == c_last).astype(dt)
     sel = tuple(b_ * h[:, None, None, None] + o * (1 - h[:, None, None, None])
-                for b_, o in zip(base, sel))
-    return (x_new, s_new, sel, pb_end * h[:, None] + pb_sel * (1 - h[:, None])), y
+                for b_, o in zip(out.base, sel))
+    return (out.x, out.s, sel, out.since_base * h[:, None] + pb_sel * (1 - h[:, None])), y
 
   # Titans over a few chunks (CPU-sized training, MAC segments, decode steps) is unrolled: the
   # while loop's per-iteration overhead dominated there. Without momentum (Miras) the rolled loop
   # is as fast and XLA does not keep every unrolled chunk's recomputed temporaries alive at once
   # (docs/results.md, Miras step cost).
   unroll = nc if nc <= 4 and rule.momentum else 1
-  scanned = (jnp.arange(nc), xs) + (() if resets is None else (resets_c,))
+  scanned = (jnp.arange(nc), tokens) + (() if resets is None else (resets_c,))
   (x_end, s_end, sel, pb_sel), y = lax.scan(body, (x0, s0, xb0, pb0), scanned, unroll=unroll)
   if lin:
     # Token b-1 of every chunk ends it and reads phi(X_n): chunk c + 1 read it (chunk_step's
@@ -298,7 +301,7 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
     y, y_prev = y
     y_last = end_read(x_end, q_last[-1])                       # [B, H, D]
     y_ends = jnp.concatenate([y_prev[1:], y_last[None]])       # [nc, B, H, D]
-    ends_real = xs[7][:, :, -1] > 0                            # [nc, B]
+    ends_real = tokens.m[:, :, -1] > 0                         # [nc, B]
     y = y.at[:, :, :, -1].set(jnp.where(ends_real[:, :, None, None], y_ends, y[:, :, :, -1]))
   y = jnp.moveaxis(y, (0, 2), (1, 3)).reshape(B, tp, H, D)    # [nc, B, H, b, D] -> [B, tp, H, D]
   if assume_aligned:
@@ -313,21 +316,10 @@ def memory_xla(rule, q, k, v, theta, a, eta, delta, ln_scale, ln_bias, c_HL, *, 
   if rule.reads_linearised and lengths is not None:
     # Padding reads the weights of the last real token (as the oracle does). Inside the scan a
     # chunk wholly after it would start from a fresh base; one read of the final state fixes that.
-    w_end = rule.read_weights(x_end, base, base_decay, None if c_HL is None else c_HL[None])
-    o_end = memory_apply(w_end, ln_s, ln_b, q)
+    w_end = rule.read_weights(x_end, base, base_decay,
+                              None if prm.kl_scale is None else prm.kl_scale[None])
+    o_end = memory_apply(w_end, prm.ln_scale, prm.ln_bias, q)
     o = jnp.where(real[:, :, None, None], o, o_end)
   if resets is not None:
     o = jnp.where(misplaced, jnp.nan, o)
-  return o.astype(q.dtype), (x_end, s_end, base, phase, base_decay)
-
-
-def titans_memory_xla(q, k, v, theta, eta, log_a, ln_scale, ln_bias, *, state, chunk_size=16,
-                      lengths=None, resets=None, reset_state=None, assume_aligned=False):
-  """The engine with the Titans rule; same signature and semantics as `titans_memory` (inputs
-  already validated)."""
-  o, (w, s, wb, phase, _) = memory_xla(
-      TITANS, q, k, v, theta, jnp.exp(log_a), eta, None, ln_scale, ln_bias, None, x=state["w"],
-      s=state["s"], base=state["w_base"], phase=state["phase"], chunk_size=chunk_size,
-      lengths=lengths, resets=resets, reset=titans_reset(reset_state),
-      assume_aligned=assume_aligned)
-  return o, {"w": w, "s": s, "w_base": wb, "phase": phase}
+  return o.astype(q.dtype), MemoryState(x_end, s_end, base, phase, base_decay)

@@ -75,3 +75,21 @@ def test_text_task(path):
       assert _abstract_params(cfg) == 117_056 + (259 - 256) * 64   # the byte vocabulary's embedding
   with pytest.raises(ValueError, match="unknown"):
     configs_lib.load_config(spec.replace("=text", "=novel"))
+
+
+def test_kernel_implementation_is_none_or_a_name():
+  """Kernel implementations are None (best available) in every config, not a string sentinel;
+  `kernels.implementation` reaches each mixer whose own choice is None, a mixer's own choice wins,
+  and a layer config rejects an unknown name (the old "" included) in one line."""
+  from layers.titans import TitansConfig
+  cfg = configs_lib.load_config(os.path.join(ROOT, "configs", "titans.py"))
+  mixer = lambda c: configs_lib.lm_config(c, 256).mixer_kwargs["titans_mac"]["implementation"]
+  assert cfg.kernels.implementation is None and cfg.model.mixer.titans_mac.implementation is None
+  assert mixer(cfg) is None
+  cfg.kernels.implementation = "reference"
+  assert mixer(cfg) == "reference"
+  cfg.model.mixer.titans_mac.implementation = "xla"
+  assert mixer(cfg) == "xla"
+  assert TitansConfig(64, 2, implementation="pallas_gpu").implementation == "pallas_gpu"
+  with pytest.raises(ValueError, match="titans: unknown implementation ''"):
+    TitansConfig(64, 2, implementation="")
