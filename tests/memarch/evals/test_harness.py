@@ -54,16 +54,24 @@ def scorer(workdir):
 
 
 class Direct:
-  """Log-probabilities from one forward pass of the whole token sequence."""
+  """Log-probabilities from one forward pass of the whole token sequence (padded after its end to
+  WIDTH tokens, which causality keeps from changing them, so one program serves every length)."""
+
+  WIDTH = 256
 
   def __init__(self, scorer):
     from flax import nnx
-    self.model = nnx.merge(scorer.runner.graphdef, scorer.runner.params)
+    gd, params = scorer.runner.graphdef, scorer.runner.params
+    self.model = nnx.merge(gd, params)
     self.tok, self.eos = scorer.tok, scorer.tok.eos_id
+    self._logp = jax.jit(lambda x: jax.nn.log_softmax(
+        nnx.merge(gd, params)(x)[0][0].astype(jnp.float32), -1))
 
   def logp(self, ids):
-    logits, _ = self.model(jnp.asarray([ids], jnp.int32))
-    return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), -1), np.float64)
+    assert len(ids) <= self.WIDTH
+    x = np.zeros((1, self.WIDTH), np.int32)
+    x[0, :len(ids)] = ids
+    return np.asarray(self._logp(jnp.asarray(x)), np.float64)[:len(ids)]
 
   def continuation(self, context: str, cont: str):
     """(sum of log p of cont's bytes after context, every byte the argmax)."""
