@@ -251,8 +251,8 @@ def metric_rows(results: dict) -> list[dict]:
   rows = []
   for task, metrics in sorted(results.get("results", {}).items()):
     for key, value in sorted(metrics.items()):
-      name, _, filt = key.partition(",")
-      if name.endswith("_stderr") or not isinstance(value, (int, float)) or name == "alias":
+      name, comma, filt = key.partition(",")  # "acc,none"; keys without a filter are not metrics
+      if not comma or name.endswith("_stderr") or not isinstance(value, (int, float)):
         continue
       stderr = metrics.get(f"{name}_stderr,{filt}")
       rows.append({"task": task, "metric": name if filt in ("", "none") else f"{name} ({filt})",
@@ -269,6 +269,9 @@ def run_harness(scorer: WorkdirScorer, tasks: Sequence[str], *, limit: float | N
   under `include_path`); returns its result dict with `rows` (metric_rows) added."""
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   lm = lm_class()(scorer=scorer)
+  # Bootstrapped standard errors run in this process: the harness would otherwise fork a pool of
+  # workers from a process whose JAX runtime already has threads.
+  os.environ.setdefault("DISABLE_MULTIPROC", "1")
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
   paths = [os.path.abspath(p) for p in include_path or []]
@@ -301,19 +304,22 @@ def run_harness(scorer: WorkdirScorer, tasks: Sequence[str], *, limit: float | N
   res["rows"] = metric_rows(res)
   res["wall_sec"] = time.time() - t0
   for row in res["rows"]:
-    err = f" +- {row['stderr']:.4f}" if row["stderr"] is not None else ""
-    log(f"harness {row['task']} {row['metric']}: {row['value']:.4f}{err}")
+    err = f" +- {_fmt(row['stderr'])}" if row["stderr"] is not None else ""
+    log(f"harness {row['task']} {row['metric']}: {_fmt(row['value'])}{err}")
   return res
 
 
 def _fmt(x) -> str:
-  return "" if x is None or math.isnan(x) else f"{x:.4f}"
+  if x is None or math.isnan(x):
+    return ""
+  return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
 
 
 def markdown(rows: Sequence[dict], title: str) -> str:
   """A markdown table of metric_rows."""
   lines = [f"# {title}", "", "| task | metric | value | stderr |", "|---|---|---|---|"]
-  lines += [f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} |" for r in rows]
+  lines += [f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} |"
+            for r in rows]
   return "\n".join(lines) + "\n"
 
 

@@ -110,6 +110,10 @@ def _sort_key(key: tuple, row: dict):
           float(row.get("depth", -1)), int(row.get("length", -1)), setting, metric)
 
 
+def _fmt(x: float) -> str:
+  return f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"
+
+
 def label(workdir: str, rows: Sequence[dict]) -> str:
   """A workdir's column name: its folder name, and its architecture when the rows name it."""
   arch = next((r["arch"] for r in reversed(rows) if r.get("arch")), "")
@@ -131,17 +135,18 @@ def table(workdirs: Sequence[str]) -> tuple[str, dict[str, dict]]:
     for k, r in rows.items():
       keys.setdefault(k, r)
   labels = list(per)
+  steps = {lab: sorted({r.get("step") for r in rows.values() if r.get("step") is not None})
+           for lab, rows in per.items()}
   lines = ["| eval | setting | metric | " + " | ".join(labels) + " |",
            "|---|---|---|" + "---:|" * len(labels)]
   for k in sorted(keys, key=lambda k: _sort_key(k, keys[k])):
     cells = []
     for lab in labels:
       r = per[lab].get(k)
-      cells.append("" if r is None else f"{r['value']:.4f}" + (f" (step {r['step']})"
-                                                             if "step" in r else ""))
+      # A cell names its checkpoint step when the workdir's newest values come from several.
+      step = f" (step {r['step']})" if r is not None and len(steps[lab]) > 1 else ""
+      cells.append("" if r is None else _fmt(r["value"]) + step)
     lines.append(f"| {k[0]} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
-  steps = {lab: sorted({r.get("step") for r in rows.values() if r.get("step") is not None})
-           for lab, rows in per.items()}
   head = "\n".join(f"- {lab}: step {', '.join(map(str, s))}" for lab, s in steps.items())
   return head + "\n\n" + "\n".join(lines) + "\n", per
 
