@@ -8,6 +8,7 @@ perplexity (bits per byte) against context length.
   python scripts/eval.py --workdir=runs/tf_text --evals=perplexity --text_paths=a.txt,b.txt
   python scripts/eval.py --workdir=runs/tf_text --evals=harness --tasks=piqa,hellaswag --limit=100
   python scripts/eval.py --workdir=runs/tf_text --evals=harness --tasks=my_task --include_path=tasks/
+  python scripts/eval.py --workdir=runs/babilong_gdn --evals=babilong --babilong_path=data/babilong
   python scripts/eval.py --workdir=/tmp/w --train_first --config=configs/babilong.py \\
       --config.train.num_steps=50                                           # train a tiny model first
 
@@ -46,6 +47,9 @@ _LIMIT = flags.DEFINE_float("limit", None, "harness: examples per task (a fracti
 _INCLUDE = flags.DEFINE_list("include_path", None, "harness: folders of local task YAMLs")
 _FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "harness: few-shot examples (default: each "
                                 "task's own)")
+_BABILONG_PATH = flags.DEFINE_string("babilong_path", None, "babilong: a local copy of the published "
+                                     "BABILong data (one folder per length: 0k, 1k, ...) to score "
+                                     "instead of our generator")
 _TRAIN_FIRST = flags.DEFINE_bool("train_first", False, "train --config in --workdir first")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg] for --train_first",
                                           lock_config=True)
@@ -68,7 +72,8 @@ def main(argv):
               tasks=_TASKS.value, num_examples=_NUM.value, segment_len=_SEGMENT.value,
               batch_size=_BATCH.value, mqar_settings=_MQAR.value, seed=_SEED.value,
               text_paths=_TEXT_PATHS.value, max_tokens=_MAX_TOKENS.value,
-              limit=_LIMIT.value, include_path=_INCLUDE.value, num_fewshot=_FEWSHOT.value)
+              limit=_LIMIT.value, include_path=_INCLUDE.value, num_fewshot=_FEWSHOT.value,
+              babilong_path=_BABILONG_PATH.value)
   except (EvalError, TrainingError, ValueError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -36,6 +36,12 @@ def _row(name, setting, metric, value, **parts) -> dict:
               **{k: v for k, v in parts.items() if v is not None})
 
 
+def _tokens(length) -> int:
+  """A length as a number: 1024 -> 1024, the published BABILong split names 4k -> 4000."""
+  text = str(length)
+  return int(float(text[:-1]) * 1000) if text[-1:] in "kK" else int(text)
+
+
 def rows_of(name: str, res) -> list[dict]:
   """The numbers of one eval's result (as run_evals writes it) as result rows (without step/date)."""
   out = []
@@ -43,9 +49,9 @@ def rows_of(name: str, res) -> list[dict]:
     for t in res["tasks"]:
       for l in res["lengths"]:
         out.append(_row(name, f"{t} @ {l}", "accuracy", res["accuracy"][t][str(l)], task=t,
-                        length=int(l)))
-    out += [_row(name, f"mean @ {l}", "accuracy", res["mean"][str(l)], task="mean", length=int(l))
-            for l in res["lengths"]]
+                        length=_tokens(l)))
+    out += [_row(name, f"mean @ {l}", "accuracy", res["mean"][str(l)], task="mean",
+                 length=_tokens(l)) for l in res["lengths"]]
   elif name in ("passkey", "niah"):
     for d in res["depths"]:
       for l in res["lengths"]:
@@ -157,10 +163,13 @@ def _lines_plot(series: dict[str, list[tuple[int, float]]], png: str, *, ylabel:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for i, (name, pts) in enumerate(series.items()):
+    pts = [(x, y) for x, y in pts if x > 0]  # a log axis: the 0k split has no place on it
+    if not pts:
+      continue
     xs, ys = zip(*sorted(pts))
     ax.plot(xs, ys, marker="o", color=f"C{i % 10}", label=name)
   ax.set_xscale("log", base=2)
-  ticks = sorted({x for pts in series.values() for x, _ in pts})
+  ticks = sorted({x for pts in series.values() for x, _ in pts if x > 0})
   ax.set_xticks(ticks, [f"{t:,}" for t in ticks], fontsize=7)
   ax.minorticks_off()
   ax.set_xlabel("context length (tokens)")

@@ -157,7 +157,7 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
               mqar_settings: str | Sequence | None = None, seed: int = 0,
               text_paths: Sequence[str] | None = None, max_tokens: int | None = None,
               limit: float | None = None, include_path: Sequence[str] | None = None,
-              num_fewshot: int | None = None,
+              num_fewshot: int | None = None, babilong_path: str | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, dict]:
   """Runs the named evals (default: the config's `evals.names`) on the newest checkpoint in
   `workdir`; returns {name: {"json": path, "png": path, "result": dict (a list for perplexity)}}.
@@ -165,6 +165,10 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
   perplexity scores the training source's held-out split, or `text_paths` (local files, one document
   each), at each of `lengths`, streamed in segments of `segment_len` (default: the training length)
   and capped at `max_tokens` tokens per length (0: all; default: the config's evals.max_tokens).
+
+  babilong with `babilong_path` scores the published BABILong data read from that local folder
+  (memarch.evals.babilong_data; `lengths` pick its length folders by size, e.g. 1000 -> 1k, and
+  `tasks` may be qa1..qa20) instead of our generator.
 
   harness runs lm-evaluation-harness `tasks` (names such as piqa, or tasks of YAMLs under
   `include_path`), `limit` examples per task (a fraction when < 1), with `num_fewshot` shots."""
@@ -183,14 +187,14 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
                       "names, or tasks of YAMLs under --include_path)")
     harness_tasks, tasks = list(tasks), None
   from memarch.data import babilong as babilong_lib
-  from memarch.evals import long_context, plots, report
+  from memarch.evals import babilong_data, long_context, plots, report
 
   opts = dict(lengths=lengths, num_examples=num_examples, segment_len=segment_len,
               batch_size=batch_size, depths=depths, tasks=tasks)
   opts = {k: (tuple(v) if isinstance(v, list) else v) if v is not None else _evals_default(cfg, k)
           for k, v in opts.items()}
-  for t in opts["tasks"]:
-    if t not in babilong_lib.TASKS:
+  for t in opts["tasks"] if not babilong_path else (tasks or []):
+    if t not in (babilong_lib.TASKS if not babilong_path else babilong_data.TASKS):
       raise EvalError(f"unknown BABILong task {t!r}; choose from {', '.join(babilong_lib.TASKS)}")
   if min(opts["lengths"]) < 1 or opts["num_examples"] < 1 or opts["segment_len"] < 1:
     raise EvalError("lengths, num_examples and segment_len must be positive")
@@ -224,8 +228,13 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
       if name != "mqar":
         tok = workdir_tokenizer(cfg, data)
       if name == "babilong":
-        res = long_context.evaluate_babilong(runner, tasks=opts["tasks"], lengths=opts["lengths"],
-                                             tokenizer=tok, **common)
+        if babilong_path:
+          res = _published_babilong(runner, babilong_path, tasks=tasks, lengths=lengths,
+                                    num_examples=opts["num_examples"], tokenizer=tok,
+                                    batch_size=opts["batch_size"], log=log)
+        else:
+          res = long_context.evaluate_babilong(runner, tasks=opts["tasks"],
+                                               lengths=opts["lengths"], tokenizer=tok, **common)
         grid = [[res["accuracy"][t][str(l)] for l in res["lengths"]] for t in res["tasks"]]
         grid.append([res["mean"][str(l)] for l in res["lengths"]])
         png = plots.heatmap(grid, res["tasks"] + ["mean"], res["lengths"],
@@ -256,7 +265,7 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
                          title=f"MQAR test accuracy, {arch}, step {step}")
         for r in res["rows"]:
           log(f"mqar L={r['seq_len']} K={r['num_kv_pairs']}: accuracy {r['accuracy']:.4f}")
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
       raise EvalError(f"{name}: {e}") from None
     res.update(meta, wall_sec=time.time() - t0)
     path = _write_json(os.path.join(out_dir, f"{name}.json"), res)
@@ -325,6 +334,23 @@ def _run_perplexity(cfg, data, model, step, out_dir, arch, *, lengths, segment_l
                               f"{workdir}")
   log(f"memarch: perplexity -> {path}, {png}")
   return {"json": path, "png": png, "result": merged}
+
+
+def _published_babilong(runner, path, *, tasks, lengths, num_examples, tokenizer, batch_size,
+                        log) -> dict:
+  """The published BABILong data under `path` (memarch.evals.babilong_data); `lengths` (numbers)
+  pick length folders by size (1000 -> 1k), default all."""
+  from memarch.evals import babilong_data
+  names = babilong_data.lengths_in(path)
+  if lengths:
+    keys = {babilong_data.length_key(n): n for n in names}
+    bad = [l for l in lengths if float(l) not in keys]
+    if bad:
+      raise EvalError(f"--lengths {bad[0]} matches no length folder of {path} ({', '.join(names)}; "
+                      "1000 selects 1k)")
+    names = [keys[float(l)] for l in lengths]
+  return babilong_data.evaluate(runner, path, tasks=tasks, lengths=names, num_examples=num_examples,
+                                tokenizer=tokenizer, batch_size=batch_size, log=log)
 
 
 def _run_harness(cfg, data, runner, meta, out_dir, *, tasks, limit, include_path, num_fewshot,

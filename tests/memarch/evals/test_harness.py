@@ -1,5 +1,6 @@
-"""lm-evaluation-harness adapter, offline: local task YAMLs over local JSON Lines files
-(tests/data/harness) run through lm_eval.simple_evaluate, and every reported score recomputed from
+"""lm-evaluation-harness adapter and the published-BABILong reader, offline: local task YAMLs over
+local JSON Lines files (tests/data/harness) run through lm_eval.simple_evaluate, a BABILong fixture
+in the published layout (tests/data/babilong), and every reported score recomputed from
 log-probabilities of one direct forward pass of the model (no streaming, no batching)."""
 import json
 import math
@@ -17,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from memarch import configs_lib  # noqa: E402
-from memarch.evals import harness, report, runner  # noqa: E402
+from memarch.evals import babilong_data, harness, report, runner  # noqa: E402
 from memarch.evals.runner import EvalError  # noqa: E402
 from memarch.train import train_and_evaluate  # noqa: E402
 
@@ -191,3 +192,60 @@ def test_eval_runner_writes_harness_results(workdir, monkeypatch):
     runner.run_evals(workdir, "harness", tasks=["no_such_task"], include_path=[TASK_DIR], **quiet)
   with pytest.raises(EvalError, match="separately"):
     runner.run_evals(workdir, "harness,babilong", tasks=["qa1"], **quiet)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The published BABILong format (tests/data/babilong: lengths 0k and 1k, qa1 as a JSON list, qa6 as
+# JSON Lines; the folder saved by `datasets` and Parquet files are built here).
+
+
+def test_published_babilong_reader_layouts(tmp_path):
+  import datasets
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  src = os.path.join(ROOT, "tests", "data", "babilong")
+  assert babilong_data.lengths_in(src) == ["0k", "1k"]
+  qa1 = babilong_data.read(src, "qa1", "1k")
+  assert len(qa1) == 3 and set(qa1[0]) == {"input", "question", "target"}
+  assert qa1[0]["question"] == "Where is Mary?" and qa1[0]["target"] == "garden"
+  datasets.DatasetDict({"qa1": datasets.Dataset.from_list(qa1)}).save_to_disk(str(tmp_path / "2k"))
+  (tmp_path / "16k").mkdir()
+  pq.write_table(pa.Table.from_pylist(qa1), str(tmp_path / "16k" / "qa1-00000-of-00001.parquet"))
+  assert babilong_data.lengths_in(str(tmp_path)) == ["2k", "16k"]
+  assert babilong_data.read(str(tmp_path), "qa1", "2k") == qa1
+  assert babilong_data.read(str(tmp_path), "qa1", "16k") == qa1
+  with pytest.raises(FileNotFoundError, match="has no split qa2"):
+    babilong_data.read(str(tmp_path), "qa2", "2k")
+  (tmp_path / "bad" / "0k").mkdir(parents=True)
+  (tmp_path / "bad" / "0k" / "qa1.json").write_text(json.dumps([{"input": "x", "answer": "y"}]))
+  with pytest.raises(ValueError, match="lack the field"):
+    babilong_data.read(str(tmp_path / "bad"), "qa1", "0k")
+  with pytest.raises(FileNotFoundError, match="not a folder"):
+    babilong_data.lengths_in(str(tmp_path / "nowhere"))
+
+
+def test_published_babilong_eval_equals_direct_restricted_argmax(workdir, scorer):
+  from memarch.data.babilong import ANSWER_PREFIX, QUESTION_PREFIX
+  src = os.path.join(ROOT, "tests", "data", "babilong")
+  out = runner.run_evals(workdir, "babilong", babilong_path=src, num_examples=3, segment_len=SEGMENT,
+                         batch_size=2, log=lambda m: None)["babilong"]
+  res = json.load(open(out["json"]))
+  assert res["tasks"] == ["qa1", "qa6"] and res["lengths"] == ["0k", "1k"]
+  assert os.path.getsize(out["png"]) > 1000
+  direct = Direct(scorer)
+  for task in res["tasks"]:
+    exs = {l: babilong_data.read(src, task, l) for l in res["lengths"]}
+    labels = sorted({e["target"] for l in exs for e in exs[l]})
+    assert len(labels) == (4 if task == "qa1" else 2)
+    for length, examples in exs.items():
+      hits = []
+      for e in examples:
+        prompt = e["input"] + QUESTION_PREFIX + e["question"] + ANSWER_PREFIX
+        ll = [direct.continuation(prompt, a)[0] for a in labels]
+        hits.append(labels[int(np.argmax(ll))] == e["target"])
+      assert res["accuracy"][task][length] == pytest.approx(np.mean(hits)), (task, length)
+  rows = {(r["setting"], r["metric"]): r for r in report.load(workdir) if r["eval"] == "babilong"}
+  assert rows[("mean @ 1k", "accuracy")]["value"] == pytest.approx(res["mean"]["1k"])
+  assert rows[("qa6 @ 0k", "accuracy")]["length"] == 0
+  with pytest.raises(EvalError, match="matches no length folder"):
+    runner.run_evals(workdir, "babilong", babilong_path=src, lengths=[2000], log=lambda m: None)
