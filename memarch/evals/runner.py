@@ -193,9 +193,10 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
               batch_size=batch_size, depths=depths, tasks=tasks)
   opts = {k: (tuple(v) if isinstance(v, list) else v) if v is not None else _evals_default(cfg, k)
           for k, v in opts.items()}
-  for t in opts["tasks"] if not babilong_path else (tasks or []):
-    if t not in (babilong_lib.TASKS if not babilong_path else babilong_data.TASKS):
-      raise EvalError(f"unknown BABILong task {t!r}; choose from {', '.join(babilong_lib.TASKS)}")
+  valid = babilong_data.TASKS if babilong_path else babilong_lib.TASKS  # published: qa1..qa20
+  for t in (tasks or []) if babilong_path else opts["tasks"]:
+    if t not in valid:
+      raise EvalError(f"unknown BABILong task {t!r}; choose from {', '.join(valid)}")
   if min(opts["lengths"]) < 1 or opts["num_examples"] < 1 or opts["segment_len"] < 1:
     raise EvalError("lengths, num_examples and segment_len must be positive")
   runner = make_runner(model, data, opts["segment_len"])
