@@ -8,6 +8,9 @@
   mqar.json, mqar.md, mqar.png  MQAR test accuracy per (seq_len, kv) setting
   perplexity.json, .png         bits per byte, loss and tokens per context length on the held-out
                                 split or local files (a list; later runs merge into it)
+  harness.json, harness.md      lm-evaluation-harness scores of `tasks` (memarch.evals.harness)
+  results.jsonl                 every number of every run appended, one row each (eval, setting,
+                                metric, value, step, date; memarch.evals.report compares workdirs)
 
 Defaults for lengths, depths, tasks, example counts and the segment length come from the config's
 `evals` section when it has them (configs/babilong.py sets them), else from `DEFAULTS`; arguments
@@ -24,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-EVALS = ("babilong", "passkey", "niah", "mqar", "perplexity")
+EVALS = ("babilong", "passkey", "niah", "mqar", "perplexity", "harness")
 TEXT_EVALS = ("babilong", "passkey", "niah")
 DEFAULTS = dict(names=("mqar",), lengths=(512, 1024, 2048), num_examples=20, segment_len=512, batch_size=8,
                 depths=(0.0, 0.25, 0.5, 0.75, 1.0), tasks=("qa1", "qa2", "qa3", "qa4", "qa5"),
@@ -84,6 +87,22 @@ def load_workdir(workdir: str):
   return cfg, data, model, steps[-1]
 
 
+def make_runner(model, data, segment_len: int):
+  """The StreamingRunner every eval uses; models trained on rows in landmark attention's layout are
+  fed prompts in that layout too."""
+  from memarch.evals import long_context
+  return long_context.StreamingRunner(model, segment_len=segment_len,
+                                      landmark_block=getattr(data, "landmark_block", 0),
+                                      landmark_id=getattr(data, "landmark_id", None))
+
+
+def workdir_tokenizer(cfg, data):
+  """The tokenizer the workdir's model was trained with."""
+  from memarch.data.tokenizer import get_tokenizer
+  return getattr(data, "tokenizer", None) or get_tokenizer(cfg.data.tokenizer,
+                                                           cfg.data.spm_model or None)
+
+
 def _evals_default(cfg, key):
   ev = cfg.get("evals", None)
   if ev is not None and key in ev and ev[key] not in (None, (), []):
@@ -137,35 +156,50 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
               depths: Sequence[float] | None = None, tasks: Sequence[str] | None = None,
               mqar_settings: str | Sequence | None = None, seed: int = 0,
               text_paths: Sequence[str] | None = None, max_tokens: int | None = None,
+              limit: float | None = None, include_path: Sequence[str] | None = None,
+              num_fewshot: int | None = None, babilong_path: str | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, dict]:
   """Runs the named evals (default: the config's `evals.names`) on the newest checkpoint in
   `workdir`; returns {name: {"json": path, "png": path, "result": dict (a list for perplexity)}}.
 
   perplexity scores the training source's held-out split, or `text_paths` (local files, one document
   each), at each of `lengths`, streamed in segments of `segment_len` (default: the training length)
-  and capped at `max_tokens` tokens per length (0: all; default: the config's evals.max_tokens)."""
+  and capped at `max_tokens` tokens per length (0: all; default: the config's evals.max_tokens).
+
+  babilong with `babilong_path` scores the published BABILong data read from that local folder
+  (memarch.evals.babilong_data; `lengths` pick its length folders by size, e.g. 1000 -> 1k, and
+  `tasks` may be qa1..qa20) instead of our generator.
+
+  harness runs lm-evaluation-harness `tasks` (names such as piqa, or tasks of YAMLs under
+  `include_path`), `limit` examples per task (a fraction when < 1), with `num_fewshot` shots."""
   log = log or (lambda m: print(m, file=sys.stderr, flush=True))
   workdir = os.path.abspath(workdir)
   wanted = parse_names(names)  # unknown names fail before anything is loaded
   cfg, data, model, step = load_workdir(workdir)
   wanted = wanted or parse_names(_evals_default(cfg, "names"))
+  harness_tasks = None
+  if "harness" in wanted:  # --tasks names harness tasks here, not BABILong tasks
+    if "babilong" in wanted:
+      raise EvalError("--tasks names the tasks of one eval: run --evals=babilong and --evals=harness "
+                      "separately")
+    if not tasks:
+      raise EvalError("--evals=harness needs --tasks, e.g. --tasks=piqa,hellaswag (lm-eval task "
+                      "names, or tasks of YAMLs under --include_path)")
+    harness_tasks, tasks = list(tasks), None
   from memarch.data import babilong as babilong_lib
-  from memarch.data.tokenizer import get_tokenizer
-  from memarch.evals import long_context, plots
+  from memarch.evals import babilong_data, long_context, plots, report
 
   opts = dict(lengths=lengths, num_examples=num_examples, segment_len=segment_len,
               batch_size=batch_size, depths=depths, tasks=tasks)
   opts = {k: (tuple(v) if isinstance(v, list) else v) if v is not None else _evals_default(cfg, k)
           for k, v in opts.items()}
-  for t in opts["tasks"]:
-    if t not in babilong_lib.TASKS:
-      raise EvalError(f"unknown BABILong task {t!r}; choose from {', '.join(babilong_lib.TASKS)}")
+  valid = babilong_data.TASKS if babilong_path else babilong_lib.TASKS  # published: qa1..qa20
+  for t in (tasks or []) if babilong_path else opts["tasks"]:
+    if t not in valid:
+      raise EvalError(f"unknown BABILong task {t!r}; choose from {', '.join(valid)}")
   if min(opts["lengths"]) < 1 or opts["num_examples"] < 1 or opts["segment_len"] < 1:
     raise EvalError("lengths, num_examples and segment_len must be positive")
-  # Models trained on rows in landmark attention's layout are fed prompts in that layout too.
-  runner = long_context.StreamingRunner(model, segment_len=opts["segment_len"],
-                                        landmark_block=getattr(data, "landmark_block", 0),
-                                        landmark_id=getattr(data, "landmark_id", None))
+  runner = make_runner(model, data, opts["segment_len"])
   trained_on = cfg.data.name
   out_dir = os.path.join(workdir, "eval")
   arch = "+".join(cfg.model.layer_pattern)
@@ -178,6 +212,11 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
                                       segment_len=segment_len, batch_size=opts["batch_size"],
                                       text_paths=text_paths, max_tokens=max_tokens, log=log)
       continue
+    if name == "harness":
+      results[name] = _run_harness(cfg, data, runner, meta, out_dir, tasks=harness_tasks,
+                                   limit=limit, include_path=include_path, num_fewshot=num_fewshot,
+                                   batch_size=opts["batch_size"], seed=seed, log=log)
+      continue
     if name in TEXT_EVALS and trained_on == "mqar":
       raise EvalError(f"the {name} eval needs a model trained on text (data.name babilong, passkey, "
                       f"niah, text or tfds); {workdir} was trained on mqar")
@@ -188,11 +227,15 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
                   log=log)
     try:
       if name != "mqar":
-        tok = getattr(data, "tokenizer", None) or get_tokenizer(cfg.data.tokenizer,
-                                                                cfg.data.spm_model or None)
+        tok = workdir_tokenizer(cfg, data)
       if name == "babilong":
-        res = long_context.evaluate_babilong(runner, tasks=opts["tasks"], lengths=opts["lengths"],
-                                             tokenizer=tok, **common)
+        if babilong_path:
+          res = _published_babilong(runner, babilong_path, tasks=tasks, lengths=lengths,
+                                    num_examples=opts["num_examples"], tokenizer=tok,
+                                    batch_size=opts["batch_size"], log=log)
+        else:
+          res = long_context.evaluate_babilong(runner, tasks=opts["tasks"],
+                                               lengths=opts["lengths"], tokenizer=tok, **common)
         grid = [[res["accuracy"][t][str(l)] for l in res["lengths"]] for t in res["tasks"]]
         grid.append([res["mean"][str(l)] for l in res["lengths"]])
         png = plots.heatmap(grid, res["tasks"] + ["mean"], res["lengths"],
@@ -223,10 +266,11 @@ def run_evals(workdir: str, names: str | Sequence[str] | None = None, *,
                          title=f"MQAR test accuracy, {arch}, step {step}")
         for r in res["rows"]:
           log(f"mqar L={r['seq_len']} K={r['num_kv_pairs']}: accuracy {r['accuracy']:.4f}")
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
       raise EvalError(f"{name}: {e}") from None
     res.update(meta, wall_sec=time.time() - t0)
     path = _write_json(os.path.join(out_dir, f"{name}.json"), res)
+    report.append(workdir, report.rows_of(name, res), step=step, arch=arch)
     log(f"memarch: {name} -> {path}, {png}")
     results[name] = {"json": path, "png": png, "result": res}
   return results
@@ -284,8 +328,59 @@ def _run_perplexity(cfg, data, model, step, out_dir, arch, *, lengths, segment_l
              wall_sec=time.time() - t0)
   path = os.path.join(out_dir, "perplexity.json")
   merged = perplexity.merge_rows(path, rows)
+  from memarch.evals import report
+  report.append(workdir, report.rows_of("perplexity", rows), step=step, arch=arch)
   png = perplexity.plot(merged, os.path.join(out_dir, "perplexity.png"), train_len=train_len,
                         title=f"held-out bits per byte vs context length, {arch}, step {step}\n"
                               f"{workdir}")
   log(f"memarch: perplexity -> {path}, {png}")
   return {"json": path, "png": png, "result": merged}
+
+
+def _published_babilong(runner, path, *, tasks, lengths, num_examples, tokenizer, batch_size,
+                        log) -> dict:
+  """The published BABILong data under `path` (memarch.evals.babilong_data); `lengths` (numbers)
+  pick length folders by size (1000 -> 1k), default all."""
+  from memarch.evals import babilong_data
+  names = babilong_data.lengths_in(path)
+  if lengths:
+    keys = {babilong_data.length_key(n): n for n in names}
+    bad = [l for l in lengths if float(l) not in keys]
+    if bad:
+      raise EvalError(f"--lengths {bad[0]} matches no length folder of {path} ({', '.join(names)}; "
+                      "1000 selects 1k)")
+    names = [keys[float(l)] for l in lengths]
+  return babilong_data.evaluate(runner, path, tasks=tasks, lengths=names, num_examples=num_examples,
+                                tokenizer=tokenizer, batch_size=batch_size, log=log)
+
+
+def _run_harness(cfg, data, runner, meta, out_dir, *, tasks, limit, include_path, num_fewshot,
+                 batch_size, seed, log) -> dict:
+  """The harness eval (memarch.evals.harness) for run_evals: harness.json (the harness's results,
+  versions and sample counts) and harness.md (one row per task and metric)."""
+  if cfg.data.name in ("mqar", "memorization"):
+    raise EvalError(f"the harness eval needs a model trained on text (data.name shakespeare, text, "
+                    f"tfds, ...); {meta['workdir']} was trained on {cfg.data.name}")
+  from memarch.evals import harness
+  if limit is not None and limit >= 1:
+    limit = int(limit)  # a count (the harness reads a float below 1 as a fraction)
+  t0 = time.time()
+  try:
+    scorer = harness.WorkdirScorer(runner, workdir_tokenizer(cfg, data), batch_size=batch_size)
+    res = harness.run_harness(scorer, tasks, limit=limit, include_path=include_path,
+                              num_fewshot=num_fewshot, seed=seed, log=log)
+  except (ValueError, NotImplementedError) as e:
+    raise EvalError(f"harness: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+  out = harness.to_json(res)
+  out.update(meta, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot,
+             segment_len=runner.segment_len, wall_sec=time.time() - t0)
+  path = _write_json(os.path.join(out_dir, "harness.json"), out)
+  from memarch.evals import report
+  report.append(meta["workdir"], report.rows_of("harness", out), step=meta["step"],
+                arch=meta["arch"])
+  md = os.path.join(out_dir, "harness.md")
+  with open(md, "w") as f:
+    f.write(harness.markdown(out["rows"], f"lm-evaluation-harness, {meta['arch']}, step "
+                                          f"{meta['step']}" + (f", limit {limit:g}" if limit else "")))
+  log(f"memarch: harness -> {path}, {md}")
+  return {"json": path, "md": md, "result": out}
