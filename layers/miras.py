@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.base import MemoryInit
-from layers.titans import NeuralMemory, TitansConfig, _const, _dense, memory_shapes
+from layers.base import const, dense
+from layers.titans import NeuralMemory, TitansConfig, memory_shapes
 from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
 from pallas_kernels.titans_memory.engine import MemoryParams
@@ -146,16 +147,16 @@ class Miras(NeuralMemory):
     del self.w_eta, self.b_eta  # plain GD: no momentum gate
     # std 0.16 / sqrt(d) (0.02 at d = 64): delta's logit spread is 0.16 at every width, not 0.55 at
     # d = 768, where tokens fell into the steep sign branch at init (docs/architectures/miras.md).
-    self.w_delta = _dense(rngs, (d, h), ("embed", None), std=0.16 * d ** -0.5)
+    self.w_delta = dense(rngs, (d, h), ("embed", None), std=0.16 * d ** -0.5)
     # delta is the per-entry Huber threshold, compared with the RMS error (titans_memory.rules):
     # per-entry errors are ~1.2 at init, so delta = 2 writes typical tokens with the l2 branch
     # and clips the outliers.
-    self.b_delta = _const(1.8546, (h,), (None,))  # softplus(1.8546) = 2
+    self.b_delta = const(1.8546, (h,), (None,))  # softplus(1.8546) = 2
     if self.retention == "kl":  # logits Z_0 at unit scale, so the initial rows are not uniform
       self.w0 = nnx.List([
           MemoryInit(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(
               rngs.params(), w.shape)) for w in self.w0])
-    self.kl_scale = _const(1.0, (h, L), ("heads", None))
+    self.kl_scale = const(1.0, (h, L), ("heads", None))
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
     state = super()._fresh_state(batch_size, dtype)

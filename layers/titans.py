@@ -34,10 +34,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
 from layers.attention import attend
-from layers.base import MemoryInit, Stat, sow
+from layers.base import MemoryInit, Stat, const, dense, sow
 from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
 from layers.packing import from_slots, realign, to_slots
@@ -104,16 +105,6 @@ def memory_shapes(head_dim: int, expansion: int, depth: int) -> list[tuple[int, 
   return [(e, head_dim)] + [(e, e)] * (depth - 2) + [(head_dim, e)]
 
 
-def _dense(rngs, shape, axes, std=None):
-  init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
-  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
-
-
-def _const(value, shape, axes):
-  return nnx.Param(nnx.with_partitioning(nnx.initializers.constant(value), axes)(
-      jax.random.PRNGKey(0), shape))
-
-
 class NeuralMemory(nnx.Module):
   """The Titans LMM layer ; see the module docstring."""
 
@@ -121,35 +112,35 @@ class NeuralMemory(nnx.Module):
                output: bool = True):
     self.cfg = cfg
     d, h, dh, L = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.memory_depth
-    self.wq = _dense(rngs, (d, d), ("embed", "mlp"))
-    self.wk = _dense(rngs, (d, d), ("embed", "mlp"))
-    self.wv = _dense(rngs, (d, d), ("embed", "mlp"))
+    self.wq = dense(rngs, (d, d), ("embed", "mlp"))
+    self.wk = dense(rngs, (d, d), ("embed", "mlp"))
+    self.wv = dense(rngs, (d, d), ("embed", "mlp"))
     self.conv_q = CausalConv1D(d, cfg.conv_size, rngs=rngs)
     self.conv_k = CausalConv1D(d, cfg.conv_size, rngs=rngs)
     self.conv_v = CausalConv1D(d, cfg.conv_size, rngs=rngs)
-    self.w_theta = _dense(rngs, (d, h * L), ("embed", None), std=0.02)
-    self.b_theta = _const(0.0, (h * L,), (None,))
-    self.w_eta = _dense(rngs, (d, h), ("embed", None), std=0.02)
-    self.b_eta = _const(0.0, (h,), (None,))
-    self.w_alpha = _dense(rngs, (d, h), ("embed", None), std=0.02)
+    self.w_theta = dense(rngs, (d, h * L), ("embed", None), std=0.02)
+    self.b_theta = const(0.0, (h * L,), (None,))
+    self.w_eta = dense(rngs, (d, h), ("embed", None), std=0.02)
+    self.b_eta = const(0.0, (h,), (None,))
+    self.w_alpha = dense(rngs, (d, h), ("embed", None), std=0.02)
     # alpha ~ 0.001 at init (linear memory: 0.01): retention shrinks W and the LN'd memory's write
     # gain grows as 1/scale(W)^2 (docs/architectures/titans.md, "Retention gate at init").
-    self.b_alpha = _const(-4.6 if L == 1 else -6.9, (h,), (None,))
+    self.b_alpha = const(-4.6 if L == 1 else -6.9, (h,), (None,))
     if output:  # MAC and MAG combine the raw read-out with attention themselves
-      self.w_gate = _dense(rngs, (d, d), ("embed", "mlp"))
-      self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
-      self.out_norm_scale = _const(1.0, (h, dh), ("heads", None))
+      self.w_gate = dense(rngs, (d, d), ("embed", "mlp"))
+      self.wo = dense(rngs, (d, d), ("mlp", "embed"))
+      self.out_norm_scale = const(1.0, (h, dh), ("heads", None))
     # Learned initial memory W_0 per head (a zero init gives a deep memory zero gradients).
     shapes = [(h, *s) for s in memory_shapes(dh, cfg.expansion, L)]
     self.w0 = nnx.List([
         MemoryInit(nnx.with_partitioning(
             nnx.initializers.normal(s[-1] ** -0.5), ("heads", None, None))(rngs.params(), s))
         for s in shapes])
-    self.ln_scale = _const(1.0, (h, dh), ("heads", None))
-    self.ln_bias = _const(0.0, (h, dh), ("heads", None))
+    self.ln_scale = const(1.0, (h, dh), ("heads", None))
+    self.ln_bias = const(0.0, (h, dh), ("heads", None))
     n_p = cfg.num_persistent if persistent else 0
     self.n_persistent = n_p
-    self.persistent = _dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
+    self.persistent = dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
 
   # ---- state ----
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
@@ -160,7 +151,9 @@ class NeuralMemory(nnx.Module):
             "conv_v": self.conv_v.init_state(batch_size, dtype)}
 
   def init_state(self, batch_size: int, *, max_len: int | None = None, dtype=jnp.float32):
-    del max_len
+    """The memory after the persistent tokens. Its weights, momentum and conv taps are float32
+    whatever `dtype` (the compute dtype): a recurrence accumulates over the whole sequence."""
+    del max_len, dtype
     state = self._fresh_state(batch_size, jnp.float32)
     if self.persistent is not None:
       p = jnp.broadcast_to(self.persistent[...], (batch_size, *self.persistent.shape))
@@ -270,7 +263,7 @@ class _GatedCombine(nnx.Module):
   def __init__(self, d: int, *, rngs: nnx.Rngs):
     self.norm_y = RMSNorm(d)
     self.norm_z = RMSNorm(d)
-    self.wo = _dense(rngs, (d, d), ("mlp", "embed"))
+    self.wo = dense(rngs, (d, d), ("mlp", "embed"))
 
   def __call__(self, y_BTD, z_BTD):
     dt = y_BTD.dtype
@@ -341,7 +334,9 @@ class MAC(nnx.Module):
 
   A call may start mid-segment (state["pos"] % C != 0): the sequence is placed at that offset in
   a grid of whole segments and scanned segment by segment; the current segment's attention keys
-  live in the state, and the memory's update runs over each segment's real tokens only.
+  live in the state, and the memory's update runs over each segment's real tokens only. The grid
+  is shared by the batch: every row of a carried state must sit at the same position modulo C (as
+  batched decoding does); a row that does not gets NaN outputs rather than a misplaced segment.
   """
 
   def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
@@ -349,10 +344,10 @@ class MAC(nnx.Module):
     self.cfg = cfg
     d = cfg.d_model
     self.memory = NeuralMemory(cfg, rngs=rngs, persistent=False, output=False)
-    self.w_qr = _dense(rngs, (d, d), ("embed", "mlp"))  # retrieval query, its own projection [ours]
+    self.w_qr = dense(rngs, (d, d), ("embed", "mlp"))  # retrieval query, its own projection [ours]
     self.attn = Attention(AttentionConfig(d, cfg.num_heads), rngs=rngs)
     n_p = cfg.num_persistent
-    self.persistent = _dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
+    self.persistent = dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None
     self.mem_norm = RMSNorm(d)
     self.combine = _GatedCombine(d, rngs=rngs)
 
@@ -398,7 +393,7 @@ class MAC(nnx.Module):
     zero = jnp.zeros((), jnp.int32)
     x_pad = jax.lax.dynamic_update_slice(jnp.zeros((b, n_seg * c, d), dt), x_BTD,
                                          (zero, jnp.asarray(p0, jnp.int32), zero))
-    xs_SBCD = x_pad.reshape(b, n_seg, c, d).swapaxes(0, 1)
+    xs_SBCD = rearrange(x_pad, "b (s c) d -> s b c d", c=c)
     positions = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
     causal = jnp.tril(jnp.ones((c, c), bool))
     mem_params = (self.memory.ln_scale[...], self.memory.ln_bias[...])
@@ -471,6 +466,8 @@ class MAC(nnx.Module):
     else:
       (mem_state, w_seg, cache), (outs, stats) = jax.lax.scan(body, carry, scanned)
     self.memory.sow_stats({k: jnp.nanmean(v) for k, v in stats.items()})
-    o = jax.lax.dynamic_slice_in_dim(outs.swapaxes(0, 1).reshape(b, n_seg * c, d), p0, t, axis=1)
+    o = jax.lax.dynamic_slice_in_dim(rearrange(outs, "s b c d -> b (s c) d"), p0, t, axis=1)
+    if not fresh:  # the segment grid is shared by the batch: a row off it is NaN, never wrong
+      o = jnp.where((state["pos"] % c == p0)[:, None, None], o, jnp.nan)
     new_state = {"memory": mem_state, "w_seg": w_seg, **cache, "pos": state["pos"] + n_tok}
     return o, new_state

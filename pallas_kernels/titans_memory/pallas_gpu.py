@@ -74,6 +74,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels._common import check_kernel_dtypes, is_pow2, tile_dot
 from pallas_kernels.titans_memory.engine import (ChunkCarry, ChunkEnds, ChunkOut, ChunkTokens,
                                                  DotOps, MemoryInputs, MemoryParams, MemoryState,
                                                  read_and_carry)
@@ -82,7 +83,6 @@ from pallas_kernels.titans_memory.rules import TITANS
 from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla
 
 f32 = jnp.float32
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Shared-memory bound (module docstring): the forward needs about 1.4x, the backward about 1x the
 # bytes of one head's float32 weights; an H100 / H200 block gets at most 227 KiB (docs/results.md).
 MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256
@@ -90,22 +90,9 @@ MAX_STATE_BYTES = 128 * 1024     # D = 64, E = 256
 
 # ------------------------------------------------------------------ per-program math (2-D tiles)
 
-def _dot(a, b, ca: int, cb: int):
-  """2-D dot contracting a's axis ca with b's axis cb, float32 IEEE (HIGHEST) in Triton."""
-  return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=lax.Precision.HIGHEST,
-                         preferred_element_type=f32)
-
-
-def _mm(a, b):    # a @ b
-  return _dot(a, b, 1, 0)
-
-
-def _mm_t(a, b):  # a @ b^T
-  return _dot(a, b, 1, 1)
-
-
-def _t_mm(a, b):  # a^T @ b
-  return _dot(a, b, 0, 0)
+_mm = tile_dot                                 # a @ b
+_mm_t = functools.partial(tile_dot, tb=True)   # a @ b^T
+_t_mm = functools.partial(tile_dot, ta=True)   # a^T @ b
 
 
 @jax.custom_jvp
@@ -451,10 +438,6 @@ def _chunk_fn(cfg, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams, ke
   return ChunkOut(y, x_new, s_new, xb, pb)
 
 
-def _pow2_at_least_16(n: int) -> bool:
-  return n >= 16 and n & (n - 1) == 0
-
-
 def check_supported(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState,
                     chunk_size) -> int:
   """NotImplementedError (one line) for what the kernel does not handle; returns the depth L."""
@@ -462,11 +445,8 @@ def check_supported(rule, inputs: MemoryInputs, params: MemoryParams, state: Mem
   if rule != TITANS:
     raise NotImplementedError(f"{name}: pallas_gpu runs the Titans rule only, got {rule}")
   leaves = jax.tree.leaves((inputs._replace(resets=None), params, (state.x, state.s, state.base)))
-  for x in leaves:
-    if jnp.dtype(x.dtype).type not in SUPPORTED_DTYPES:
-      raise NotImplementedError(f"{name}: pallas_gpu takes float32/bfloat16/float16 inputs, "
-                                f"got {x.dtype}")
-  if not _pow2_at_least_16(chunk_size):
+  check_kernel_dtypes(name, *leaves)
+  if not is_pow2(chunk_size, 16):
     raise NotImplementedError(f"{name}: pallas_gpu needs a power-of-two chunk_size >= 16 "
                               f"(Triton dots), got {chunk_size}")
   ws = tuple(state.x)
@@ -474,7 +454,7 @@ def check_supported(rule, inputs: MemoryInputs, params: MemoryParams, state: Mem
     raise NotImplementedError(f"{name}: pallas_gpu supports memory depth 1 or 2, got {len(ws)}")
   dims = {"D": inputs.q.shape[-1]} | ({"E": ws[0].shape[-2]} if len(ws) == 2 else {})
   for n, d in dims.items():
-    if not _pow2_at_least_16(d):
+    if not is_pow2(d, 16):
       raise NotImplementedError(f"{name}: pallas_gpu needs {n} a power of two >= 16, got {d}")
   if _state_bytes(ws) > MAX_STATE_BYTES:
     raise NotImplementedError(f"{name}: pallas_gpu keeps the memory weights of a head in one "

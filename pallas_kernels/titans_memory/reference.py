@@ -34,15 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._common import compute_dtype
 from pallas_kernels.titans_memory.engine import MemoryInputs, MemoryParams, MemoryState
 
 LN_EPS = 1e-5
-
-
-def compute_dtype(*xs):
-  """float64 when any input is float64 (exact tests), float32 otherwise."""
-  return jnp.float64 if any(x is not None and x.dtype == jnp.float64
-                            for x in jax.tree.leaves(xs)) else jnp.float32
 
 
 def gelu(x):
