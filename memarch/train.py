@@ -120,9 +120,12 @@ class NonFiniteError(TrainingError):
 ZERO_GRAD_ROWS = 3
 
 
-def _nonfinite_names(loss: float, grad_norm: float) -> str:
-  bad = [n for n, v in (("loss", loss), ("grad_norm", grad_norm)) if not math.isfinite(v)]
-  return " and ".join(bad) or "update"
+def _nonfinite_name(loss: float, grad_norm: float) -> str:
+  """The quantity to name: the loss if it is not finite, else the gradient norm (the message
+  prints both values)."""
+  if not math.isfinite(loss):
+    return "loss"
+  return "grad_norm" if not math.isfinite(grad_norm) else "update"
 
 
 def _io_error(e: OSError, workdir: str) -> TrainingError:
@@ -174,8 +177,12 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   configs_lib.validate(config)
   if max_steps_this_run is not None and max_steps_this_run < 1:
     raise ValueError(f"max_steps_this_run={max_steps_this_run} must be >= 1 (or None)")
+  sharding.maybe_initialize_distributed(config.mesh.distributed)
+  # One process holds the workdir; in a multi-process run that is process 0, for all of them.
+  lock = workdir_lib.WorkdirLock(workdir)
   try:
-    lock = workdir_lib.WorkdirLock(workdir).acquire()
+    if jax.process_index() == 0:
+      lock.acquire()
   except workdir_lib.WorkdirBusy as e:
     raise TrainingError(str(e)) from None
   except OSError as e:
@@ -187,7 +194,6 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
       h = lock.stale_holder
       log(f"memarch: took over the lock left by pid {h.get('pid')} on {h.get('host')} "
           "(no longer running)")
-    sharding.maybe_initialize_distributed(config.mesh.distributed)
     data = make_source(config.data, seed=config.seed, workdir=workdir)
     lm_cfg = configs_lib.lm_config(config, data.vocab_size)
     opt_cfg = configs_lib.opt_config(config)
@@ -209,6 +215,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
 def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quiet, t_start):
   """The run itself, inside the workdir lock (see `train_and_evaluate`)."""
   tc = config.train
+  primary = jax.process_index() == 0  # writes the run's records
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
 
@@ -246,13 +253,16 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       if start_step != rec["checkpoint_step"]:
         warnings.warn(f"{where}, but its checkpoint at step {rec['checkpoint_step']} is gone; "
                       f"training again from step {start_step}")
-        workdir_lib.clear_finished(workdir)
+        if primary:
+          workdir_lib.clear_finished(workdir)
       elif tc.continue_finished:
         log(f"memarch: {where}; continuing it (train.continue_finished=True)")
-        workdir_lib.clear_finished(workdir)
+        if primary:
+          workdir_lib.clear_finished(workdir)
       elif rec["reason"] == "num_steps" and tc.num_steps > rec["step"]:
         log(f"memarch: {where}; extending it to train.num_steps={tc.num_steps}")
-        workdir_lib.clear_finished(workdir)
+        if primary:
+          workdir_lib.clear_finished(workdir)
       elif rec["reason"] == "non_finite":
         raise TrainingError(
             f"{where}: {rec['message']}; to go on from its checkpoint at step {start_step}, set "
@@ -393,7 +403,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       m = jax.device_get(m)
       loss, gnorm = float(m["loss"]), float(m["grad_norm"])
       if not bool(m["finite"]):
-        bad = _nonfinite_names(loss, gnorm)
+        bad = _nonfinite_name(loss, gnorm)
         if not tc.skip_nonfinite:
           raise NonFiniteError(
               f"non-finite {bad} at step {step} (loss={loss}, grad_norm={gnorm}); lower opt.lr, "
@@ -460,8 +470,9 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
           # A wall-clock budget (train.time_budget_s, compile included) ends the run with an
           # eval, as "accuracy reached in N minutes" comparisons need.
           over_budget = bool(tc.time_budget_s) and time.time() - t_start >= tc.time_budget_s
-          is_eval = bool(tc.eval_every and step % tc.eval_every == 0) or step == end_step or over_budget
-          is_save = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or step == end_step or over_budget
+          at_end = step == end_step or over_budget
+          is_eval = bool(tc.eval_every and step % tc.eval_every == 0) or at_end
+          is_save = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or at_end
           if is_eval or is_save:
             flush()  # a step is checked (finite) before it is evaluated or saved
           if is_eval and eval_set is not None:
@@ -486,9 +497,11 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       except ckpt_lib.CheckpointError as save_err:
         warnings.warn(str(save_err))
       steps = ckpt.steps()
-      workdir_lib.write_finished(
-          workdir, reason="non_finite", step=e.step, checkpoint_step=steps[-1] if steps else 0,
-          message=str(e), summary=_jsonable(dict(last, step=e.step, num_params=n_params)))
+      if primary:
+        workdir_lib.write_finished(
+            workdir, reason="non_finite", step=e.step,
+            checkpoint_step=steps[-1] if steps else 0, message=str(e),
+            summary=_jsonable(dict(last, step=e.step, num_params=n_params)))
       raise
     ckpt.wait()  # the last checkpoint is on disk before the run counts as finished
 
@@ -511,7 +524,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       reason, message = "num_steps", f"reached train.num_steps={tc.num_steps}"
     else:
       reason = None  # stopped by max_steps_this_run: to be continued
-    if reason is not None:
+    if reason is not None and primary:
       workdir_lib.write_finished(workdir, reason=reason, step=step, checkpoint_step=step,
                                  message=message, summary=_jsonable(last))
     log(f"memarch: done at step {step} in {last['wall_sec']:.1f}s. metrics: {writer.path}; "

@@ -1,8 +1,8 @@
 """What a training workdir holds besides checkpoints and metrics: the lock that gives it to one
 process at a time, and the record of a finished run (docs/reliability.md).
 
-The lock is `<workdir>/lock.json`, holding the holder's pid, host and start time. On filesystems with
-`flock` the kernel holds the lock, so a killed run (even SIGKILL) frees it at once; where `flock` is
+The lock is `<workdir>/lock.json`, holding the holder's pid, host and start time. On filesystems
+with `flock` the kernel holds the lock, so a killed run (even SIGKILL) frees it at once; where `flock` is
 not supported, the file's pid and host decide (a dead pid on this host is a stale lock).
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from memarch import checkpoint as ckpt_lib
-from memarch import configs_lib, train as train_lib, workdir as workdir_lib
+from memarch import configs_lib, sharding, train as train_lib, workdir as workdir_lib
 from memarch.metrics import read_metrics
 from memarch.train import TrainingError, train_and_evaluate
 
@@ -62,15 +62,16 @@ def corrupt(workdir, step):
 
 
 def readable_steps(workdir, cfg):
-  """Steps whose checkpoint restores (each tried alone, newest first)."""
+  """Steps whose checkpoint restores, with finite values throughout."""
   from flax import nnx
   from memarch.lm import LM
   from memarch.optim import make_optimizer
   from memarch.data import make_source
   data = make_source(cfg.data, seed=cfg.seed)
-  model = LM(configs_lib.lm_config(cfg, data.vocab_size), rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(model, make_optimizer(configs_lib.opt_config(cfg), cfg.train.num_steps),
-                      wrt=nnx.Param)
+  with sharding.mesh_context():
+    model = LM(configs_lib.lm_config(cfg, data.vocab_size), rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(model, make_optimizer(configs_lib.opt_config(cfg), cfg.train.num_steps),
+                        wrt=nnx.Param)
   abstract = ckpt_lib.abstract_like(nnx.split((model, opt))[1])
   ck = ckpt_lib.Checkpointer(os.path.join(str(workdir), "checkpoints"))
   ok = []
@@ -95,9 +96,12 @@ def test_unreadable_final_checkpoint_is_moved_aside_and_saved_again(tmp_path):
   train_and_evaluate(cfg, str(tmp_path), quiet=True)
   ref = losses(tmp_path)
   corrupt(tmp_path, 8)  # the final step
+  partial = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1"  # a save cut short by a kill
+  partial.mkdir()
   with pytest.warns(UserWarning, match="step 8 .* is unreadable.*moved to 8.unreadable-"):
     out = train_and_evaluate(cfg, str(tmp_path), quiet=True)
   assert out["step"] == 8 and not out.get("already_finished")
+  assert not partial.exists()
   assert len(aside(tmp_path)) == 1 and aside(tmp_path)[0].startswith("8.unreadable-")
   assert step_dirs(tmp_path) == [4, 8] and readable_steps(tmp_path, cfg) == [4, 8]
   assert losses(tmp_path) == ref  # steps 5-8 retrained from step 4, bit for bit
@@ -316,7 +320,7 @@ def test_nonfinite_step_is_never_checkpointed(tmp_path):
   """The step that turns the weights non-finite is a checkpoint step: it must not be saved."""
   cfg = tiny_config(num_steps=6, ckpt_every=1, eval_every=0)
   cfg.unlock(); cfg.opt.lr = 1e30; cfg.opt.clip_norm = 1e30; cfg.lock()
-  with pytest.raises(TrainingError, match=r"non-finite loss at step (\d+)") as e:
+  with pytest.raises(TrainingError, match=r"non-finite (loss|grad_norm) at step \d+") as e:
     train_and_evaluate(cfg, str(tmp_path), quiet=True)
   bad = int(str(e.value).split("at step ")[1].split()[0])
   assert bad >= 2 and step_dirs(tmp_path) == list(range(1, bad))[-3:]
@@ -345,3 +349,15 @@ def test_zero_gradient_norm_is_flagged(tmp_path, monkeypatch):
   train_rows = [r for r in rows(tmp_path) if "train/lr" in r]
   assert [r["train/zero_grad_steps"] for r in train_rows] == [1, 2, 3, 4]
   assert all(r["train/grad_norm"] == 0.0 for r in train_rows)
+
+
+def test_a_metrics_row_cut_short_by_a_kill_is_skipped(tmp_path):
+  from memarch.metrics import MetricWriter
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')  # killed mid-write
+  w = MetricWriter(str(tmp_path), tensorboard=False)  # the resumed run appends
+  w.write(2, {"train/loss": 1.5})
+  w.close()
+  with pytest.warns(UserWarning, match=r"skipped 1 unreadable row\(s\) \(line 2\)"):
+    got = read_metrics(str(path))
+  assert got == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]
