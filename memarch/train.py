@@ -79,8 +79,12 @@ def check_workdir(workdir: str, config) -> None:
       n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
   if not os.path.exists(path) or not has_ckpt:
     return
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise TrainingError(f"{path} is unreadable ({e}), so the checkpoints in {workdir} cannot be "
+                        "matched to a model; restore that file or use a new --workdir") from None
   new = configs_lib.to_dict(config)
   for section in ("model", "data"):
     o, n = old.get(section, {}), json.loads(json.dumps(new[section], default=str))
@@ -103,8 +107,9 @@ def write_config(workdir: str, config, step: int) -> str:
       if f.read() == text:
         return path
     path = os.path.join(workdir, f"config.resumed_at_{step}.json")
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:  # a kill mid-write must not leave half a config
     f.write(text)
+  os.replace(path + ".tmp", path)
   return path
 
 

@@ -2,8 +2,8 @@
 process at a time, and the record of a finished run (docs/reliability.md).
 
 The lock is `<workdir>/lock.json`, holding the holder's pid, host and start time. On filesystems
-with `flock` the kernel holds the lock, so a killed run (even SIGKILL) frees it at once; where `flock` is
-not supported, the file's pid and host decide (a dead pid on this host is a stale lock).
+with `flock` the kernel holds the lock, so a killed run (even SIGKILL) frees it at once; where
+`flock` is not supported, the file's pid and host decide (a dead pid on this host is a stale lock).
 """
 from __future__ import annotations
 

@@ -272,13 +272,16 @@ def test_finished_runs_stay_finished_unless_continued(tmp_path):
 
 
 def test_stop_at_accuracy_run_stays_stopped(tmp_path):
-  cfg = tiny_config(num_steps=8, eval_every=2, stop_at_accuracy=STOP_AT)
+  # Any eval accuracy above 0 stops this run early (its first eval with a correct answer).
+  cfg = tiny_config(num_steps=12, eval_every=2, stop_at_accuracy=1e-6)
   first = train_and_evaluate(cfg, str(tmp_path), quiet=True)
-  assert first["stopped_early"] and first["step"] == STOP_STEP
-  again = train_and_evaluate(cfg, str(tmp_path), quiet=True)
-  assert again["already_finished"] and again["step"] == STOP_STEP
-  assert step_dirs(tmp_path)[-1] == STOP_STEP
-  assert max(r["step"] for r in rows(tmp_path)) == STOP_STEP
+  stop = first["step"]
+  assert first["stopped_early"] and stop < 12
+  again = train_and_evaluate(cfg, str(tmp_path), quiet=True)  # used to train on past the stop
+  assert again["already_finished"] and again["finish_reason"] == "stop_at_accuracy"
+  assert again["step"] == stop and again["eval/accuracy"] == first["eval/accuracy"]
+  assert step_dirs(tmp_path)[-1] == stop
+  assert max(r["step"] for r in rows(tmp_path)) == stop
 
 
 def test_reached_num_steps_extends_only_when_asked(tmp_path):
@@ -361,3 +364,11 @@ def test_a_metrics_row_cut_short_by_a_kill_is_skipped(tmp_path):
   with pytest.warns(UserWarning, match=r"skipped 1 unreadable row\(s\) \(line 2\)"):
     got = read_metrics(str(path))
   assert got == [{"step": 1, "train/loss": 2.0}, {"step": 2, "train/loss": 1.5}]
+
+
+def test_a_damaged_config_json_is_one_line(tmp_path):
+  train_and_evaluate(tiny_config(num_steps=2), str(tmp_path), quiet=True)
+  (tmp_path / "config.json").write_text('{"model": {"d_mod')  # cut short
+  with pytest.raises(TrainingError, match=r"config.json is unreadable .* restore that file or use "
+                     r"a new --workdir"):
+    train_and_evaluate(tiny_config(num_steps=2), str(tmp_path), quiet=True)
