@@ -36,6 +36,7 @@ class Checkpointer:
     self.unreadable: list[int] = []  # steps restore_latest could not read
     self.moved_aside: list[str] = []  # where move_aside put them
     self._pending_step: int | None = None  # the step an asynchronous save is writing
+    self._failed_save = False
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -47,6 +48,7 @@ class Checkpointer:
     return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
 
   def _failed(self, step: int, err: BaseException) -> CheckpointError:
+    self._failed_save = True
     self.remove_partial_saves()
     self.manager.reload()
     have = self.steps()
@@ -142,6 +144,19 @@ class Checkpointer:
       self.wait()
     finally:
       self.manager.close()
+      if self._failed_save:
+        self._settle_partial_saves()
+
+  def _settle_partial_saves(self, quiet_checks: int = 3, interval_s: float = 0.2,
+                            max_checks: int = 50) -> None:
+    """After a failed save, the writers of the other items (array data) can run on for a moment
+    and recreate the temporary directory: remove it until it stays gone for `quiet_checks`."""
+    quiet = 0
+    for _ in range(max_checks):
+      quiet = 0 if self.remove_partial_saves() else quiet + 1
+      if quiet >= quiet_checks:
+        return
+      time.sleep(interval_s)
 
 
 def abstract_like(state):

@@ -309,6 +309,9 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     del model_for_split
 
     def train_step(state, batch, collect_stats: bool):
+      # The state before the update, for skip_nonfinite: nnx.merge shares Variables with `state`,
+      # so the update below would otherwise change these leaves too.
+      state_before = jax.tree.map(lambda x: x, state) if tc.skip_nonfinite else None
       model, optimizer = nnx.merge(graphdef, state)
       _, params, rest = nnx.split(model, nnx.Param, ...)
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
@@ -329,7 +332,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       new_state = nnx.state((model, optimizer))
       ok = jnp.isfinite(aux["loss"]) & jnp.isfinite(gnorm)
       if tc.skip_nonfinite:
-        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state_before)
       lr = make_optimizer_schedule(optimizer.step[...])
       return new_state, dict(aux, grad_norm=gnorm, finite=ok, lr=lr)
 
