@@ -8,6 +8,8 @@ warning and the one before it is used. A training run also moves unreadable step
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import time
@@ -29,10 +31,11 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep={keep}: a checkpointer must keep at least one checkpoint")
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+    with _absl_errors_silenced():  # a damaged step's metadata: restore_latest reports it
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save))
     self.unreadable: list[int] = []  # steps restore_latest could not read
     self.moved_aside: list[str] = []  # where move_aside put them
     self._pending_step: int | None = None  # the step an asynchronous save is writing
@@ -122,8 +125,9 @@ class Checkpointer:
       try:
         if step not in known:
           raise CheckpointError("Orbax does not list it (missing or damaged metadata)")
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        with _absl_errors_silenced():
+          out = self.manager.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         found = step, out["state"], out["data"]
         break
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
@@ -157,6 +161,18 @@ class Checkpointer:
       if quiet >= quiet_checks:
         return
       time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def _absl_errors_silenced():
+  """Orbax logs each failed read at ERROR; restore_latest reports it in one warning instead."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def abstract_like(state):
