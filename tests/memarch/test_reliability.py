@@ -376,3 +376,17 @@ def test_a_damaged_config_json_is_one_line(tmp_path):
   with pytest.raises(TrainingError, match=r"config.json is unreadable .* restore that file or use "
                      r"a new --workdir"):
     train_and_evaluate(tiny_config(num_steps=2), str(tmp_path), quiet=True)
+
+
+def test_full_disk_while_writing_metrics_is_one_line(tmp_path, monkeypatch):
+  from memarch import metrics as metrics_lib
+
+  def full(self, step, metrics):
+    raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+  monkeypatch.setattr(metrics_lib.MetricWriter, "write", full)
+  with pytest.raises(TrainingError, match=r"could not write .*metrics.jsonl: No space left on "
+                     r"device; free disk space or fix permissions, then rerun") as e:
+    train_and_evaluate(tiny_config(num_steps=2), str(tmp_path), quiet=True)
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
