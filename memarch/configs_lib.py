@@ -104,7 +104,10 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       stop_at_accuracy=0.0,  # > 0: stop once eval/accuracy reaches it (Zoology stops at 0.99)
       time_budget_s=0.0,  # > 0: stop (with an eval) once this much wall time, compile included, is used
       skip_nonfinite=False, progress=True, aux_loss_weights=ml_collections.ConfigDict({}),
-      stats_every=0))  # > 0: log layer statistics (memory surprise, gates) every N steps
+      stats_every=0,  # > 0: log layer statistics (memory surprise, gates) every N steps
+      # A finished run (num_steps reached, stop_at_accuracy, time_budget_s or a non-finite stop;
+      # <workdir>/finished.json) stays finished on a rerun; True trains on from its last checkpoint.
+      continue_finished=False))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0,  # 0 = all
                                           distributed=False))
   # None: each op's best available path; a name of pallas_kernels._dispatch.Implementation forces
@@ -191,6 +194,65 @@ def apply_task(c, a, family: str) -> None:
     raise ValueError(f"{family}: unknown task {task!r}; choose {', '.join(TASKS)}")
   elif a.get("steps", 0):
     c.train.num_steps = a.steps
+
+
+def _get(c, dotted: str):
+  node = c
+  for part in dotted.split("."):
+    if part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+# (key, lowest allowed value, what the key means) for the numbers every run reads. 0 where allowed
+# means "off" / "only at the end" (eval_every, ckpt_every, stats_every, time_budget_s, ...).
+_AT_LEAST: tuple[tuple[str, float, str], ...] = (
+    ("data.batch_size", 1, "rows per step"),
+    ("data.seq_len", 2, "tokens per row"),
+    ("data.eval_examples", 1, "held-out examples of a synthetic task"),
+    ("data.eval_rows", 1, "held-out rows of a text source"),
+    ("train.num_steps", 1, "optimizer steps"),
+    ("train.log_every", 1, "steps between logged metrics rows"),
+    ("train.eval_every", 0, "steps between evals; 0 = only at the end"),
+    ("train.ckpt_every", 0, "steps between checkpoints; 0 = only at the end"),
+    ("train.keep_checkpoints", 1, "checkpoints kept on disk"),
+    ("train.stats_every", 0, "steps between layer statistics; 0 = off"),
+    ("train.time_budget_s", 0, "seconds of wall time; 0 = no budget"),
+    ("train.stop_at_accuracy", 0, "eval accuracy that ends the run; 0 = never"),
+    ("opt.warmup_steps", 0, "warmup steps"),
+    ("opt.grad_accum", 1, "micro-batches per step"),
+    ("opt.clip_norm", 0, "gradient-norm clip; 0 = none"),
+    ("opt.weight_decay", 0, "decoupled weight decay"),
+    ("model.d_model", 1, "model width"),
+    ("model.num_layers", 1, "blocks"),
+    ("model.num_heads", 1, "attention heads"),
+    ("model.vocab_size", 0, "vocabulary; 0 = from the data"),
+    ("mesh.num_devices", 0, "devices; 0 = all"),
+)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Refuses settings that cannot mean anything (a batch of 0 rows, logging every 0 steps, ...) with
+  one ValueError line naming the key, before any data is read or program compiled."""
+  for key, low, meaning in _AT_LEAST:
+    v = _get(c, key)
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+      raise ValueError(f"{key}={v!r} must be a number ({meaning})")
+    if not v >= low:  # also catches NaN
+      raise ValueError(f"{key}={v} must be >= {low:g} ({meaning})")
+  if _get(c, "train.stop_at_accuracy") is not None and c.train.stop_at_accuracy > 1:
+    raise ValueError(f"train.stop_at_accuracy={c.train.stop_at_accuracy} must be in [0, 1] "
+                     "(0 = never stop early)")
+  for key in ("opt.b1", "opt.b2"):
+    v = _get(c, key)
+    if v is not None and not 0 <= v < 1:
+      raise ValueError(f"{key}={v} must be in [0, 1) (Adam moment decay)")
+  if _get(c, "opt.grad_accum") and c.data.batch_size % c.opt.grad_accum:
+    raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
+                     f"opt.grad_accum={c.opt.grad_accum}")
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 
@@ -12,6 +13,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    _end_with_newline(self.path)
     self._tb = None
     if tensorboard:
       try:
@@ -34,6 +36,19 @@ class MetricWriter:
       self._tb.close()
 
 
+def _end_with_newline(path: str) -> None:
+  """A run killed in the middle of a write leaves a partial last row: end it, so the next row
+  starts on its own line (read_metrics skips the partial one)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+  if last != b"\n":
+    with open(path, "a") as f:
+      f.write("\n")
+
+
 def _py(v):
   try:
     return float(v)
@@ -42,15 +57,25 @@ def _py(v):
 
 
 def read_metrics(path: str) -> list[dict]:
-  """Rows of metrics.jsonl; when a resumed run re-logs a step, its latest row wins."""
+  """Rows of metrics.jsonl; when a resumed run re-logs a step, its latest row wins. A row cut short
+  by a killed run is skipped (with a warning)."""
   rows: dict[int, dict] = {}
   if not os.path.exists(path):
     return []
+  broken = []
   with open(path) as f:
-    for line in f:
+    for n, line in enumerate(f, 1):
       if line.strip():
-        r = json.loads(line)
-        rows.setdefault(r["step"], {}).update(r)
+        try:
+          r = json.loads(line)
+          step = int(r["step"])
+        except (ValueError, KeyError, TypeError):
+          broken.append(n)
+          continue
+        rows.setdefault(step, {}).update(r)
+  if broken:
+    warnings.warn(f"{path}: skipped {len(broken)} unreadable row(s) (line {broken[0]}"
+                  f"{' ...' if len(broken) > 1 else ''}), e.g. cut short by a killed run")
   return [rows[s] for s in sorted(rows)]
 
 

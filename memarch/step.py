@@ -153,11 +153,14 @@ def jit_train_step(graphdef, cfg: StepConfig) -> Callable:
   fn(state, batch, collect_stats) -> (new state, metrics). With cfg.skip_nonfinite a non-finite
   step returns the old state."""
   def step(state, batch, collect_stats):
+    # nnx.merge shares Variables with `state`, so the update would change these leaves too: keep
+    # a copy of the state before it for skip_nonfinite.
+    before = jax.tree.map(lambda x: x, state) if cfg.skip_nonfinite else None
     model, optimizer = nnx.merge(graphdef, state)
     metrics = train_step(model, optimizer, batch, cfg, collect_stats)
     new_state = nnx.state((model, optimizer))
     if cfg.skip_nonfinite:
-      new_state = jax.tree.map(lambda n, o: jnp.where(metrics["finite"], n, o), new_state, state)
+      new_state = jax.tree.map(lambda n, o: jnp.where(metrics["finite"], n, o), new_state, before)
     return new_state, metrics
   return jax.jit(step, donate_argnums=0, static_argnums=2)
 

@@ -1,27 +1,35 @@
-"""The one pretraining loop for every architecture (DESIGN.md section 5):
+"""The one pretraining loop for every architecture (docs/design.md):
 `train_and_evaluate(config, workdir)`.
 
 mesh -> data -> model + optimizer under the mesh -> restore if a checkpoint exists -> loop. The step is
 one `jax.jit` over the split NNX state with donated buffers; metrics are fetched one step late so the
 host never waits on the device; eval, checkpoints, metrics.jsonl, TensorBoard, a progress bar and a
 PNG of the curves come with it.
+
+What it promises (docs/reliability.md): the config is checked before anything is read or compiled;
+one process holds a workdir at a time; a step is checked for a non-finite loss or gradient norm
+before it is evaluated or saved; the final step is always saved (a save that does not happen is an
+error); unreadable checkpoints are moved aside and the previous one is used; a finished run stays
+finished on a rerun unless `train.continue_finished` is set.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
-from absl import logging as absl_logging
 import jax
 import numpy as np
 from flax import nnx
 
 from memarch import checkpoint as ckpt_lib
 from memarch import configs_lib, metrics as metrics_lib, sharding
+from memarch import workdir as workdir_lib
 from memarch.data import make_source
 from memarch.data.mqar import IGNORE
 from memarch.lm import LM, count_params
@@ -41,8 +49,12 @@ def check_workdir(workdir: str, config) -> None:
       n.isdigit() for n in os.listdir(os.path.join(workdir, "checkpoints")))
   if not os.path.exists(path) or not has_ckpt:
     return
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except ValueError as e:
+    raise TrainingError(f"{path} is unreadable ({e}), so the checkpoints in {workdir} cannot be "
+                        "matched to a model; restore that file or use a new --workdir") from None
   new = configs_lib.to_dict(config)
   for section in ("model", "data"):
     o, n = old.get(section, {}), json.loads(json.dumps(new[section], default=str))
@@ -65,39 +77,121 @@ def write_config(workdir: str, config, step: int) -> str:
       if f.read() == text:
         return path
     path = os.path.join(workdir, f"config.resumed_at_{step}.json")
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:  # a kill mid-write must not leave half a config
     f.write(text)
+  os.replace(path + ".tmp", path)
   return path
+
+
+class NonFiniteError(TrainingError):
+  """The loss or the gradient norm of a step was not finite (the message names which)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+# Logged rows in a row with a gradient norm of exactly 0 before a run is flagged as not learning.
+ZERO_GRAD_ROWS = 3
+
+
+def _nonfinite_name(loss: float, grad_norm: float) -> str:
+  """The quantity to name: the loss if it is not finite, else the gradient norm (the message
+  prints both values)."""
+  if not math.isfinite(loss):
+    return "loss"
+  return "grad_norm" if not math.isfinite(grad_norm) else "update"
+
+
+def _io_error(e: OSError, workdir: str) -> TrainingError:
+  where = e.filename or workdir
+  if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    return TrainingError(f"could not write {where}: {e.strerror}; free disk space or fix "
+                         "permissions, then rerun the same command to resume from the newest "
+                         "checkpoint")
+  return TrainingError(f"I/O error on {where}: {e.strerror or e}")
+
+
+def _jsonable(d: dict) -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (bool, np.bool_)):
+      out[k] = bool(v)
+    elif isinstance(v, (int, np.integer)):
+      out[k] = int(v)
+    elif isinstance(v, (float, np.floating)):
+      out[k] = float(v)
+    else:
+      out[k] = v
+  return out
+
+
+def _latest_values(metrics_path: str) -> dict[str, Any]:
+  """The newest value of every metric in metrics.jsonl."""
+  out: dict[str, Any] = {}
+  for row in metrics_lib.read_metrics(metrics_path):
+    out.update({k: v for k, v in row.items() if k != "step"})
+  return out
 
 
 def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None = None,
                        quiet: bool = False) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its newest checkpoint); returns final metrics.
 
-  `max_steps_this_run` stops after that many steps (the run can be resumed later).
+  `max_steps_this_run` stops after that many steps (the run can be resumed later). The workdir is
+  locked for the run (a second run on it refuses). A finished run (see `memarch.workdir`) is not
+  trained again unless `train.continue_finished` is set; its recorded summary is returned, with
+  `already_finished=True`.
   """
+  if not str(workdir).strip():
+    raise ValueError("the workdir is empty; pass a directory, e.g. --workdir=runs/my_run")
   workdir = os.path.abspath(workdir)
   t_start = time.time()
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
   # ---- everything that can be wrong with the config fails here, before any compute ----
+  configs_lib.validate(config)
+  if max_steps_this_run is not None and max_steps_this_run < 1:
+    raise ValueError(f"max_steps_this_run={max_steps_this_run} must be >= 1 (or None)")
   sharding.maybe_initialize_distributed(config.mesh.distributed)
-  data = make_source(config.data, seed=config.seed, workdir=workdir)
-  lm_cfg = configs_lib.lm_config(config, data.vocab_size)
-  opt_cfg = configs_lib.opt_config(config)
+  # One process holds the workdir; in a multi-process run that is process 0, for all of them.
+  lock = workdir_lib.WorkdirLock(workdir)
+  try:
+    if jax.process_index() == 0:
+      lock.acquire()
+  except workdir_lib.WorkdirBusy as e:
+    raise TrainingError(str(e)) from None
+  except OSError as e:
+    raise TrainingError(f"cannot use {e.filename or workdir} as a workdir ({e.strerror}); pass a "
+                        "writable --workdir") from None
+  log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+  try:
+    if lock.stale_holder is not None:
+      h = lock.stale_holder
+      log(f"memarch: took over the lock left by pid {h.get('pid')} on {h.get('host')} "
+          "(no longer running)")
+    data = make_source(config.data, seed=config.seed, workdir=workdir)
+    lm_cfg = configs_lib.lm_config(config, data.vocab_size)
+    opt_cfg = configs_lib.opt_config(config)
+    if data.vocab_size > lm_cfg.vocab_size:
+      raise TrainingError(f"model.vocab_size={lm_cfg.vocab_size} < data vocabulary "
+                          f"{data.vocab_size}; set model.vocab_size=0 to take it from the data")
+    check_workdir(workdir, config)
+    try:
+      return _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quiet,
+                    t_start)
+    except ckpt_lib.CheckpointError as e:
+      raise TrainingError(str(e)) from e
+    except OSError as e:
+      raise _io_error(e, workdir) from e
+  finally:
+    lock.release()
+
+
+def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quiet, t_start):
+  """The run itself, inside the workdir lock (see `train_and_evaluate`)."""
   tc = config.train
-  if tc.num_steps < 1:
-    raise TrainingError(f"train.num_steps must be >= 1, got {tc.num_steps}")
-  if config.data.batch_size % opt_cfg.grad_accum:
-    raise TrainingError(f"data.batch_size={config.data.batch_size} is not divisible by "
-                        f"opt.grad_accum={opt_cfg.grad_accum}")
-  if data.vocab_size > lm_cfg.vocab_size:
-    raise TrainingError(f"model.vocab_size={lm_cfg.vocab_size} < data vocabulary "
-                        f"{data.vocab_size}; set model.vocab_size=0 to take it from the data")
-  check_workdir(workdir, config)
-  os.makedirs(workdir, exist_ok=True)
+  primary = jax.process_index() == 0  # writes the run's records
   devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-  log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
   with sharding.mesh_context(mesh):
     model = LM(lm_cfg, rngs=nnx.Rngs(config.seed))
@@ -108,157 +202,259 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   del model, optimizer
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-  start_step = 0
-  restored = ckpt.restore_latest(ckpt_lib.abstract_like(state))
-  if restored is not None:
-    step, state, data_pos = restored
-    start_step = int(data_pos["next_step"])
-    log(f"memarch: resumed from checkpoint at step {step} in {ckpt.directory}")
-  write_config(workdir, config, start_step)
+  writer = progress = None
+  completed = False
+  try:
+    gone = ckpt.remove_partial_saves()
+    if gone:
+      log(f"memarch: removed {len(gone)} unfinished checkpoint save(s) of an earlier run: "
+          f"{', '.join(sorted(gone))}")
+    start_step, skipped = 0, 0
+    restored = ckpt.restore_latest(ckpt_lib.abstract_like(state), move_aside=True)
+    if restored is not None:
+      step, state, data_pos = restored
+      start_step = int(data_pos["next_step"])
+      skipped = int(data_pos.get("skipped_steps", 0))
+      log(f"memarch: resumed from checkpoint at step {step} in {ckpt.directory}")
+    elif ckpt.unreadable:
+      log(f"memarch: no readable checkpoint in {ckpt.directory} (moved aside: "
+          f"{', '.join(os.path.basename(p) for p in ckpt.moved_aside)}); training from step 0")
 
-  # Only packed sources (several documents per row) need segment ids; every mixer then runs each
-  # document as if alone (docs/packed_documents.md).
-  packed = bool(getattr(data, "pack", False))
-  step_cfg = StepConfig.from_config(config, packed=packed)
-  step_fn = step_lib.jit_train_step(graphdef, step_cfg)
-  predict = step_lib.jit_eval_step(graphdef, step_cfg)
-  lr_at = schedule(opt_cfg, tc.num_steps)
-
-  # ---- evaluation ----
-  # Text sources (lm_eval) score fixed rows of their held-out split: loss, bits per byte and
-  # perplexity; the synthetic tasks score their eval set by accuracy and loss.
-  lm_eval = bool(getattr(data, "lm_eval", False))
-  if lm_eval:
-    eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
-  else:
-    eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
-
-  def evaluate(state) -> dict[str, float]:
-    if eval_set is None:
-      return {}
-    bs = config.data.batch_size
-    n = len(eval_set["inputs"])
-    correct, nats, count, nbytes = [], 0.0, 0, 0
-    for i in range(0, n, bs):
-      sl = {k: v[i:i + bs] for k, v in eval_set.items()}
-      pad = bs - len(sl["inputs"])
-      if pad:  # keep one compiled shape
-        sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
-      preds, nll = predict(state, {k: sl[k] for k in ("inputs", "segment_ids", "targets")})
-      preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
-      tgt = sl["targets"][:bs - pad]
-      mask = tgt != IGNORE
-      correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-      nats += float(nll.sum())
-      count += int(mask.sum())
-      if "target_bytes" in sl:
-        nbytes += int(sl["target_bytes"][:bs - pad].sum())
-    loss = nats / max(count, 1)
-    if lm_eval:
-      # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand for,
-      # so byte-level and BPE models compare (docs/data.md).
-      return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
-              "eval/perplexity": math.exp(min(loss, 700.0))}
-    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
-
-  writer = metrics_lib.MetricWriter(workdir)
-  progress = None
-  end_step = tc.num_steps if max_steps_this_run is None else min(tc.num_steps, start_step + max_steps_this_run)
-  if tc.progress and not quiet:
-    from tqdm.auto import tqdm
-    progress = tqdm(total=tc.num_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                    file=sys.stderr)
-  log(f"memarch: {n_params:,} parameters; mixers {lm_cfg.layer_pattern}; data {config.data.name} "
-      f"(seq_len {config.data.seq_len}, batch {config.data.batch_size}); mesh "
-      f"{sharding.describe(mesh)}; workdir {workdir}")
-
-  pending = None
-  last: dict[str, Any] = {}
-  t_last, tokens_since = time.time(), 0
-  stopped_early = out_of_time = False
-
-  def finish(step, m):
-    nonlocal t_last, tokens_since
-    m = jax.device_get(m)
-    if not bool(m["finite"]):
-      if tc.skip_nonfinite:
-        log(f"memarch: skipped step {step}: non-finite loss/gradients")
-      else:
+    # ---- a finished run stays finished ----
+    rec = workdir_lib.read_finished(workdir)
+    if rec is not None:
+      where = f"the run in {workdir} finished at step {rec['step']} ({rec['reason']})"
+      if start_step != rec["checkpoint_step"]:
+        warnings.warn(f"{where}, but its checkpoint at step {rec['checkpoint_step']} is gone; "
+                      f"training again from step {start_step}")
+        if primary:
+          workdir_lib.clear_finished(workdir)
+      elif tc.continue_finished:
+        log(f"memarch: {where}; continuing it (train.continue_finished=True)")
+        if primary:
+          workdir_lib.clear_finished(workdir)
+      elif rec["reason"] == "num_steps" and tc.num_steps > rec["step"]:
+        log(f"memarch: {where}; extending it to train.num_steps={tc.num_steps}")
+        if primary:
+          workdir_lib.clear_finished(workdir)
+      elif rec["reason"] == "non_finite":
         raise TrainingError(
-            f"non-finite loss at step {step} (loss={float(m['loss'])}, grad_norm="
-            f"{float(m['grad_norm'])}); lower opt.lr, raise opt.warmup_steps, or set "
-            "train.skip_nonfinite=True")
-    tokens_since += config.data.batch_size * config.data.seq_len  # all input tokens, as Zoology counts
-    row = None
-    if step % tc.log_every == 0 or step == end_step:
+            f"{where}: {rec['message']}; to go on from its checkpoint at step {start_step}, set "
+            "train.continue_finished=True (or use a new --workdir)")
+      else:
+        log(f"memarch: {where}: {rec['message']}; nothing to do (set "
+            "train.continue_finished=True to train on, or use a new --workdir)")
+        completed = True
+        return dict(rec.get("summary") or {}, already_finished=True, finish_reason=rec["reason"])
+    write_config(workdir, config, start_step)
+
+    # Only packed sources (several documents per row) need segment ids; every mixer then runs each
+    # document as if alone (docs/packed_documents.md).
+    packed = bool(getattr(data, "pack", False))
+    step_cfg = StepConfig.from_config(config, packed=packed)
+    step_fn = step_lib.jit_train_step(graphdef, step_cfg)
+    predict = step_lib.jit_eval_step(graphdef, step_cfg)
+    lr_at = schedule(opt_cfg, tc.num_steps)
+
+    # ---- evaluation ----
+    # Text sources (lm_eval) score fixed rows of their held-out split: loss, bits per byte and
+    # perplexity; the synthetic tasks score their eval set by accuracy and loss.
+    lm_eval = bool(getattr(data, "lm_eval", False))
+    if lm_eval:
+      eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
+    else:
+      eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
+
+    def evaluate(state) -> dict[str, float]:
+      if eval_set is None:
+        return {}
+      bs = config.data.batch_size
+      n = len(eval_set["inputs"])
+      correct, nats, count, nbytes = [], 0.0, 0, 0
+      for i in range(0, n, bs):
+        sl = {k: v[i:i + bs] for k, v in eval_set.items()}
+        pad = bs - len(sl["inputs"])
+        if pad:  # keep one compiled shape
+          sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
+        preds, nll = predict(state, {k: sl[k] for k in ("inputs", "segment_ids", "targets")})
+        preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
+        tgt = sl["targets"][:bs - pad]
+        mask = tgt != IGNORE
+        correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+        nats += float(nll.sum())
+        count += int(mask.sum())
+        if "target_bytes" in sl:
+          nbytes += int(sl["target_bytes"][:bs - pad].sum())
+      loss = nats / max(count, 1)
+      if lm_eval:
+        # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand
+        # for, so byte-level and BPE models compare (docs/data.md).
+        return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+                "eval/perplexity": math.exp(min(loss, 700.0))}
+      return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
+
+    writer = metrics_lib.MetricWriter(workdir)
+    end_step = (tc.num_steps if max_steps_this_run is None
+                else min(tc.num_steps, start_step + max_steps_this_run))
+    if tc.progress and not quiet:
+      from tqdm.auto import tqdm
+      progress = tqdm(total=tc.num_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                      file=sys.stderr)
+    log(f"memarch: {n_params:,} parameters; mixers {lm_cfg.layer_pattern}; data "
+        f"{config.data.name} (seq_len {config.data.seq_len}, batch {config.data.batch_size}); "
+        f"mesh {sharding.describe(mesh)}; workdir {workdir}")
+
+    pending = None
+    last: dict[str, Any] = {}
+    t_last, tokens_since = time.time(), 0
+    stopped_early = out_of_time = False
+    zero_steps = zero_rows = 0  # steps / logged rows in a row with a gradient norm of exactly 0
+    zero_flagged = False
+
+    def finish(step, m):
+      """Checks one step's metrics (one step late, so the host never waits); its logged row."""
+      nonlocal t_last, tokens_since, skipped, zero_steps, zero_rows, zero_flagged
+      m = jax.device_get(m)
+      loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+      if not bool(m["finite"]):
+        bad = _nonfinite_name(loss, gnorm)
+        if not tc.skip_nonfinite:
+          raise NonFiniteError(
+              f"non-finite {bad} at step {step} (loss={loss}, grad_norm={gnorm}); lower opt.lr, "
+              "raise opt.warmup_steps, or set train.skip_nonfinite=True", step)
+        skipped += 1
+        log(f"memarch: skipped step {step}: non-finite {bad}")
+      zero_steps = zero_steps + 1 if gnorm == 0.0 else 0
+      tokens_since += config.data.batch_size * config.data.seq_len  # all input tokens (Zoology)
+      if not (step % tc.log_every == 0 or step == end_step):
+        return None
       now = time.time()
-      row = {"train/loss": float(m["loss"]), "train/accuracy": float(m["acc"]),
-             "train/grad_norm": float(m["grad_norm"]), "train/lr": float(lr_at(step)),
+      row = {"train/loss": loss, "train/accuracy": float(m["acc"]), "train/grad_norm": gnorm,
+             "train/lr": float(lr_at(step)),
              "train/tokens_per_sec": tokens_since / max(now - t_last, 1e-9),
              "train/elapsed_sec": now - t_start}
       row.update({k: float(v) for k, v in m.items() if k.startswith(("aux/", "stats/"))})
+      if tc.skip_nonfinite:
+        # A skipped step's NaN values are not written; the count of skipped steps is.
+        row = {k: v for k, v in row.items() if math.isfinite(v)}
+        row["train/skipped_steps"] = skipped
+      if zero_steps:
+        row["train/zero_grad_steps"] = zero_steps
+      zero_rows = zero_rows + 1 if gnorm == 0.0 else 0
+      if zero_rows >= ZERO_GRAD_ROWS and not zero_flagged:
+        zero_flagged = True
+        warnings.warn(
+            f"the gradient norm was exactly 0 in {zero_rows} logged steps in a row (through step "
+            f"{step}; train/loss {loss:.4f}, ln(vocab_size) {math.log(lm_cfg.vocab_size):.4f}): "
+            "nothing is learning; check the data's targets, the loss and train.aux_loss_weights")
       t_last, tokens_since = now, 0
-    return row
+      return row
 
-  step = start_step
-  try:
-    with sharding.mesh_context(mesh):
-      for step in range(start_step + 1, end_step + 1):
-        batch = data.batch(step - 1)
-        batch = {k: jax.device_put(np.asarray(v).reshape(v.shape), sharding.batch_sharding(mesh, v.ndim))
-                 for k, v in batch.items()}
-        collect = bool(tc.stats_every) and (step % tc.stats_every == 0 or step == 1)
-        state, m = step_fn(state, batch, collect)
-        if pending is not None:
-          row = finish(*pending)
-          if row is not None:
-            last.update(row)
-            writer.write(pending[0], row)
-            if progress is not None:
-              shown = (dict(bpb=f"{last.get('eval/bits_per_byte', float('nan')):.3f}") if lm_eval
-                       else dict(acc=f"{last.get('eval/accuracy', float('nan')):.3f}"))
-              progress.set_postfix(loss=f"{row['train/loss']:.4f}",
-                                   tok_s=f"{row['train/tokens_per_sec']:.0f}", **shown)
-        pending = (step, m)
-        if progress is not None:
-          progress.update(1)
-        # A wall-clock budget (train.time_budget_s, compile included) ends the run with an eval,
-        # as "accuracy reached in N minutes" comparisons need.
-        over_budget = bool(tc.time_budget_s) and time.time() - t_start >= tc.time_budget_s
-        is_eval = (tc.eval_every and step % tc.eval_every == 0) or step == end_step or over_budget
-        if is_eval and eval_set is not None:
-          ev = evaluate(state)
-          last.update(ev)
-          writer.write(step, ev)
-          if tc.stop_at_accuracy and ev.get("eval/accuracy", 0.0) >= tc.stop_at_accuracy:
-            stopped_early = True
-        if over_budget and not stopped_early:
-          log(f"memarch: time budget of {tc.time_budget_s:.0f}s used up at step {step}; stopping")
-          out_of_time = True
-        if ((tc.ckpt_every and step % tc.ckpt_every == 0) or step == end_step or stopped_early
-            or out_of_time):
-          ckpt.save(step, state, {"next_step": step, "data": config.data.name})
-        if stopped_early or out_of_time:
-          break
-      if pending is not None:
-        row = finish(*pending)
-        if row is not None:
-          last.update(row)
-          writer.write(pending[0], row)
+    def flush():
+      """Checks and logs the step whose metrics are still on the device, if any."""
+      nonlocal pending
+      if pending is None:
+        return
+      (s, m), pending = pending, None
+      row = finish(s, m)
+      if row is None:
+        return
+      last.update(row)
+      writer.write(s, row)
+      if progress is not None:
+        shown = (dict(bpb=f"{last.get('eval/bits_per_byte', float('nan')):.3f}") if lm_eval
+                 else dict(acc=f"{last.get('eval/accuracy', float('nan')):.3f}"))
+        progress.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}",
+                             tok_s=f"{row['train/tokens_per_sec']:.0f}", **shown)
+
+    step = start_step
+    try:
+      with sharding.mesh_context(mesh):
+        for step in range(start_step + 1, end_step + 1):
+          batch = data.batch(step - 1)
+          batch = {k: jax.device_put(np.asarray(v).reshape(v.shape),
+                                     sharding.batch_sharding(mesh, v.ndim))
+                   for k, v in batch.items()}
+          collect = bool(tc.stats_every) and (step % tc.stats_every == 0 or step == 1)
+          state, m = step_fn(state, batch, collect)
+          flush()
+          pending = (step, m)
+          if progress is not None:
+            progress.update(1)
+          # A wall-clock budget (train.time_budget_s, compile included) ends the run with an
+          # eval, as "accuracy reached in N minutes" comparisons need.
+          over_budget = bool(tc.time_budget_s) and time.time() - t_start >= tc.time_budget_s
+          at_end = step == end_step or over_budget
+          is_eval = bool(tc.eval_every and step % tc.eval_every == 0) or at_end
+          is_save = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or at_end
+          if is_eval or is_save:
+            flush()  # a step is checked (finite) before it is evaluated or saved
+          if is_eval and eval_set is not None:
+            ev = evaluate(state)
+            last.update(ev)
+            writer.write(step, ev)
+            if tc.stop_at_accuracy and ev.get("eval/accuracy", 0.0) >= tc.stop_at_accuracy:
+              stopped_early = True
+          if over_budget and not stopped_early:
+            log(f"memarch: time budget of {tc.time_budget_s:.0f}s used up at step {step}; stopping")
+            out_of_time = True
+          if is_save or stopped_early:
+            ckpt.save(step, state, {"next_step": step, "data": config.data.name,
+                                    "skipped_steps": skipped})
+          if stopped_early or out_of_time:
+            break
+        flush()
+    except NonFiniteError as e:
+      # The run ends here for good (a rerun would meet the same step); record it as finished.
+      try:
+        ckpt.wait()
+      except ckpt_lib.CheckpointError as save_err:
+        warnings.warn(str(save_err))
+      steps = ckpt.steps()
+      if primary:
+        workdir_lib.write_finished(
+            workdir, reason="non_finite", step=e.step,
+            checkpoint_step=steps[-1] if steps else 0, message=str(e),
+            summary=_jsonable(dict(last, step=e.step, num_params=n_params)))
+      raise
+    ckpt.wait()  # the last checkpoint is on disk before the run counts as finished
+
+    png = metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
+                                  title=f"{', '.join(lm_cfg.layer_pattern)} on {config.data.name}")
+    if step == start_step:  # nothing left to train: report the run's newest metrics
+      last = dict(_latest_values(writer.path), **last)
+    last.update(step=step, stopped_early=stopped_early, out_of_time=out_of_time,
+                wall_sec=time.time() - t_start, num_params=n_params)
+    if tc.skip_nonfinite:
+      last["skipped_steps"] = skipped
+    if stopped_early:
+      reason = "stop_at_accuracy"
+      message = (f"reached eval/accuracy {last['eval/accuracy']:.4f} >= {tc.stop_at_accuracy} at "
+                 f"step {step}")
+      log(f"memarch: {message}; stopping")
+    elif out_of_time:
+      reason, message = "time_budget", f"used up train.time_budget_s={tc.time_budget_s:g}"
+    elif step >= tc.num_steps:
+      reason, message = "num_steps", f"reached train.num_steps={tc.num_steps}"
+    else:
+      reason = None  # stopped by max_steps_this_run: to be continued
+    if reason is not None and primary:
+      workdir_lib.write_finished(workdir, reason=reason, step=step, checkpoint_step=step,
+                                 message=message, summary=_jsonable(last))
+    log(f"memarch: done at step {step} in {last['wall_sec']:.1f}s. metrics: {writer.path}; "
+        f"TensorBoard: {os.path.join(workdir, 'tensorboard')}; checkpoints: {ckpt.directory}; "
+        f"plot: {png}")
+    completed = True
+    return last
   finally:
-    ckpt.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
     if progress is not None:
       progress.close()
-  png = metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
-                                title=f"{', '.join(lm_cfg.layer_pattern)} on {config.data.name}")
-  last.update(step=step, stopped_early=stopped_early, out_of_time=out_of_time,
-              wall_sec=time.time() - t_start,
-              num_params=n_params)
-  if stopped_early:
-    log(f"memarch: reached eval/accuracy {last['eval/accuracy']:.4f} >= "
-        f"{tc.stop_at_accuracy} at step {step}; stopping")
-  log(f"memarch: done at step {step} in {last['wall_sec']:.1f}s. metrics: {writer.path}; "
-      f"TensorBoard: {os.path.join(workdir, 'tensorboard')}; checkpoints: {ckpt.directory}; "
-      f"plot: {png}")
-  return last
+    if completed:
+      ckpt.close()
+    else:  # already failing: report a failed save as a warning, not instead of the first error
+      try:
+        ckpt.close()
+      except ckpt_lib.CheckpointError as e:
+        warnings.warn(str(e))
