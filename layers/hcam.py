@@ -59,8 +59,15 @@ import numpy as np
 from flax import nnx
 
 from layers.attention import Attention, AttentionConfig, attend, causal_mask
-from layers.landmark import (DocGrid, doc_grid, last_document_blocks, restart_rows, scatter_rows,
-                             stream_blocks, write_blocks)
+from layers.landmark import (
+  DocGrid,
+  doc_grid,
+  last_document_blocks,
+  restart_rows,
+  scatter_rows,
+  stream_blocks,
+  write_blocks,
+)
 from layers.packing import to_slots
 from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention

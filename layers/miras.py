@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.base import MemoryInit
-from layers.base import const, dense
+from layers.base import MemoryInit, const, dense
 from layers.titans import NeuralMemory, TitansConfig, memory_shapes
 from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of model + optimizer state and the data position (DESIGN.md section 5).
+"""Orbax checkpoints of model + optimizer state and the data position (docs/reliability.md).
 
 Saves are asynchronous and atomic (Orbax writes to `<step>.orbax-checkpoint-tmp-*` and renames). A
 save that does not happen, or fails (a full or read-only disk), raises CheckpointError and leaves no

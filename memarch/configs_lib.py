@@ -1,4 +1,4 @@
-"""Config helpers shared by every `configs/<family>.py` (DESIGN.md section 4).
+"""Config helpers shared by every `configs/<family>.py` (docs/design.md, "Conventions").
 
 A config file defines `get_config(arg=None)`; `arg` is the text after ':' in
 `--config=configs/titans.py:variant=mag,size=tiny`, parsed by `parse_arg`. Configs are locked
@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 
 # Shared size presets. CPU presets use the small MQAR vocabulary (256): at Zoology's 8192 a
-# d_model-64 model needs tens of thousands of steps before recall appears (DESIGN.md section 5).
+# d_model-64 model needs tens of thousands of steps before recall appears.
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=64, num_layers=2, num_heads=2, mqar_vocab=256, batch_size=64,
                  seq_len=64, num_kv_pairs=4),
@@ -127,9 +127,9 @@ def impl_field():
 def passkey_task(c, a) -> None:
   """task=passkey: train on passkey rows of `seq_len` (default 512) byte tokens, language-model loss
   on the whole row (memarch.data.needle.PasskeySource); scripts/eval.py then runs the passkey eval
-  (exact match of the key's digits) at 512 to 16k
-  tokens segment by segment through the mixer's cache or memory (evals.md section 2). Shared by
-  the landmark and HCAM configs (`task=passkey`); `a` needs seq_len and steps."""
+  (exact match of the key's digits; Mohtashami & Jaggi 2023, arXiv 2305.16300) at 512 to 16k
+  tokens, segment by segment through the mixer's cache or memory. Shared by the landmark and HCAM
+  configs (`task=passkey`); `a` needs seq_len and steps."""
   c.data.name = "passkey"
   c.data.tokenizer = "byte"
   c.data.seq_len = a.get("seq_len", 0) or 512

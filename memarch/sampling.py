@@ -63,6 +63,7 @@ def load_trained(workdir: str):
   A missing workdir, config.json or checkpoint, and a workdir whose every checkpoint is unreadable,
   raise a one-line FileNotFoundError/ValueError (`memarch.cli.trained_workdir`)."""
   import ml_collections
+
   from memarch import cli
   cfg = ml_collections.ConfigDict(cli.trained_workdir(workdir))
   for section in ("layer_pattern", "channel_pattern"):

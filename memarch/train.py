@@ -28,12 +28,13 @@ import numpy as np
 from flax import nnx
 
 from memarch import checkpoint as ckpt_lib
-from memarch import configs_lib, metrics as metrics_lib, sharding
+from memarch import configs_lib, sharding
+from memarch import metrics as metrics_lib
+from memarch import step as step_lib
 from memarch import workdir as workdir_lib
 from memarch.data import make_source
 from memarch.data.mqar import IGNORE
 from memarch.lm import LM, count_params
-from memarch import step as step_lib
 from memarch.optim import make_optimizer, schedule
 from memarch.step import StepConfig
 
@@ -186,12 +187,227 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
     lock.release()
 
 
+def _restore(ckpt, state, log):
+  """(state, first step to train, skipped steps so far) from the newest readable checkpoint;
+  unreadable ones are moved aside, half-written saves of a killed run removed."""
+  gone = ckpt.remove_partial_saves()
+  if gone:
+    log(f"memarch: removed {len(gone)} unfinished checkpoint save(s) of an earlier run: "
+        f"{', '.join(sorted(gone))}")
+  restored = ckpt.restore_latest(ckpt_lib.abstract_like(state), move_aside=True)
+  if restored is not None:
+    step, state, data_pos = restored
+    log(f"memarch: resumed from checkpoint at step {step} in {ckpt.directory}")
+    return state, int(data_pos["next_step"]), int(data_pos.get("skipped_steps", 0))
+  if ckpt.unreadable:
+    log(f"memarch: no readable checkpoint in {ckpt.directory} (moved aside: "
+        f"{', '.join(os.path.basename(p) for p in ckpt.moved_aside)}); training from step 0")
+  return state, 0, 0
+
+
+def _finished_before(workdir, tc, start_step, primary, log) -> dict | None:
+  """The recorded summary when the run in `workdir` already finished and stays so (None: train).
+  A run that stopped on a non-finite step refuses unless told to go on."""
+  rec = workdir_lib.read_finished(workdir)
+  if rec is None:
+    return None
+  where = f"the run in {workdir} finished at step {rec['step']} ({rec['reason']})"
+  if start_step != rec["checkpoint_step"]:
+    warnings.warn(f"{where}, but its checkpoint at step {rec['checkpoint_step']} is gone; "
+                  f"training again from step {start_step}")
+  elif tc.continue_finished:
+    log(f"memarch: {where}; continuing it (train.continue_finished=True)")
+  elif rec["reason"] == "num_steps" and tc.num_steps > rec["step"]:
+    log(f"memarch: {where}; extending it to train.num_steps={tc.num_steps}")
+  elif rec["reason"] == "non_finite":
+    raise TrainingError(
+        f"{where}: {rec['message']}; to go on from its checkpoint at step {start_step}, set "
+        "train.continue_finished=True (or use a new --workdir)")
+  else:
+    log(f"memarch: {where}: {rec['message']}; nothing to do (set "
+        "train.continue_finished=True to train on, or use a new --workdir)")
+    return dict(rec.get("summary") or {}, already_finished=True, finish_reason=rec["reason"])
+  if primary:
+    workdir_lib.clear_finished(workdir)
+  return None
+
+
+def _finish_reason(tc, step, last, stopped_early, out_of_time):
+  """(reason, message) for finished.json; (None, None) when the run is to be continued (stopped
+  by max_steps_this_run)."""
+  if stopped_early:
+    return "stop_at_accuracy", (f"reached eval/accuracy {last['eval/accuracy']:.4f} >= "
+                                f"{tc.stop_at_accuracy} at step {step}")
+  if out_of_time:
+    return "time_budget", f"used up train.time_budget_s={tc.time_budget_s:g}"
+  if step >= tc.num_steps:
+    return "num_steps", f"reached train.num_steps={tc.num_steps}"
+  return None, None
+
+
+class Evaluator:
+  """A run's held-out evaluation. Text sources (lm_eval) score fixed rows of their held-out split:
+  loss, bits per byte and perplexity; the synthetic tasks score their eval set by accuracy and
+  loss. `predict` is a `memarch.step.jit_eval_step` function."""
+
+  def __init__(self, config, data, predict):
+    self.batch_size = config.data.batch_size
+    self.predict = predict
+    self.lm_eval = bool(getattr(data, "lm_eval", False))
+    if self.lm_eval:
+      self.eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
+    else:
+      self.eval_set = (data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set")
+                       else None)
+
+  def __call__(self, state) -> dict[str, float]:
+    if self.eval_set is None:
+      return {}
+    bs, n = self.batch_size, len(self.eval_set["inputs"])
+    correct, nats, count, nbytes = [], 0.0, 0, 0
+    for i in range(0, n, bs):
+      sl = {k: v[i:i + bs] for k, v in self.eval_set.items()}
+      pad = bs - len(sl["inputs"])
+      if pad:  # keep one compiled shape
+        sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
+      preds, nll = self.predict(state, {k: sl[k] for k in ("inputs", "segment_ids", "targets")})
+      preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
+      tgt = sl["targets"][:bs - pad]
+      mask = tgt != IGNORE
+      correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+      nats += float(nll.sum())
+      count += int(mask.sum())
+      if "target_bytes" in sl:
+        nbytes += int(sl["target_bytes"][:bs - pad].sum())
+    loss = nats / max(count, 1)
+    if self.lm_eval:
+      # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand
+      # for, so byte-level and BPE models compare (docs/data.md).
+      return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+              "eval/perplexity": math.exp(min(loss, 700.0))}
+    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
+
+
+class _StepLog:
+  """Checks each step's metrics (one step late, so the host never waits) and builds the logged
+  rows: a non-finite step stops the run (or is counted, with train.skip_nonfinite), and a
+  gradient norm of exactly 0 over several logged rows is flagged once."""
+
+  def __init__(self, config, end_step, lr_at, t_start, vocab_size, skipped, log):
+    self.tc, self.end_step, self.lr_at, self.t_start = config.train, end_step, lr_at, t_start
+    self.tokens_per_step = config.data.batch_size * config.data.seq_len  # all inputs (Zoology)
+    self.vocab_size, self.skipped, self.log = vocab_size, skipped, log
+    self.t_last, self.tokens_since = time.time(), 0
+    self.zero_steps = self.zero_rows = 0  # steps / logged rows in a row with grad norm exactly 0
+    self.zero_flagged = False
+
+  def check(self, step, m) -> dict | None:
+    """The row to log for `step` (None between logged steps); raises NonFiniteError."""
+    tc = self.tc
+    m = jax.device_get(m)
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if not bool(m["finite"]):
+      bad = _nonfinite_name(loss, gnorm)
+      if not tc.skip_nonfinite:
+        raise NonFiniteError(
+            f"non-finite {bad} at step {step} (loss={loss}, grad_norm={gnorm}); lower opt.lr, "
+            "raise opt.warmup_steps, or set train.skip_nonfinite=True", step)
+      self.skipped += 1
+      self.log(f"memarch: skipped step {step}: non-finite {bad}")
+    self.zero_steps = self.zero_steps + 1 if gnorm == 0.0 else 0
+    self.tokens_since += self.tokens_per_step
+    if not (step % tc.log_every == 0 or step == self.end_step):
+      return None
+    now = time.time()
+    row = {"train/loss": loss, "train/accuracy": float(m["acc"]), "train/grad_norm": gnorm,
+           "train/lr": float(self.lr_at(step)),
+           "train/tokens_per_sec": self.tokens_since / max(now - self.t_last, 1e-9),
+           "train/elapsed_sec": now - self.t_start}
+    row.update({k: float(v) for k, v in m.items() if k.startswith(("aux/", "stats/"))})
+    if tc.skip_nonfinite:
+      # A skipped step's NaN values are not written; the count of skipped steps is.
+      row = {k: v for k, v in row.items() if math.isfinite(v)}
+      row["train/skipped_steps"] = self.skipped
+    if self.zero_steps:
+      row["train/zero_grad_steps"] = self.zero_steps
+    self.zero_rows = self.zero_rows + 1 if gnorm == 0.0 else 0
+    if self.zero_rows >= ZERO_GRAD_ROWS and not self.zero_flagged:
+      self.zero_flagged = True
+      warnings.warn(
+          f"the gradient norm was exactly 0 in {self.zero_rows} logged steps in a row (through "
+          f"step {step}; train/loss {loss:.4f}, ln(vocab_size) {math.log(self.vocab_size):.4f}):"
+          " nothing is learning; check the data's targets, the loss and train.aux_loss_weights")
+    self.t_last, self.tokens_since = now, 0
+    return row
+
+
+def _show_progress(progress, row, last, lm_eval: bool) -> None:
+  if progress is None:
+    return
+  shown = (dict(bpb=f"{last.get('eval/bits_per_byte', float('nan')):.3f}") if lm_eval
+           else dict(acc=f"{last.get('eval/accuracy', float('nan')):.3f}"))
+  progress.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}",
+                       tok_s=f"{row['train/tokens_per_sec']:.0f}", **shown)
+
+
+def _record_non_finite(ckpt, workdir, e: NonFiniteError, summary: dict) -> None:
+  """finished.json for a run stopped by a non-finite step, after its pending saves."""
+  try:
+    ckpt.wait()
+  except ckpt_lib.CheckpointError as save_err:
+    warnings.warn(str(save_err))
+  steps = ckpt.steps()
+  workdir_lib.write_finished(workdir, reason="non_finite", step=e.step,
+                             checkpoint_step=steps[-1] if steps else 0, message=str(e),
+                             summary=_jsonable(summary))
+
+
+def _close_checkpointer(ckpt, *, failing: bool) -> None:
+  """Waits for the saves; when the run is already failing, a failed save is a warning rather
+  than an error that would hide the first one."""
+  if not failing:
+    ckpt.close()
+    return
+  try:
+    ckpt.close()
+  except ckpt_lib.CheckpointError as e:
+    warnings.warn(str(e))
+
+
+def _make_mesh(mesh_cfg):
+  devices = jax.devices()[:mesh_cfg.num_devices] if mesh_cfg.num_devices else None
+  return sharding.make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices)
+
+
+def _make_progress(tc, start_step: int, quiet: bool):
+  """A tqdm bar over the run's steps on stderr (None with train.progress=False or quiet)."""
+  if not tc.progress or quiet:
+    return None
+  from tqdm.auto import tqdm
+  return tqdm(total=tc.num_steps, initial=start_step, desc="train", dynamic_ncols=True,
+              file=sys.stderr)
+
+
+def _due(step: int, every: int) -> bool:
+  """Whether a periodic action (every `every` steps; 0 = never) falls on `step`."""
+  return bool(every) and step % every == 0
+
+
+def _evaluate_and_log(evaluate, state, step, last, writer, tc) -> bool:
+  """Runs the held-out eval, logs it; whether train.stop_at_accuracy is reached."""
+  if evaluate.eval_set is None:
+    return False
+  ev = evaluate(state)
+  last.update(ev)
+  writer.write(step, ev)
+  return bool(tc.stop_at_accuracy) and ev.get("eval/accuracy", 0.0) >= tc.stop_at_accuracy
+
+
 def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quiet, t_start):
   """The run itself, inside the workdir lock (see `train_and_evaluate`)."""
   tc = config.train
   primary = jax.process_index() == 0  # writes the run's records
-  devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+  mesh = _make_mesh(config.mesh)
 
   with sharding.mesh_context(mesh):
     model = LM(lm_cfg, rngs=nnx.Rngs(config.seed))
@@ -205,47 +421,13 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
   writer = progress = None
   completed = False
   try:
-    gone = ckpt.remove_partial_saves()
-    if gone:
-      log(f"memarch: removed {len(gone)} unfinished checkpoint save(s) of an earlier run: "
-          f"{', '.join(sorted(gone))}")
-    start_step, skipped = 0, 0
-    restored = ckpt.restore_latest(ckpt_lib.abstract_like(state), move_aside=True)
-    if restored is not None:
-      step, state, data_pos = restored
-      start_step = int(data_pos["next_step"])
-      skipped = int(data_pos.get("skipped_steps", 0))
-      log(f"memarch: resumed from checkpoint at step {step} in {ckpt.directory}")
-    elif ckpt.unreadable:
-      log(f"memarch: no readable checkpoint in {ckpt.directory} (moved aside: "
-          f"{', '.join(os.path.basename(p) for p in ckpt.moved_aside)}); training from step 0")
+    state, start_step, skipped = _restore(ckpt, state, log)
 
     # ---- a finished run stays finished ----
-    rec = workdir_lib.read_finished(workdir)
-    if rec is not None:
-      where = f"the run in {workdir} finished at step {rec['step']} ({rec['reason']})"
-      if start_step != rec["checkpoint_step"]:
-        warnings.warn(f"{where}, but its checkpoint at step {rec['checkpoint_step']} is gone; "
-                      f"training again from step {start_step}")
-        if primary:
-          workdir_lib.clear_finished(workdir)
-      elif tc.continue_finished:
-        log(f"memarch: {where}; continuing it (train.continue_finished=True)")
-        if primary:
-          workdir_lib.clear_finished(workdir)
-      elif rec["reason"] == "num_steps" and tc.num_steps > rec["step"]:
-        log(f"memarch: {where}; extending it to train.num_steps={tc.num_steps}")
-        if primary:
-          workdir_lib.clear_finished(workdir)
-      elif rec["reason"] == "non_finite":
-        raise TrainingError(
-            f"{where}: {rec['message']}; to go on from its checkpoint at step {start_step}, set "
-            "train.continue_finished=True (or use a new --workdir)")
-      else:
-        log(f"memarch: {where}: {rec['message']}; nothing to do (set "
-            "train.continue_finished=True to train on, or use a new --workdir)")
-        completed = True
-        return dict(rec.get("summary") or {}, already_finished=True, finish_reason=rec["reason"])
+    summary = _finished_before(workdir, tc, start_step, primary, log)
+    if summary is not None:
+      completed = True
+      return summary
     write_config(workdir, config, start_step)
 
     # Only packed sources (several documents per row) need segment ids; every mixer then runs each
@@ -256,99 +438,20 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     predict = step_lib.jit_eval_step(graphdef, step_cfg)
     lr_at = schedule(opt_cfg, tc.num_steps)
 
-    # ---- evaluation ----
-    # Text sources (lm_eval) score fixed rows of their held-out split: loss, bits per byte and
-    # perplexity; the synthetic tasks score their eval set by accuracy and loss.
-    lm_eval = bool(getattr(data, "lm_eval", False))
-    if lm_eval:
-      eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
-    else:
-      eval_set = data.eval_set(config.data.eval_examples) if hasattr(data, "eval_set") else None
-
-    def evaluate(state) -> dict[str, float]:
-      if eval_set is None:
-        return {}
-      bs = config.data.batch_size
-      n = len(eval_set["inputs"])
-      correct, nats, count, nbytes = [], 0.0, 0, 0
-      for i in range(0, n, bs):
-        sl = {k: v[i:i + bs] for k, v in eval_set.items()}
-        pad = bs - len(sl["inputs"])
-        if pad:  # keep one compiled shape
-          sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
-        preds, nll = predict(state, {k: sl[k] for k in ("inputs", "segment_ids", "targets")})
-        preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
-        tgt = sl["targets"][:bs - pad]
-        mask = tgt != IGNORE
-        correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
-        nats += float(nll.sum())
-        count += int(mask.sum())
-        if "target_bytes" in sl:
-          nbytes += int(sl["target_bytes"][:bs - pad].sum())
-      loss = nats / max(count, 1)
-      if lm_eval:
-        # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand
-        # for, so byte-level and BPE models compare (docs/data.md).
-        return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
-                "eval/perplexity": math.exp(min(loss, 700.0))}
-      return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
+    evaluate = Evaluator(config, data, predict)
 
     writer = metrics_lib.MetricWriter(workdir)
     end_step = (tc.num_steps if max_steps_this_run is None
                 else min(tc.num_steps, start_step + max_steps_this_run))
-    if tc.progress and not quiet:
-      from tqdm.auto import tqdm
-      progress = tqdm(total=tc.num_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                      file=sys.stderr)
+    progress = _make_progress(tc, start_step, quiet)
     log(f"memarch: {n_params:,} parameters; mixers {lm_cfg.layer_pattern}; data "
         f"{config.data.name} (seq_len {config.data.seq_len}, batch {config.data.batch_size}); "
         f"mesh {sharding.describe(mesh)}; workdir {workdir}")
 
     pending = None
     last: dict[str, Any] = {}
-    t_last, tokens_since = time.time(), 0
     stopped_early = out_of_time = False
-    zero_steps = zero_rows = 0  # steps / logged rows in a row with a gradient norm of exactly 0
-    zero_flagged = False
-
-    def finish(step, m):
-      """Checks one step's metrics (one step late, so the host never waits); its logged row."""
-      nonlocal t_last, tokens_since, skipped, zero_steps, zero_rows, zero_flagged
-      m = jax.device_get(m)
-      loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-      if not bool(m["finite"]):
-        bad = _nonfinite_name(loss, gnorm)
-        if not tc.skip_nonfinite:
-          raise NonFiniteError(
-              f"non-finite {bad} at step {step} (loss={loss}, grad_norm={gnorm}); lower opt.lr, "
-              "raise opt.warmup_steps, or set train.skip_nonfinite=True", step)
-        skipped += 1
-        log(f"memarch: skipped step {step}: non-finite {bad}")
-      zero_steps = zero_steps + 1 if gnorm == 0.0 else 0
-      tokens_since += config.data.batch_size * config.data.seq_len  # all input tokens (Zoology)
-      if not (step % tc.log_every == 0 or step == end_step):
-        return None
-      now = time.time()
-      row = {"train/loss": loss, "train/accuracy": float(m["acc"]), "train/grad_norm": gnorm,
-             "train/lr": float(lr_at(step)),
-             "train/tokens_per_sec": tokens_since / max(now - t_last, 1e-9),
-             "train/elapsed_sec": now - t_start}
-      row.update({k: float(v) for k, v in m.items() if k.startswith(("aux/", "stats/"))})
-      if tc.skip_nonfinite:
-        # A skipped step's NaN values are not written; the count of skipped steps is.
-        row = {k: v for k, v in row.items() if math.isfinite(v)}
-        row["train/skipped_steps"] = skipped
-      if zero_steps:
-        row["train/zero_grad_steps"] = zero_steps
-      zero_rows = zero_rows + 1 if gnorm == 0.0 else 0
-      if zero_rows >= ZERO_GRAD_ROWS and not zero_flagged:
-        zero_flagged = True
-        warnings.warn(
-            f"the gradient norm was exactly 0 in {zero_rows} logged steps in a row (through step "
-            f"{step}; train/loss {loss:.4f}, ln(vocab_size) {math.log(lm_cfg.vocab_size):.4f}): "
-            "nothing is learning; check the data's targets, the loss and train.aux_loss_weights")
-      t_last, tokens_since = now, 0
-      return row
+    step_log = _StepLog(config, end_step, lr_at, t_start, lm_cfg.vocab_size, skipped, log)
 
     def flush():
       """Checks and logs the step whose metrics are still on the device, if any."""
@@ -356,16 +459,12 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       if pending is None:
         return
       (s, m), pending = pending, None
-      row = finish(s, m)
+      row = step_log.check(s, m)
       if row is None:
         return
       last.update(row)
       writer.write(s, row)
-      if progress is not None:
-        shown = (dict(bpb=f"{last.get('eval/bits_per_byte', float('nan')):.3f}") if lm_eval
-                 else dict(acc=f"{last.get('eval/accuracy', float('nan')):.3f}"))
-        progress.set_postfix(loss=f"{row.get('train/loss', float('nan')):.4f}",
-                             tok_s=f"{row['train/tokens_per_sec']:.0f}", **shown)
+      _show_progress(progress, row, last, evaluate.lm_eval)
 
     step = start_step
     try:
@@ -375,7 +474,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
           batch = {k: jax.device_put(np.asarray(v).reshape(v.shape),
                                      sharding.batch_sharding(mesh, v.ndim))
                    for k, v in batch.items()}
-          collect = bool(tc.stats_every) and (step % tc.stats_every == 0 or step == 1)
+          collect = _due(step, tc.stats_every) or (step == 1 and bool(tc.stats_every))
           state, m = step_fn(state, batch, collect)
           flush()
           pending = (step, m)
@@ -385,37 +484,25 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
           # eval, as "accuracy reached in N minutes" comparisons need.
           over_budget = bool(tc.time_budget_s) and time.time() - t_start >= tc.time_budget_s
           at_end = step == end_step or over_budget
-          is_eval = bool(tc.eval_every and step % tc.eval_every == 0) or at_end
-          is_save = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or at_end
+          is_eval = _due(step, tc.eval_every) or at_end
+          is_save = _due(step, tc.ckpt_every) or at_end
           if is_eval or is_save:
             flush()  # a step is checked (finite) before it is evaluated or saved
-          if is_eval and eval_set is not None:
-            ev = evaluate(state)
-            last.update(ev)
-            writer.write(step, ev)
-            if tc.stop_at_accuracy and ev.get("eval/accuracy", 0.0) >= tc.stop_at_accuracy:
-              stopped_early = True
+          if is_eval:
+            stopped_early = _evaluate_and_log(evaluate, state, step, last, writer, tc)
           if over_budget and not stopped_early:
             log(f"memarch: time budget of {tc.time_budget_s:.0f}s used up at step {step}; stopping")
             out_of_time = True
           if is_save or stopped_early:
             ckpt.save(step, state, {"next_step": step, "data": config.data.name,
-                                    "skipped_steps": skipped})
+                                    "skipped_steps": step_log.skipped})
           if stopped_early or out_of_time:
             break
         flush()
     except NonFiniteError as e:
       # The run ends here for good (a rerun would meet the same step); record it as finished.
-      try:
-        ckpt.wait()
-      except ckpt_lib.CheckpointError as save_err:
-        warnings.warn(str(save_err))
-      steps = ckpt.steps()
       if primary:
-        workdir_lib.write_finished(
-            workdir, reason="non_finite", step=e.step,
-            checkpoint_step=steps[-1] if steps else 0, message=str(e),
-            summary=_jsonable(dict(last, step=e.step, num_params=n_params)))
+        _record_non_finite(ckpt, workdir, e, dict(last, step=e.step, num_params=n_params))
       raise
     ckpt.wait()  # the last checkpoint is on disk before the run counts as finished
 
@@ -426,18 +513,10 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     last.update(step=step, stopped_early=stopped_early, out_of_time=out_of_time,
                 wall_sec=time.time() - t_start, num_params=n_params)
     if tc.skip_nonfinite:
-      last["skipped_steps"] = skipped
+      last["skipped_steps"] = step_log.skipped
+    reason, message = _finish_reason(tc, step, last, stopped_early, out_of_time)
     if stopped_early:
-      reason = "stop_at_accuracy"
-      message = (f"reached eval/accuracy {last['eval/accuracy']:.4f} >= {tc.stop_at_accuracy} at "
-                 f"step {step}")
       log(f"memarch: {message}; stopping")
-    elif out_of_time:
-      reason, message = "time_budget", f"used up train.time_budget_s={tc.time_budget_s:g}"
-    elif step >= tc.num_steps:
-      reason, message = "num_steps", f"reached train.num_steps={tc.num_steps}"
-    else:
-      reason = None  # stopped by max_steps_this_run: to be continued
     if reason is not None and primary:
       workdir_lib.write_finished(workdir, reason=reason, step=step, checkpoint_step=step,
                                  message=message, summary=_jsonable(last))
@@ -451,10 +530,4 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       writer.close()
     if progress is not None:
       progress.close()
-    if completed:
-      ckpt.close()
-    else:  # already failing: report a failed save as a warning, not instead of the first error
-      try:
-        ckpt.close()
-      except ckpt_lib.CheckpointError as e:
-        warnings.warn(str(e))
+    _close_checkpointer(ckpt, failing=not completed)

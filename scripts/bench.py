@@ -20,7 +20,6 @@ import functools
 import json
 import time
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +54,8 @@ def compiled_bytes(jitted, *args) -> int:
 def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int):
   """Step time and compiled peak memory of the training step itself (memarch.step.jit_train_step:
   the optimizer, accumulation and auxiliary losses of the config), on random tokens."""
-  from memarch import configs_lib, step as step_lib
+  from memarch import configs_lib
+  from memarch import step as step_lib
   from memarch.lm import LM, count_params
   from memarch.optim import make_optimizer
   from memarch.sharding import mesh_context

@@ -17,7 +17,6 @@ import time
 import bench  # a sibling script: python puts scripts/ on sys.path
 import jax
 
-
 SMOKE = ("configs/gated_deltanet.py", "configs/mom.py", "configs/peer.py", "configs/landmark.py",
          "configs/titans.py")
 

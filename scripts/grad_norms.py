@@ -56,7 +56,8 @@ def load(family: str, size: str, seq_len: int, batch: int, **model_overrides):
 def first_step_grad_norm(config, batch=None) -> dict:
   """{'params', 'grad_norm', 'loss'} of `config`'s freshly initialised LM on its first training
   batch (or `batch`: inputs, targets, segment_ids), with the training loss (memarch.step.loss_fn)."""
-  from memarch import configs_lib, step as step_lib
+  from memarch import configs_lib
+  from memarch import step as step_lib
   from memarch.data import make_source
   from memarch.lm import LM, count_params
   from memarch.sharding import mesh_context

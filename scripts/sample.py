@@ -44,6 +44,7 @@ def main(argv):
                        f"data.name={trained_on} (use scripts/eval.py)")
 
   import numpy as np
+
   from memarch.sampling import generate, load_trained
   cfg, data, model = load_trained(workdir)
   if trained_on == "mqar":

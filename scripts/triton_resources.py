@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 
-
 NUM_WARPS = 4   # the kernels' compiler params (pltriton.CompilerParams) use 4 warps
 # kernels (by file name prefix) compiled with other warps than NUM_WARPS (Titans: pallas_gpu._Config,
 # 8 at depth 2, 4 at depth 1); dump() records them per file
@@ -30,6 +29,7 @@ def _titans_case(d, e, chunk, depth=2):
   """Titans memory at depth 2 (D = d, E = e) or 1 (D = d), forward and backward kernels."""
   import jax
   import jax.numpy as jnp
+
   from pallas_kernels.titans_memory import titans_memory
   S, f32 = jax.ShapeDtypeStruct, jnp.float32
   b, t, h = 1, 2 * chunk, 2
@@ -49,14 +49,15 @@ def _titans_case(d, e, chunk, depth=2):
 def dump(out_dir, d=128, chunk=64, titans=(64, 256, 16), only=""):
   import jax
   import jax.numpy as jnp
+
   from pallas_kernels.testing import triton_modules
   os.makedirs(out_dir, exist_ok=True)
 
   S = jax.ShapeDtypeStruct
   bf16, f32 = jnp.bfloat16, jnp.float32
   from pallas_kernels import gated_delta_rule, linear_attention
-  from pallas_kernels.expert_gather import expert_gather
   from pallas_kernels.block_retrieval_attention import pallas_gpu as brg
+  from pallas_kernels.expert_gather import expert_gather
   b, t, h = 1, 256, 2
   tok, gate = S((b, t, h, d), bf16), S((b, t, h), f32)
   cases = {

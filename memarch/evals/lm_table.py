@@ -234,10 +234,11 @@ def steady_steps_per_sec(metrics: Sequence[dict]) -> float:
 
 def run_row(row_dir: str) -> dict:
   """Trains and evaluates the row whose settings.json is in `row_dir`; writes row.json."""
+  import jax
+
   from memarch.evals.runner import run_evals
   from memarch.metrics import read_metrics
   from memarch.train import train_and_evaluate
-  import jax
   with open(os.path.join(row_dir, SETTINGS_FILE)) as f:
     meta = json.load(f)
   name, s = meta["row"], meta["settings"]

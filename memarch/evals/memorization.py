@@ -101,8 +101,12 @@ def swiglu_params(d: int, hidden: int) -> int:
 def memory_layers(s: Setup) -> dict[str, dict]:
   """Channel-mixer kwargs, active FLOPs and parameters of the two memory layers."""
   from layers.peer import PEERConfig
-  from layers.ultramem import (UltraMemConfig, ffn_flops_per_token, ffn_hidden_default,
-                               memory_flops_per_token)
+  from layers.ultramem import (
+    UltraMemConfig,
+    ffn_flops_per_token,
+    ffn_hidden_default,
+    memory_flops_per_token,
+  )
   d = s.d_model
   pc = PEERConfig(d, num_subkeys=s.peer_n, num_heads=s.peer_heads, top_k=s.peer_k)
   uc = UltraMemConfig(d, ffn_hidden=s.um_ffn_hidden or None, num_subkeys=s.um_n, top_m=s.um_k)

@@ -56,6 +56,7 @@ def load_named_config(spec: str, size: str = "tiny"):
 def state_bytes_per_layer(cfg, seq_len: int) -> list[int]:
   """Bytes of each layer's `init_state(1, max_len=seq_len)` leaves, computed abstractly."""
   from flax import nnx
+
   from memarch import configs_lib, sharding
   from memarch.data import make_source
   from memarch.lm import LM

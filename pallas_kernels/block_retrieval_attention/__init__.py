@@ -37,9 +37,10 @@ from __future__ import annotations
 from pallas_kernels._dispatch import dispatch, lazy
 from pallas_kernels.block_retrieval_attention import _common
 from pallas_kernels.block_retrieval_attention.reference import block_retrieval_attention_reference
-from pallas_kernels.block_retrieval_attention.xla import (DEFAULT_CHUNK,
-                                                          block_retrieval_attention_xla)
-
+from pallas_kernels.block_retrieval_attention.xla import (
+  DEFAULT_CHUNK,
+  block_retrieval_attention_xla,
+)
 
 IMPLEMENTATIONS = {
     "reference": block_retrieval_attention_reference,

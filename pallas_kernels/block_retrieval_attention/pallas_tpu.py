@@ -34,9 +34,14 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import tile_dot as _dot
 from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
-from pallas_kernels.block_retrieval_attention.pallas_gpu import (DECODE_MAX_QUERIES, _block_logits,
-                                                                 _local_logits, _online,
-                                                                 check_supported, make_core)
+from pallas_kernels.block_retrieval_attention.pallas_gpu import (
+  DECODE_MAX_QUERIES,
+  _block_logits,
+  _local_logits,
+  _online,
+  check_supported,
+  make_core,
+)
 
 LOCAL_TILE = 128
 LANES = 128

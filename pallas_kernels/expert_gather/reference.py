@@ -5,7 +5,6 @@ both are what the `xla` path avoids. Obviously correct, differentiated by JAX it
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.expert_gather._common import ACTIVATIONS, acc_dtype

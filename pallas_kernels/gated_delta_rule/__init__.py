@@ -13,7 +13,6 @@ from pallas_kernels.gated_delta_rule import _common
 from pallas_kernels.gated_delta_rule.reference import gated_delta_rule_reference
 from pallas_kernels.gated_delta_rule.xla import gated_delta_rule_xla
 
-
 IMPLEMENTATIONS = {
     "reference": gated_delta_rule_reference,
     "xla": gated_delta_rule_xla,

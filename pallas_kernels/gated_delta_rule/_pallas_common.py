@@ -23,7 +23,6 @@ from pallas_kernels._common import check_kernel_dtypes, is_pow2
 from pallas_kernels.gated_delta_rule import _common
 
 
-
 class Cfg(NamedTuple):
   """Static configuration of one kernel call (hashable: a custom_vjp nondiff argument)."""
   chunk: int

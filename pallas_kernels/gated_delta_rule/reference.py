@@ -8,7 +8,6 @@ the first token of a call continues from `initial_state`. Math in float32 (float
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

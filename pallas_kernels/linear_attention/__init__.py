@@ -10,7 +10,6 @@ from pallas_kernels.gated_delta_rule import _common
 from pallas_kernels.linear_attention.reference import linear_attention_reference
 from pallas_kernels.linear_attention.xla import linear_attention_xla
 
-
 IMPLEMENTATIONS = {
     "reference": linear_attention_reference,
     "xla": linear_attention_xla,

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels._common import compute_dtype
 from pallas_kernels._dispatch import dispatch
 from pallas_kernels.miras_memory.reference import STATE_KEY, miras_rule
-from pallas_kernels.titans_memory import (broadcast_initial, check_resets, check_sequences,
-                                          check_state_and_gates)
+from pallas_kernels.titans_memory import (
+  broadcast_initial,
+  check_resets,
+  check_sequences,
+  check_state_and_gates,
+)
 from pallas_kernels.titans_memory.engine import MemoryInputs, MemoryParams, MemoryState
-from pallas_kernels._common import compute_dtype
 from pallas_kernels.titans_memory.reference import memory_reference
 from pallas_kernels.titans_memory.rules import BIASES, RETENTIONS, MemoryRule
 from pallas_kernels.titans_memory.xla import memory_xla

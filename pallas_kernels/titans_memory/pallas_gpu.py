@@ -75,9 +75,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import check_kernel_dtypes, is_pow2, tile_dot
-from pallas_kernels.titans_memory.engine import (ChunkCarry, ChunkEnds, ChunkOut, ChunkTokens,
-                                                 DotOps, MemoryInputs, MemoryParams, MemoryState,
-                                                 read_and_carry)
+from pallas_kernels.titans_memory.engine import (
+  ChunkCarry,
+  ChunkEnds,
+  ChunkOut,
+  ChunkTokens,
+  DotOps,
+  MemoryInputs,
+  MemoryParams,
+  MemoryState,
+  read_and_carry,
+)
 from pallas_kernels.titans_memory.reference import LN_EPS
 from pallas_kernels.titans_memory.rules import TITANS
 from pallas_kernels.titans_memory.xla import decay_matrices, memory_xla

@@ -54,12 +54,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.titans_memory.engine import (ChunkCarry, ChunkEnds, ChunkOut, ChunkTokens,
-                                                 DotOps, MemoryInputs, MemoryParams, MemoryState,
-                                                 read_and_carry)
 from pallas_kernels._common import compute_dtype
-from pallas_kernels.titans_memory.reference import (gelu, layer_norm, memory_apply,
-                                                    mlp_apply)
+from pallas_kernels.titans_memory.engine import (
+  ChunkCarry,
+  ChunkEnds,
+  ChunkOut,
+  ChunkTokens,
+  DotOps,
+  MemoryInputs,
+  MemoryParams,
+  MemoryState,
+  read_and_carry,
+)
+from pallas_kernels.titans_memory.reference import gelu, layer_norm, memory_apply, mlp_apply
 
 _mm = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
 

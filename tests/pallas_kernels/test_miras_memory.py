@@ -9,8 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.miras_memory import (MODELS, STATE_KEY, init_miras_state, miras_memory,
-                                         miras_weights)
+from pallas_kernels.miras_memory import (
+  MODELS,
+  STATE_KEY,
+  init_miras_state,
+  miras_memory,
+  miras_weights,
+)
 from pallas_kernels.testing import assert_close, assert_tree_close, rel_rms
 from pallas_kernels.titans_memory import init_memory_state, memory_apply, titans_memory
 

@@ -11,8 +11,12 @@ import pytest
 from pallas_kernels import _dispatch
 from pallas_kernels.miras_memory import miras_memory
 from pallas_kernels.testing import assert_close, pallas_modes, tol_for
-from pallas_kernels.titans_memory import IMPLEMENTATIONS, init_memory_state, titans_memory
-from pallas_kernels.titans_memory import pallas_gpu
+from pallas_kernels.titans_memory import (
+  IMPLEMENTATIONS,
+  init_memory_state,
+  pallas_gpu,
+  titans_memory,
+)
 
 ARG_NAMES = ("q", "k", "v", "theta", "eta", "log_a", "ln_scale", "ln_bias")
 CHUNK = 16

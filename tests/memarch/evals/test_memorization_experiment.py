@@ -1,6 +1,5 @@
 """The memorization experiment (memarch.evals.memorization): matched baselines and a micro-run."""
 import json
-import os
 
 import pytest
 from flax import nnx
