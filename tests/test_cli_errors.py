@@ -1,5 +1,5 @@
 """Bad input to scripts/train.py, eval.py and sample.py, run as a user would (subprocesses): each gets
-exactly one line, `error: ...`, on stderr and exit status 2, with no traceback (docs/cli_errors.md).
+exactly one line, `error: ...`, on stderr and exit status 2, with no traceback (docs/reliability.md, "Script arguments").
 
 The flag and config cases fail before jax is imported (well under a second each); the cases that need
 a trained model share one tiny Shakespeare workdir trained in this process.

@@ -2,7 +2,7 @@
 Transformer++'s (scripts/grad_norms.py; the 170m table is in docs/results.md).
 
 Each family's 170m config (d_model 768, 16 heads, its persistent tokens, segments, windows) with
-one block instead of 12, on two unpacked 512-token rows of Shakespeare bytes (the text task's row
+one block instead of 12, on one unpacked 512-token row of Shakespeare bytes (the text task's row
 length). Both sizes matter. The long row: the Titans and Miras memories used to shrink their W by
 0.99 per token at init, and the LN'd memory's write gain grows as 1/scale(W)^2, so their gradients
 exploded back through the chunks. The width: Yaad's Huber-threshold gate, initialised at a fixed
@@ -27,7 +27,7 @@ AT_ONE_BLOCK = {"peer": "peer:variant=all"}
 
 
 def _norm(family: str) -> float:
-  c = grad_norms.load(AT_ONE_BLOCK.get(family, family), "170m", seq_len=512, batch=2, **ONE_BLOCK)
+  c = grad_norms.load(AT_ONE_BLOCK.get(family, family), "170m", seq_len=512, batch=1, **ONE_BLOCK)
   c.data.pack = False  # one play per row: no segment ids, the cheaper path (same init)
   r = grad_norms.first_step_grad_norm(c)
   assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0, (family, r)
