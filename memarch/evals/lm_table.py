@@ -51,6 +51,8 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from memarch.evals.plots import save_figure
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ROW_FILE = "row.json"
 SETTINGS_FILE = "settings.json"
@@ -405,11 +407,7 @@ def plot(rows: Sequence[dict], png_path: str) -> str:
   ax2.set(xlabel="held-out bits per byte (lower is better)", title="after training")
   ax2.grid(axis="x", alpha=0.3)
   ax2.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=110)
-  plt.close(fig)
-  return png_path
+  return save_figure(fig, png_path, dpi=110)
 
 
 def write_report(out_dir: str, names: Sequence[str] | None = None, *, command: str = "",

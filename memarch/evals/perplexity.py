@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from memarch.evals.long_context import StreamingRunner
+from memarch.evals.plots import save_figure
 
 IGNORE = -100
 
@@ -184,8 +185,4 @@ def plot(rows: Sequence[dict], png_path: str, *, title: str = "", train_len: int
   ax.set_title(_wrap(title + ("\n* not streamed: scored at the training length"
                               if not all(r.get("streamed", True) for r in rows) else "")),
                fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return save_figure(fig, png_path)

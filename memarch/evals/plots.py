@@ -13,6 +13,15 @@ def _plt():
   return plt
 
 
+def save_figure(fig, png_path: str, dpi: int = 100) -> str:
+  """Lays out `fig`, writes it to `png_path` (creating its folder), closes it; returns the path."""
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+  fig.savefig(png_path, dpi=dpi)
+  _plt().close(fig)
+  return png_path
+
+
 def _wrap(title: str, width: int = 70) -> str:
   return "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
 
@@ -37,11 +46,7 @@ def heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], png_pa
   ax.set_ylabel(ylabel)
   ax.set_title(_wrap(title), fontsize=8)
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return save_figure(fig, png_path)
 
 
 def bars(labels: Sequence[str], values: Sequence[float], png_path: str, *, title: str = "",
@@ -56,11 +61,7 @@ def bars(labels: Sequence[str], values: Sequence[float], png_path: str, *, title
   ax.set_ylim(0, 1.08)
   ax.set_ylabel(ylabel)
   ax.set_title(_wrap(title, 50), fontsize=8)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return save_figure(fig, png_path)
 
 
 def accuracy_vs_state(rows: Sequence[dict], png_path: str, *, title: str = "") -> str:
@@ -85,8 +86,4 @@ def accuracy_vs_state(rows: Sequence[dict], png_path: str, *, title: str = "") -
   ax.set_title(title or "MQAR accuracy vs state size", fontsize=9)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=100)
-  plt.close(fig)
-  return png_path
+  return save_figure(fig, png_path)

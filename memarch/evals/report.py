@@ -23,6 +23,8 @@ import re
 import sys
 from typing import Sequence
 
+from memarch.evals.plots import save_figure
+
 RESULTS = "results.jsonl"
 EVAL_ORDER = ("perplexity", "harness", "babilong", "passkey", "niah", "mqar")
 
@@ -177,11 +179,7 @@ def _lines_plot(series: dict[str, list[tuple[int, float]]], png: str, *, ylabel:
   ax.set_title(title, fontsize=9)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-  fig.savefig(png, dpi=100)
-  plt.close(fig)
-  return png
+  return save_figure(fig, png)
 
 
 def _mean_by_length(rows, name: str, metric: str) -> list[tuple[int, float]]:
