@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from memarch import checkpoint as ckpt_lib
-from memarch import configs_lib, sharding
+from memarch import configs_lib, sharding, testing
 from memarch import step as step_lib
 from memarch import train as train_lib
 from memarch import workdir as workdir_lib
@@ -27,17 +27,7 @@ from memarch.train import TrainingError, train_and_evaluate
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def tiny_config(**train):
-  c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py"))
-  c.unlock()
-  c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 1, 2
-  c.data.batch_size, c.data.seq_len, c.data.eval_examples = 8, 32, 16
-  c.train.update(dict(num_steps=8, log_every=1, eval_every=4, ckpt_every=4, progress=False,
-                      stop_at_accuracy=0.0))
-  c.train.update(train)
-  c.opt.warmup_steps = 2
-  c.lock()
-  return c
+tiny_config = testing.tiny_config
 
 
 def rows(workdir):

@@ -1,28 +1,19 @@
 """The training loop: exact resume after a kill, metrics files, clear errors on bad input."""
+import functools
 import os
 import subprocess
 import sys
 
 import pytest
 
-from memarch import configs_lib
+from memarch import configs_lib, testing
 from memarch.metrics import read_metrics
 from memarch.train import TrainingError, train_and_evaluate
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-def tiny_config(**train):
-  c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py"))
-  c.unlock()
-  c.model.d_model, c.model.num_layers, c.model.num_heads = 32, 1, 2
-  c.data.batch_size, c.data.seq_len, c.data.eval_examples = 8, 32, 16
-  c.train.update(dict(num_steps=12, log_every=1, eval_every=6, ckpt_every=4, progress=False,
-                      stop_at_accuracy=0.0))
-  c.train.update(train)
-  c.opt.warmup_steps = 2
-  c.lock()
-  return c
+tiny_config = functools.partial(testing.tiny_config, num_steps=12, eval_every=6)
 
 
 def losses(workdir):
