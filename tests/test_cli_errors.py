@@ -37,6 +37,10 @@ def config_names():
   return ", ".join(n for n in sorted(os.listdir(CONFIGS)) if n.endswith(".py") and n != "__init__.py")
 
 
+# One worker runs this module, so its module-scoped fixture is built once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("cli_errors")
+
+
 @pytest.fixture(scope="module")
 def text_workdir(tmp_path_factory):
   """A tiny byte-level Shakespeare model, trained 2 steps (data.seq_len 32), with checkpoints."""

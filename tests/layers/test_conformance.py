@@ -1,6 +1,11 @@
 """Sequence-mixer conformance (docs/design.md), parameterised over every registered mixer: shapes,
 finite gradients, causality, split invariance (incl. one-token decode steps), state=None ==
-init_state(), and packed documents computed as if each ran alone."""
+init_state(), and packed documents computed as if each ran alone.
+
+Compiling is most of the cost here (the Titans and Miras backward passes take 10-25 s each on
+CPU), so the tests reuse shapes: every unpacked forward from a fresh state runs at [B, T], and
+all tests of one mixer run on one xdist worker (`xdist_group`, `--dist loadgroup`), where jit's
+cache shares those programs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +53,7 @@ def run(mixer, x, state=None):
   return _run_jit(mixer, x, state)
 
 
-NAMES = sorted(registry.SEQUENCE_MIXERS)
+NAMES = [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in sorted(registry.SEQUENCE_MIXERS)]
 
 
 def _close(a, b, tol=2e-4):
@@ -59,16 +64,19 @@ def _close(a, b, tol=2e-4):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes_and_finite_grads(name):
+  """Shapes of an unpacked call; gradients through a packed row, the text-pretraining path (the
+  unpacked gradients of every family are checked by tests/memarch/test_init_grad_norm.py)."""
   mixer = build(name)
   x = inputs()
   y, state = run(mixer, x)
   assert y.shape == x.shape and y.dtype == x.dtype
   assert all(leaf.shape[0] == B for leaf in jax.tree.leaves(state)), "state leaves need batch first"
   graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
+  seg, _ = packed_rows()
 
   def loss(params, x):
     m = nnx.merge(graphdef, params, rest)
-    return jnp.sum(jnp.sin(m(x)[0]))
+    return jnp.sum(jnp.sin(m(x, segment_ids_BT=seg)[0]))
 
   g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
   leaves = jax.tree.leaves(g_params)
@@ -96,9 +104,10 @@ def test_split_invariance(name):
   none_y, _ = run(mixer, x)
   _close(none_y, full)
   step = _run_jit
-  # Off-chunk cuts, a cut on a chunk boundary, and one-token decode steps (few distinct lengths,
-  # since every new length is a compile).
-  for cuts in ([7], [8], [5, 6, 7]):
+  # A cut on a chunk, segment and block boundary (8), two one-token decode steps, then a cut inside
+  # a chunk and segment (10) and a piece across the next boundaries (few distinct lengths, since
+  # every new length is a compile).
+  for cuts in ([8, 9, 10],):
     state = mixer.init_state(B, max_len=T)
     outs, prev = [], 0
     for c in cuts + [T]:
@@ -118,30 +127,37 @@ def test_split_invariance(name):
 DOC_LENGTHS = ([5, 5, 1, 8], [1, 8, 5, 5])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_packed_documents_run_as_if_alone(name):
-  """With segment_ids, every document of a packed row gives the outputs it gives alone from the
-  initial state: no memory, attention or chunk grid crosses a boundary."""
-  mixer = build(name)
-  x = inputs(2)
+def packed_rows():
+  """(segment_ids [B, T], [(row, start, length)] of every document)."""
   seg = np.zeros((B, T), np.int32)
-  docs = {}  # length -> [(row, start)]
+  docs = []
   for row, lengths in enumerate(DOC_LENGTHS):
     start = 0
     for i, n in enumerate(lengths):
       seg[row, start:start + n] = i + 1
-      docs.setdefault(n, []).append((row, start))
+      docs.append((row, start, n))
       start += n
-  packed, _ = run_seg(mixer, x, jnp.asarray(seg))
-  for n, where in docs.items():  # all documents of one length in one call
-    alone, _ = run(mixer, jnp.stack([x[r, s:s + n] for r, s in where]))
-    for i, (r, s) in enumerate(where):
-      _close(packed[r, s:s + n], alone[i])
+  return jnp.asarray(seg), docs
 
-  graphdef, params, rest = nnx.split(mixer, nnx.Param, ...)
-  loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x, segment_ids_BT=seg)[0]))
-  grads = jax.jit(jax.grad(loss))(params)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_documents_run_as_if_alone(name):
+  """With segment_ids, every document of a packed row gives the outputs it gives alone from the
+  initial state: no memory, attention or chunk grid crosses a boundary. A document alone runs at
+  the start of a zero-padded [B, T] row (the padding after it cannot change its outputs: causality
+  is tested above), B documents per call, so all calls share one compiled program."""
+  mixer = build(name)
+  x = inputs(2)
+  seg, docs = packed_rows()
+  packed, _ = run_seg(mixer, x, seg)
+  for i in range(0, len(docs), B):
+    group = docs[i:i + B]
+    rows = jnp.zeros_like(x)
+    for j, (r, s, n) in enumerate(group):
+      rows = rows.at[j, :n].set(x[r, s:s + n])
+    alone, _ = run(mixer, rows)
+    for j, (r, s, n) in enumerate(group):
+      _close(packed[r, s:s + n], alone[j, :n])
 
 
 @jax.jit

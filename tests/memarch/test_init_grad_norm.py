@@ -34,6 +34,10 @@ def _norm(family: str) -> float:
   return r["grad_norm"]
 
 
+# One worker runs this module, so its module-scoped fixture is built once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("init_grad_norm")
+
+
 @pytest.fixture(scope="module")
 def reference_norm():
   return _norm("transformer")

@@ -62,6 +62,9 @@ def _execute(name, cwd):
   env = dict(os.environ, MEMARCH_NOTEBOOK_FAST="1", JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # one CPU device, as in Colab (conftest forces 8 for sharding tests)
   env.pop("MPLBACKEND", None)
+  # As in tests/conftest.py: the fast budgets are all compile time, which XLA's optimisation
+  # passes double (the notebooks' numbers are checked to tolerances far above their effect).
+  env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   # The kernelspec launches "python": make it this venv's interpreter.
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
   client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=300,

@@ -33,6 +33,10 @@ def _read(name):
     return [json.loads(l) for l in f if l.strip()]
 
 
+# One worker runs this module, so its module-scoped fixture is built once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("harness")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """Gated DeltaNet (a recurrent state) trained for 3 steps on Shakespeare bytes."""

@@ -16,6 +16,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..")
 TRAIN_LEN = 32
 
 
+# One worker runs this module, so its module-scoped fixture is built once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("perplexity")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   c = configs_lib.load_config(os.path.join(ROOT, "configs/transformer.py:task=text"))

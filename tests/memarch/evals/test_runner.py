@@ -27,6 +27,10 @@ def _tiny(c, steps=2):
   return c
 
 
+# One worker runs this module, so its module-scoped fixture is built once (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("runner")
+
+
 @pytest.fixture(scope="module")
 def babilong_workdir(tmp_path_factory):
   cfg = configs_lib.load_config(
