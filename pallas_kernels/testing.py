@@ -90,7 +90,10 @@ def grads_of(fn: Callable, args: Sequence, argnums: Sequence[int], key=None):
     out = fn(*a)
     leaves = jax.tree.leaves(out)
     ks = jax.random.split(key, len(leaves))
-    return sum(jnp.sum(l.astype(jnp.float32) * jax.random.normal(k, l.shape, jnp.float32))
+    # float64 outputs get float64 cotangents: float32 normals drawn inside two different
+    # compiled programs may differ in the last bit (XLA:CPU's classic emitters), ~3e-8 apart.
+    acc = lambda l: jnp.float64 if l.dtype == jnp.float64 else jnp.float32
+    return sum(jnp.sum(l.astype(acc(l)) * jax.random.normal(k, l.shape, acc(l)))
                for l, k in zip(leaves, ks))
 
   return jax.grad(loss, argnums=tuple(argnums))(*args)
