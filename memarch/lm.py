@@ -177,7 +177,7 @@ class LM(nnx.Module):
     """
     p, g_count = self.cfg.period, len(self.blocks) // self.cfg.period
     groups = [nnx.List(self.blocks[g * p:(g + 1) * p]) for g in range(g_count)]
-    split = [Transformed.split(group) for group in groups]
+    split = [Transformed.split(group, capturing=self) for group in groups]
     group_state_G = jax.tree.map(lambda *xs: jnp.stack(xs), *(t.state for t in split))
     state_G = None if state is None else [
         jax.tree.map(lambda *xs: jnp.stack(xs), *state[j::p]) for j in range(p)]
@@ -216,8 +216,9 @@ class Transformed(NamedTuple):
   sown_types: tuple  # the Intermediate types the enclosing nnx.capture collects; () if none
 
   @classmethod
-  def split(cls, module: nnx.Module) -> Transformed:
-    types = tuple(type(v) for v in getattr(module, "__captures__", ()))
+  def split(cls, module: nnx.Module, capturing: nnx.Module | None = None) -> Transformed:
+    """`capturing`: the module whose capture slots name the sown types (default `module`)."""
+    types = tuple(type(v) for v in getattr(capturing or module, "__captures__", ()))
     slots = {}
     for path, m in nnx.iter_modules(module):
       if hasattr(m, "__captures__"):
