@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 
 import jax
@@ -128,6 +129,10 @@ def suite_arch(args):
       r["memory_vs_first"] = r["peak_bytes"] / base["peak_bytes"]
   return rows
 
+
+# XLA:CPU's concurrency-optimised scheduler hoists rematerialised computations into the forward
+# pass (peak memory as without remat); the default list scheduler keeps them in the backward pass.
+CPU_REMAT_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 REMAT_ARCHS = ["configs/transformer.py:size=170m", "configs/titans.py:variant=mac,size=170m"]
 
@@ -545,6 +550,11 @@ def main():
                  help="remat suite: model.remat policies, comma-separated (ratios: vs the first)")
   p.add_argument("--json", default="bench.json")
   args = p.parse_args()
+  if args.suite == "remat" and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    # Before the backend starts (first device query): XLA:CPU's default scheduler runs a
+    # checkpointed block's recomputation early, in the forward pass, so remat saves nothing there.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CPU_REMAT_FLAG).strip()
+    print(f"bench: XLA_FLAGS={os.environ['XLA_FLAGS']}", flush=True)
   out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
   suites = ["arch", "titans", "kernels", "experts"] if args.suite == "all" else [args.suite]
   for s in suites:
