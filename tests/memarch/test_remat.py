@@ -13,9 +13,10 @@ from memarch.lm import LM
 from memarch.sharding import mesh_context
 
 # (config, policies): attention under both; the Titans memory (its chunked op has its own custom
-# VJP inside the remat, and the layer sows statistics) under 'full', to keep compiles few.
+# VJP inside the remat, and the layer sows statistics) under 'full', linear (depth 1) to keep the
+# compile short.
 CASES = {"transformer": ("configs/transformer.py", ("dots", "full")),
-         "titans_lmm": ("configs/titans.py:variant=lmm", ("full",))}
+         "titans_lmm": ("configs/titans.py:variant=lmm,depth=1", ("full",))}
 
 
 def loss_and_grads(spec: str, remat: str):
