@@ -30,7 +30,6 @@ from flax import nnx
 from layers.norms import RMSNorm
 from memarch import registry
 
-
 PARAM_DTYPES = ("float32", "bfloat16")
 
 # model.remat -> the jax.checkpoint policy of each block (None: no remat). 'dots' saves the outputs

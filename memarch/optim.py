@@ -21,7 +21,6 @@ from flax import nnx
 
 from layers.base import MemoryInit
 
-
 MU_DTYPES = ("float32", "bfloat16")
 UPDATE_ROUNDINGS = ("stochastic", "nearest")
 

@@ -12,8 +12,8 @@ from memarch import configs_lib, testing
 from memarch import step as step_lib
 from memarch.data import make_source
 from memarch.lm import LM
-from memarch.sharding import mesh_context
 from memarch.optim import float32_state, make_optimizer
+from memarch.sharding import mesh_context
 
 STEPS = 8
 
