@@ -72,7 +72,11 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       mixer=ml_collections.ConfigDict({"attention": {}}),
       channel_pattern=("swiglu",),
       channel=ml_collections.ConfigDict({"swiglu": {}}),
-      tie_embeddings=True, dtype="float32"))
+      tie_embeddings=True, dtype="float32",
+      # Storage dtype of the parameters (float32 | bfloat16; the optimizer's state stays float32)
+      # and per-block rematerialisation (none | dots | full); memarch.lm, docs/design.md:
+      param_dtype="float32", remat="none",
+      scan_layers=False))  # the blocks as a lax.scan over pattern periods: faster compiles
   c.data = ml_collections.ConfigDict(dict(
       name="mqar", seq_len=p["seq_len"], batch_size=p["batch_size"],
       num_kv_pairs=p["num_kv_pairs"], vocab_size=p["mqar_vocab"], power_a=0.01,
@@ -98,7 +102,10 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.opt = ml_collections.ConfigDict(dict(
       lr=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, schedule="cosine",
       warmup_steps=50, decay_fraction=0.2, min_lr_ratio=0.0, grad_accum=1,
-      decay_memory_init=False))
+      decay_memory_init=False,
+      # Adam's first moment (float32 | bfloat16) and how bfloat16 parameters round their update
+      # (stochastic | nearest); memarch.optim.float32_state:
+      mu_dtype="float32", update_rounding="stochastic"))
   c.train = ml_collections.ConfigDict(dict(
       num_steps=1000, log_every=25, eval_every=100, ckpt_every=250, keep_checkpoints=3,
       stop_at_accuracy=0.0,  # > 0: stop once eval/accuracy reaches it (Zoology stops at 0.99)
@@ -250,6 +257,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = _get(c, key)
     if v is not None and not 0 <= v < 1:
       raise ValueError(f"{key}={v} must be in [0, 1) (Adam moment decay)")
+  from memarch.lm import PARAM_DTYPES, REMAT  # the modules' own lists of choices
+  from memarch.optim import MU_DTYPES, UPDATE_ROUNDINGS
+  for key, choices in (("model.dtype", ("float32", "bfloat16", "float64")),
+                       ("model.param_dtype", PARAM_DTYPES), ("model.remat", tuple(REMAT)),
+                       ("opt.mu_dtype", MU_DTYPES), ("opt.update_rounding", UPDATE_ROUNDINGS)):
+    v = _get(c, key)
+    if v is not None and v not in choices:
+      raise ValueError(f"{key}={v!r} is not one of {', '.join(choices)}")
   if _get(c, "opt.grad_accum") and c.data.batch_size % c.opt.grad_accum:
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
                      f"opt.grad_accum={c.opt.grad_accum}")
@@ -303,7 +318,10 @@ def lm_config(c: ml_collections.ConfigDict, vocab_size: int):
       num_heads=m.num_heads, layer_pattern=tuple(m.layer_pattern), mixer_kwargs=mixer_kwargs,
       channel_pattern=tuple(m.channel_pattern),
       channel_kwargs={name: dict(_plain(kw)) for name, kw in m.channel.items()},
-      tie_embeddings=m.tie_embeddings, dtype=m.dtype)
+      tie_embeddings=m.tie_embeddings, dtype=m.dtype,
+      # a config.json written before these keys existed reads as the defaults
+      param_dtype=m.get("param_dtype", "float32"), remat=m.get("remat", "none"),
+      scan_layers=bool(m.get("scan_layers", False)))
 
 
 def opt_config(c: ml_collections.ConfigDict):

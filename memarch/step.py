@@ -110,7 +110,7 @@ def loss_fn(model, batch, cfg: StepConfig, collect_stats: bool = False):
 
 def train_step(model, optimizer, batch, cfg: StepConfig, collect_stats: bool = False):
   """One optimizer step: gradients averaged over `cfg.grad_accum` micro-batches (scanned, so one
-  micro-batch's activations live at a time), then `optimizer.update`. Updates `model` and
+  micro-batch's activations live at a time, float32 sums), then `optimizer.update`. Updates `model` and
   `optimizer` in place; returns the metrics of `loss_fn` (averaged; tokens summed) plus grad_norm
   (before clipping) and finite (loss and gradient norm both finite)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -122,11 +122,13 @@ def train_step(model, optimizer, batch, cfg: StepConfig, collect_stats: bool = F
 
   def body(carry, mb):
     (_, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(params, mb)
-    return jax.tree.map(jnp.add, carry, (g, metrics)), None
+    return jax.tree.map(lambda c, x: c + x.astype(c.dtype), carry, (g, metrics)), None
 
   first = jax.tree.map(lambda x: x[0], micro)
   metrics_shape = jax.eval_shape(lambda: loss_of(params, first)[1])
-  zero = (jax.tree.map(jnp.zeros_like, params),
+  # Gradients accumulate in float32 even for bfloat16 parameters (model.param_dtype).
+  zero = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                       params),
           jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
   (grads, metrics), _ = jax.lax.scan(body, zero, micro)
   grads = jax.tree.map(lambda g: g / accum, grads)

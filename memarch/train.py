@@ -43,6 +43,9 @@ class TrainingError(RuntimeError):
   """A run stopped for a reason the user must fix (message says how)."""
 
 
+_ADDED_MODEL_KEYS = {"param_dtype": "float32"}
+
+
 def check_workdir(workdir: str, config) -> None:
   """Refuses a workdir that holds checkpoints of a different model; never overwrites its config."""
   path = os.path.join(workdir, "config.json")
@@ -59,6 +62,13 @@ def check_workdir(workdir: str, config) -> None:
   new = configs_lib.to_dict(config)
   for section in ("model", "data"):
     o, n = old.get(section, {}), json.loads(json.dumps(new[section], default=str))
+    if section == "model":
+      # Keys added since the workdir was written read as their defaults; remat and scan_layers
+      # change how the step is computed, not the model or its checkpoint.
+      o = {**_ADDED_MODEL_KEYS, **o}
+      for key in ("remat", "scan_layers"):
+        o.pop(key, None)
+        n.pop(key, None)
     keys = sorted(set(o) | set(n))
     diff = [k for k in keys if (section == "model" or k in ("name", "seq_len", "vocab_size",
                                                             "tokenizer"))

@@ -8,6 +8,8 @@ its ratio to the baseline measured in the same run. Prints a table and writes JS
                                                   # landmark attention vs dot_product_attention
   python scripts/bench.py --suite=experts         # PEER expert reads at N = 256^2 and 1024^2
   python scripts/bench.py --suite=experts --expert_sizes=4096,65536 --expert_dim=64 --expert_k=32
+  python scripts/bench.py --suite=remat --seq_len=2048 --batch=1   # model.remat policies, 170m
+  python scripts/bench.py --suite=scan --iters=0      # compile time, loop vs scanned blocks, 340m
   python scripts/bench.py --suite=all --json=bench.json
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries of the jitted step), the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import time
 
 import jax
@@ -44,22 +47,35 @@ def timeit(fn, *args, warmup=2, iters=5):
 
 
 def compiled_bytes(jitted, *args) -> int:
-  m = jitted.lower(*args).compile().memory_analysis()
+  return memory_bytes(jitted.lower(*args).compile())
+
+
+def memory_bytes(compiled) -> int:
+  """XLA's peak estimate of a compiled program: arguments + outputs + temporaries - aliased."""
+  m = compiled.memory_analysis()
   if m is None:
     return -1
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - getattr(m, "alias_size_in_bytes", 0))
 
 
-def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int):
+def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int, overrides=None, warmup=2):
   """Step time and compiled peak memory of the training step itself (memarch.step.jit_train_step:
-  the optimizer, accumulation and auxiliary losses of the config), on random tokens."""
+  the optimizer, accumulation and auxiliary losses of the config), on random tokens; `overrides`
+  {'model.remat': 'full', ...} change config fields. The step is compiled once (compile_s)."""
   from memarch import configs_lib
   from memarch import step as step_lib
   from memarch.lm import LM, count_params
   from memarch.optim import make_optimizer
   from memarch.sharding import mesh_context
   cfg = configs_lib.load_config(spec)
+  if overrides:
+    cfg.unlock()
+    for key, value in overrides.items():
+      section, name = key.split(".")
+      cfg[section][name] = value
+    cfg.lock()
+    configs_lib.validate(cfg)
   lm_cfg = configs_lib.lm_config(cfg, cfg.data.vocab_size)
   with mesh_context():
     model = LM(lm_cfg, rngs=nnx.Rngs(0))
@@ -71,16 +87,22 @@ def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int):
   step_fn = step_lib.jit_train_step(graphdef, step_lib.StepConfig.from_config(cfg, packed=False))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, lm_cfg.vocab_size)
   batch_ = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  mem = compiled_bytes(step_fn, state, batch_, False)
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch_, False).compile()
+  compile_s = time.perf_counter() - t0
+  mem = memory_bytes(compiled)
   box = [state]
 
   def run(b):  # the step donates its state: thread it through
-    box[0], m = step_fn(box[0], b, False)
+    box[0], m = compiled(box[0], b)
     return m["loss"]
 
-  t = timeit(run, batch_, iters=iters)
-  return dict(name=spec, params=n_params, batch=batch, seq_len=seq_len, step_s=t,
-              tokens_per_s=batch * seq_len / t, peak_bytes=mem)
+  row = dict(name=spec, **{k.split(".")[-1]: v for k, v in (overrides or {}).items()},
+             params=n_params, batch=batch, seq_len=seq_len, peak_bytes=mem, compile_s=compile_s)
+  if iters:  # iters=0: compile only
+    t = timeit(run, batch_, warmup=warmup, iters=iters)
+    row.update(step_s=t, tokens_per_s=batch * seq_len / t)
+  return row
 
 
 ARCHS = ["configs/transformer.py", "configs/titans.py:variant=mac", "configs/titans.py:variant=mag",
@@ -105,6 +127,55 @@ def suite_arch(args):
     if base and "step_s" in r:
       r["step_vs_first"] = r["step_s"] / base["step_s"]
       r["memory_vs_first"] = r["peak_bytes"] / base["peak_bytes"]
+  return rows
+
+
+# XLA:CPU's concurrency-optimised scheduler hoists rematerialised computations into the forward
+# pass (peak memory as without remat); the default list scheduler keeps them in the backward pass.
+CPU_REMAT_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+REMAT_ARCHS = ["configs/transformer.py:size=170m", "configs/titans.py:variant=mac,size=170m"]
+
+
+def suite_remat(args):
+  """Compiled peak memory, compile time and step time of each `model.remat` policy (`--remat`),
+  per config (`--archs`, default the Transformer++ and Titans MAC at size=170m); ratios against
+  the first policy of the same config."""
+  specs = args.archs.split(",") if args.archs else REMAT_ARCHS
+  rows = []
+  for spec in specs:
+    first = None
+    for policy in args.remat.split(","):
+      try:
+        row = lm_step_bench(spec, args.batch, args.seq_len, args.iters,
+                            overrides={"model.remat": policy}, warmup=args.warmup)
+      except Exception as e:  # noqa: BLE001 - report and continue
+        row = dict(name=spec, remat=policy, error=f"{type(e).__name__}: {e}"[:200])
+      if "peak_bytes" in row:
+        first = first or row
+        row["memory_vs_first"] = row["peak_bytes"] / first["peak_bytes"]
+        if "step_s" in row:
+          row["step_vs_first"] = row["step_s"] / first["step_s"]
+      rows.append(row)
+      progress(row)
+  return rows
+
+
+def suite_scan(args):
+  """Compile time and compiled peak memory of the training step with the blocks in a Python loop
+  and as a lax.scan over pattern periods (`model.scan_layers`), per config (`--archs`, default
+  the Transformer++ at size=340m); step time too unless `--iters=0`."""
+  specs = args.archs.split(",") if args.archs else ["configs/transformer.py:size=340m"]
+  rows = []
+  for spec in specs:
+    for scan in (False, True):
+      try:
+        row = lm_step_bench(spec, args.batch, args.seq_len, args.iters,
+                            overrides={"model.scan_layers": scan}, warmup=args.warmup)
+      except Exception as e:  # noqa: BLE001 - report and continue
+        row = dict(name=spec, scan_layers=scan, error=f"{type(e).__name__}: {e}"[:200])
+      rows.append(row)
+      progress(row)
   return rows
 
 
@@ -464,7 +535,7 @@ def print_table(title, rows):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--suite", default="arch",
-                 choices=["arch", "titans", "kernels", "experts", "all"])
+                 choices=["arch", "titans", "kernels", "experts", "remat", "scan", "all"])
   p.add_argument("--expert_tokens", type=int, default=1024)
   p.add_argument("--expert_sizes", default="65536,1048576", help="table rows N, comma-separated")
   p.add_argument("--expert_dim", type=int, default=256)
@@ -473,14 +544,22 @@ def main():
                  "(ratios are against the first)")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq_len", type=int, default=64)
-  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--iters", type=int, default=5, help="timed steps (remat/scan: 0 = compile only)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+  p.add_argument("--remat", default="none,dots,full",
+                 help="remat suite: model.remat policies, comma-separated (ratios: vs the first)")
   p.add_argument("--json", default="bench.json")
   args = p.parse_args()
+  if args.suite == "remat" and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    # Before the backend starts (first device query): XLA:CPU's default scheduler runs a
+    # checkpointed block's recomputation early, in the forward pass, so remat saves nothing there.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CPU_REMAT_FLAG).strip()
+    print(f"bench: XLA_FLAGS={os.environ['XLA_FLAGS']}", flush=True)
   out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend()}
   suites = ["arch", "titans", "kernels", "experts"] if args.suite == "all" else [args.suite]
   for s in suites:
     rows = {"arch": suite_arch, "titans": suite_titans, "kernels": suite_kernels,
-            "experts": suite_experts}[s](args)
+            "experts": suite_experts, "remat": suite_remat, "scan": suite_scan}[s](args)
     print_table(s, rows)
     out[s] = rows
   with open(args.json, "w") as f:

@@ -88,8 +88,11 @@ FAST_CASES = [
      "['chunk', 'depth', 'kv', 'seq_len', 'size', 'task', 'variant']"),
     ("train.py", ["--config={cfg}/transformer.py", "--config.model.not_a_key=3", "--workdir={tmp}/w"],
      "error: --config.model.not_a_key: config.model has no field 'not_a_key'; its fields: channel, "
-     "channel_pattern, d_model, dtype, layer_pattern, mixer, num_heads, num_layers, tie_embeddings, "
-     "vocab_size"),
+     "channel_pattern, d_model, dtype, layer_pattern, mixer, num_heads, num_layers, param_dtype, "
+     "remat, scan_layers, tie_embeddings, vocab_size"),
+    ("train.py", ["--config={cfg}/transformer.py", "--config.model.param_dtype=float16",
+                  "--workdir={tmp}/w", *TINY],
+     "error: model.param_dtype='float16' is not one of float32, bfloat16"),
     ("train.py", ["--config={cfg}/transformer.py", "--config.train.num_steps=many",
                   "--workdir={tmp}/w"],
      "error: flag --config.train.num_steps=many: invalid literal for int() with base 10: 'many'"),
