@@ -13,7 +13,8 @@ NEG_INF = -1e30
 SHARE_MODES = ("token_head", "token")
 
 
-def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask, far=None):
+def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask,
+                 far=None):
   if q.ndim != 4 or blk_k.ndim != 5 or blk_v.ndim != 5:
     raise ValueError(f"block_retrieval_attention: q must be [B,Tq,H,d] and blk_k/blk_v [B,N,C,H,d]; "
                      f"got q{q.shape} blk_k{blk_k.shape} blk_v{blk_v.shape}")
