@@ -6,16 +6,21 @@ over the own block, the W most recent blocks and the top-k older blocks (layers/
 
 Variants: `size=tiny|small|base|170m|...`; `block=L` (block length, landmark included; CPU sizes
 16, else 64), `k=N` (older blocks retrieved per query; 0 = all, the paper's training form),
-`recent=W` (always-visible recent blocks), `share=token_head|token`, `positions=exact|none`,
-`seq_len=L,kv=K` (MQAR task), `task=mqar|passkey|text`, `steps=N`. Every L-th stream position acts as the block's landmark; the default
-MQAR stream has no landmark token, so there it is an ordinary token with its own loss [ours]. For
-the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
+`recent=W` (always-visible recent blocks), `share=token_head|token`,
+`positions=exact|stingy|none` (RoPE at stream positions; `stingy`: every block older than the W
+recent ones is scored as if it sat just before them, so retrieval sees the same query-key distances
+at any length, docs/architectures/landmark.md), `seq_len=L,kv=K` (MQAR task),
+`task=mqar|passkey|text`, `steps=N`. Every L-th stream position acts as the block's landmark; the
+default MQAR stream has no landmark token, so there it is an ordinary token with its own loss
+[ours]. For the paper's layout, insert landmark tokens with `layers.landmark.insert_landmarks`.
 Parameters (size=tiny, MQAR vocab 256): 117,056.
 
 Passkey (byte tokens, 512-token training rows with a landmark token closing every block,
 loss on every token; evaluated to 16k through the block cache):
   python scripts/train.py --config=configs/landmark.py:task=passkey --workdir=runs/landmark_passkey
   python scripts/eval.py --workdir=runs/landmark_passkey        # passkey at evals.lengths
+  python scripts/train.py --config=configs/landmark.py:task=passkey,positions=stingy \
+      --workdir=runs/landmark_passkey_stingy                     # extrapolating positions
 """
 from memarch import configs_lib
 

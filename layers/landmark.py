@@ -27,13 +27,21 @@ The same code serves training and streaming: one call assembles the cached block
 touched by the new tokens and runs `pallas_kernels.block_retrieval_attention`, so running a sequence
 at once, in pieces or token by token gives the same outputs (split invariance, docs/design.md).
 
-Positions [ours]: `positions='exact'` applies RoPE at the true stream
-positions (landmarks included), cached keys are stored rotated; `'none'` uses no positional encoding.
-The paper's "stingy" positions (retrieved blocks re-positioned into (k+1)*L slots) are not
-implemented, nor are the `paper_chunked` inference mode or the `pos_jump_on_mem` augmentation.
+Positions: `positions='exact'` [ours] applies RoPE at the true stream positions (landmarks
+included) and caches keys rotated. `'stingy'` re-positions retrieved blocks, after the paper's
+inference-time scheme (§3.2: retrieved blocks get a small fixed range of positions next to the
+current context, so no query-key distance exceeds those seen in training), in our split-invariant
+form: the own block and the W recent blocks keep their stream positions, and every older block
+(its content and its landmark gate) is scored as if it were the block just before the recent
+window, at distance (W + 1) L + off_i - off_j (off = offset within the block) whatever its true
+distance. Keys are cached unrotated and rotated per call (`stingy_rotations`). It applies in
+training as well as at inference, so the model never sees a far block at any other distance.
+`'none'` uses no positional encoding. Not implemented: the `paper_chunked` inference mode and the
+`pos_jump_on_mem` augmentation.
 
 State (a growing cache, docs/design.md), n_max = max_len // L blocks (or `cache_blocks`):
-  blk_k, blk_v [B, n_max, L-1, H, Dh]  content keys/values of completed blocks (ring, slot c mod n_max)
+  blk_k, blk_v [B, n_max, L-1, H, Dh]  content keys/values of completed blocks (ring, slot
+                                       c mod n_max; keys rotated for 'exact', raw for 'stingy')
   lmk_k        [B, n_max, H, Dh]       their landmark keys
   blk_id       [B, n_max]              block index held by a slot (-1 = empty)
   cur_k, cur_v [B, L-1, H, Dh]         content of the incomplete block
@@ -67,6 +75,7 @@ from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.block_retrieval_attention import block_retrieval_attention
 
 IGNORE = -100
+POSITIONS = ("exact", "stingy", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +86,7 @@ class LandmarkConfig:
   top_k: int | None = 4  # older blocks retrieved per query; None or 0 = all (training form)
   recent_blocks: int = 3  # W most recent complete blocks, always visible
   share: str = "token_head"  # 'token_head' (per query and head) | 'token' (shared by the heads)
-  positions: str = "exact"  # 'exact' (RoPE at stream positions) | 'none'
+  positions: str = "exact"  # 'exact' (RoPE at stream positions) | 'stingy' (see below) | 'none'
   rope_base: float = 10000.0
   cache_blocks: int = 256  # cache size in blocks when init_state gets no max_len
   chunk_size: int = 128  # query tile of the xla kernel path
@@ -100,8 +109,8 @@ class LandmarkConfig:
       raise ValueError("landmark: recent_blocks must be >= 0, cache_blocks and chunk_size >= 1")
     if self.share not in ("token_head", "token"):
       raise ValueError(f"landmark: share must be 'token_head' or 'token', got {self.share!r}")
-    if self.positions not in ("exact", "none"):
-      raise ValueError(f"landmark: positions must be 'exact' or 'none', got {self.positions!r}")
+    if self.positions not in POSITIONS:
+      raise ValueError(f"landmark: positions must be one of {POSITIONS}, got {self.positions!r}")
 
   @property
   def head_dim(self) -> int:
@@ -244,6 +253,37 @@ def write_blocks(cache_BN, blocks_BW, block_ids_BW, num_done_B):
   return scatter_rows(cache_BN, slot, blocks_BW.astype(cache_BN.dtype))
 
 
+class FarFrame(NamedTuple):
+  """Queries and keys that score the older (retrieved) blocks at their stingy positions."""
+  q: jax.Array      # [B, T, H, Dh]     R((W + 1) L + off_i) q_i
+  blk_k: jax.Array  # [B, N, L-1, H, Dh] R(off_j) k_j
+  lmk_k: jax.Array  # [B, N, H, Dh]     R(L - 1) k_landmark
+
+
+def stingy_rotations(q_BTHD, gpos_BT, blk_k_BNCHD, lmk_k_BNHD, blk_id_BN, win_k_BWLHD, win_pos_BS,
+                     block: int, recent: int, base: float):
+  """RoPE for `positions='stingy'` from unrotated q and keys.
+
+  Exact frame (own block, the W recent blocks): grid positions (within a document they differ by the
+  stream distance, which is all RoPE sees). Far frame (every older block): block b's key at offset
+  off_j sits just before the W recent blocks of query i, i.e. at distance (W + 1) L + off_i - off_j,
+  whatever b is. Returns (q exact, FarFrame, block keys exact, landmark keys exact, window keys
+  exact).
+  """
+  rope = lambda x, p: apply_rope(x, p, base=base)
+  b, n, c, h, d = blk_k_BNCHD.shape
+  off_C = jnp.arange(c, dtype=jnp.int32)
+  q_far = rope(q_BTHD, (recent + 1) * block + gpos_BT % block)
+  blk_far = rope(blk_k_BNCHD.reshape(b, n * c, h, d), jnp.tile(off_C, n)[None])
+  lmk_far = rope(lmk_k_BNHD, jnp.full((1, n), c, jnp.int32))
+  blk_pos_BNC = blk_id_BN[:, :, None] * block + off_C
+  blk_k = rope(blk_k_BNCHD.reshape(b, n * c, h, d), blk_pos_BNC.reshape(b, n * c))
+  lmk_k = rope(lmk_k_BNHD, blk_id_BN * block + c)
+  win_k = rope(win_k_BWLHD.reshape(b, -1, h, d), win_pos_BS).reshape(win_k_BWLHD.shape)
+  far = FarFrame(q_far, blk_far.reshape(b, n, c, h, d), lmk_far)
+  return rope(q_BTHD, gpos_BT), far, blk_k.reshape(b, n, c, h, d), lmk_k, win_k
+
+
 class LandmarkAttention(nnx.Module):
   """Multi-head landmark attention (see the module docstring); registered as `landmark`."""
 
@@ -275,6 +315,7 @@ class LandmarkAttention(nnx.Module):
     }
 
   def qkv(self, x_BTD, positions_BT):
+    """Projections; RoPE at `positions_BT` for 'exact' ('stingy' rotates per call, see __call__)."""
     dt = x_BTD.dtype
     q = jnp.einsum("btd,dhk->bthk", x_BTD, self.wq[...].astype(dt))
     k = jnp.einsum("btd,dhk->bthk", x_BTD, self.wk[...].astype(dt))
@@ -324,19 +365,29 @@ class LandmarkAttention(nnx.Module):
       past = past & (blk_doc[:, None, :] == grid.doc_BT[:, :, None])
     always = past & (bid >= qb - w)
     allowed = past & (bid < qb - w)
+    far = None
+    if cfg.positions == "stingy":  # keys stay unrotated in the state; rotate them for this call
+      q, far, blk_k, lmk_k, loc_k = stingy_rotations(q, grid.gpos_BT, blk_k, lmk_k, blk_id, win_k,
+                                                      win_pos, big_l, w, cfg.rope_base)
+    else:
+      loc_k = win_k
     acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
-    gate = jnp.einsum("bthd,bnhd->bthn", q, lmk_k.astype(q.dtype),
-                      preferred_element_type=acc) * cfg.head_dim ** -0.5
+    score = lambda q_, l_: jnp.einsum("bthd,bnhd->bthn", q_, l_.astype(q_.dtype),
+                                      preferred_element_type=acc) * cfg.head_dim ** -0.5
+    gate = score(q, lmk_k)
+    if far is not None:  # landmark gates of the older blocks at their stingy positions too
+      gate = jnp.where(always[:, :, None, :], gate, score(far.q, far.lmk_k))
 
     # Own block: same block (hence same document), not in the future, not a landmark, written.
     kp, qp = win_pos[:, None, :], grid.gpos_BT[:, :, None]
     own = ((kp // big_l) == (qp // big_l)) & (kp <= qp) & (kp % big_l != c)
     own = own & (kp < (pos0 + grid.n)[:, None, None])
-    local = (win_k.reshape(b, nb * big_l, *k.shape[2:]), win_v.reshape(b, nb * big_l, *v.shape[2:]),
+    local = (loc_k.reshape(b, nb * big_l, *k.shape[2:]), win_v.reshape(b, nb * big_l, *v.shape[2:]),
              own)
     o = block_retrieval_attention(q, blk_k, blk_v, gate, allowed, always=always, k=cfg.top_k,
                                   share=cfg.share, local=local, chunk_size=cfg.chunk_size,
-                                  implementation=cfg.implementation)
+                                  implementation=cfg.implementation,
+                                  far=None if far is None else (far.q, far.blk_k))
     y = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
 
     cur = jnp.clip(grid.end_B // big_l - c0, 0, nb - 1)  # the incomplete block after this call

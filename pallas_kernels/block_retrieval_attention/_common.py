@@ -13,7 +13,8 @@ NEG_INF = -1e30
 SHARE_MODES = ("token_head", "token")
 
 
-def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask):
+def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask,
+                 far=None):
   if q.ndim != 4 or blk_k.ndim != 5 or blk_v.ndim != 5:
     raise ValueError(f"block_retrieval_attention: q must be [B,Tq,H,d] and blk_k/blk_v [B,N,C,H,d]; "
                      f"got q{q.shape} blk_k{blk_k.shape} blk_v{blk_v.shape}")
@@ -40,12 +41,35 @@ def check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_ma
   if blk_mask is not None and blk_mask.shape != (b, n, c):
     raise ValueError(f"block_retrieval_attention: blk_mask must be bool [B,N,C]={(b, n, c)}, "
                      f"got {blk_mask.shape}")
+  if far is not None and (len(far) != 2 or far[0].shape != q.shape or far[1].shape != blk_k.shape):
+    raise ValueError(f"block_retrieval_attention: far=(q_far, blk_k_far) must match q{q.shape} and "
+                     f"blk_k{blk_k.shape}, got {tuple(getattr(a, 'shape', a) for a in far)}")
   if local is not None:
     k_loc, v_loc, m_loc = local
     s = k_loc.shape[1]
     if k_loc.shape != (b, s, h, d) or v_loc.shape[:3] != (b, s, h) or m_loc.shape != (b, t, s):
       raise ValueError(f"block_retrieval_attention: local=(k [B,S,H,d], v [B,S,H,dv], mask "
                        f"[B,Tq,S]) got {k_loc.shape}, {v_loc.shape}, {m_loc.shape}")
+
+
+def check_no_far(far):
+  """The Pallas kernels score every block with one query; `far` falls back to xla."""
+  if far is not None:
+    raise NotImplementedError("block_retrieval_attention: the Pallas kernels do not take far= "
+                              "(separate query and keys for the non-always blocks); use "
+                              "implementation='xla' or None")
+
+
+def block_scores(q_BTHD, blk_k_BNCHD, scale, dt, always_BTN=None, far=None):
+  """s [B, Tq, H, N, C] = scale * q_i . k_j; with far=(q_far, blk_k_far) the blocks outside
+  `always` are scored as q_far_i . k_far_j instead."""
+  s = jnp.einsum("bthd,bnchd->bthnc", q_BTHD.astype(dt), blk_k_BNCHD.astype(dt)) * scale
+  if far is None:
+    return s
+  s_far = jnp.einsum("bthd,bnchd->bthnc", far[0].astype(dt), far[1].astype(dt)) * scale
+  if always_BTN is None:
+    return s_far
+  return jnp.where(always_BTN[:, :, None, :, None], s, s_far)
 
 
 def select_blocks(gate_BTGN, allowed_BTN, always_BTN, k, share, num_heads):

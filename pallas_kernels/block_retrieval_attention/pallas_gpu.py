@@ -51,7 +51,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import check_kernel_dtypes
 from pallas_kernels._common import tile_dot as _dot
-from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
+from pallas_kernels.block_retrieval_attention._common import NEG_INF, check_no_far, select_blocks
 
 MAX_DIM = 256            # d, dv and the padded block size Cp
 LOCAL_TILE = 64          # ts: local keys per tile
@@ -477,12 +477,13 @@ def _pad_to(x, axis, n, value=0):
 def block_retrieval_attention_pallas_gpu(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,
                                          share="token_head", local=None, blk_mask=None,
                                          scale=None, chunk_size=64, decode=None,
-                                         interpret=False):
+                                         interpret=False, far=None):
   """Same contract as `block_retrieval_attention` (see the package docstring).
 
   chunk_size: the query tile tq (rounded down to a power of two in [16, 128]).
   decode: None (the decode kernel for Tq <= DECODE_MAX_QUERIES), True or False.
   """
+  check_no_far(far)
   check_supported(q, blk_k, blk_v, local)
   B, T, H, d = q.shape
   N, C = blk_k.shape[1:3]

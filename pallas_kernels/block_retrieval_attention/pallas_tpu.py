@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import tile_dot as _dot
-from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
+from pallas_kernels.block_retrieval_attention._common import NEG_INF, check_no_far, select_blocks
 from pallas_kernels.block_retrieval_attention.pallas_gpu import (
   DECODE_MAX_QUERIES,
   _block_logits,
@@ -415,9 +415,10 @@ def _round_up(n, m):
 def block_retrieval_attention_pallas_tpu(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,
                                          share="token_head", local=None, blk_mask=None,
                                          scale=None, chunk_size=128, decode=None,
-                                         interpret=False):
+                                         interpret=False, far=None):
   """Same contract as `block_retrieval_attention`; chunk_size is the query tile (a multiple of 8,
   at most 512); decode as in `pallas_gpu`."""
+  check_no_far(far)
   check_supported(q, blk_k, blk_v, local)
   B, T, H, d = q.shape
   N, C = blk_k.shape[1:3]

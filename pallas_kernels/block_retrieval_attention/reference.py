@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import compute_dtype
-from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
+from pallas_kernels.block_retrieval_attention._common import NEG_INF, block_scores, select_blocks
 
 
 def block_retrieval_attention_reference(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,
                                         share="token_head", local=None, blk_mask=None, scale=None,
-                                        chunk_size=None):
+                                        chunk_size=None, far=None):
   del chunk_size  # the reference is not tiled
   b, t, h, d = q.shape
   n, c = blk_k.shape[1:3]
@@ -25,7 +25,7 @@ def block_retrieval_attention_reference(q, blk_k, blk_v, gate, allowed, *, alway
   scale = d ** -0.5 if scale is None else scale
   sel_BTHN = select_blocks(gate, allowed, always, k, share, h)
 
-  s_BTHNC = jnp.einsum("bthd,bnchd->bthnc", q.astype(dt), blk_k.astype(dt)) * scale
+  s_BTHNC = block_scores(q, blk_k, scale, dt, always, far)
   valid = (jnp.ones((b, n, c), bool) if blk_mask is None else blk_mask)[:, None, None]
   s_BTHNC = jnp.where(valid, s_BTHNC, NEG_INF)
   lse_BTHN1 = jax.nn.logsumexp(s_BTHNC, axis=-1, keepdims=True)

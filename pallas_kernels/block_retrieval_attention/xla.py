@@ -14,18 +14,18 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import compute_dtype
-from pallas_kernels.block_retrieval_attention._common import NEG_INF, select_blocks
+from pallas_kernels.block_retrieval_attention._common import NEG_INF, block_scores, select_blocks
 
 DEFAULT_CHUNK = 128
 
 
-def _tile(q, gate, allowed, always, m_loc, blk_k, blk_v, blk_mask, k_loc, v_loc, *, k, share,
-          scale):
+def _tile(q, gate, allowed, always, m_loc, q_far, blk_k, blk_v, blk_mask, k_loc, v_loc, blk_k_far,
+          *, k, share, scale):
   b, t, h, _ = q.shape
   n, c = blk_k.shape[1:3]
   dt = compute_dtype(q)
   sel = select_blocks(gate, allowed, always, k, share, h)
-  s = jnp.einsum("bthd,bnchd->bthnc", q.astype(dt), blk_k.astype(dt)) * scale
+  s = block_scores(q, blk_k, scale, dt, always, None if q_far is None else (q_far, blk_k_far))
   valid = blk_mask[:, None, None]
   s = jnp.where(valid, s, NEG_INF)
   lse = jax.nn.logsumexp(s, axis=-1, keepdims=True)
@@ -52,7 +52,7 @@ def _tile(q, gate, allowed, always, m_loc, blk_k, blk_v, blk_mask, k_loc, v_loc,
 
 def block_retrieval_attention_xla(q, blk_k, blk_v, gate, allowed, *, always=None, k=None,
                                   share="token_head", local=None, blk_mask=None, scale=None,
-                                  chunk_size=DEFAULT_CHUNK):
+                                  chunk_size=DEFAULT_CHUNK, far=None):
   b, t, h, d = q.shape
   n, c = blk_k.shape[1:3]
   scale = d ** -0.5 if scale is None else scale
@@ -64,14 +64,16 @@ def block_retrieval_attention_xla(q, blk_k, blk_v, gate, allowed, *, always=None
   else:
     k_loc, v_loc, m_loc = local
 
+  q_far, blk_k_far = (None, None) if far is None else far
+
   def body(xs):
-    q_, g_, a_, al_, ml_ = xs
-    return _tile(q_, g_, a_, al_, ml_ if k_loc is not None else None, blk_k, blk_v, blk_mask,
-                 k_loc, v_loc, k=k, share=share, scale=scale)
+    q_, g_, a_, al_, ml_, qf_ = xs
+    return _tile(q_, g_, a_, al_, ml_ if k_loc is not None else None, qf_, blk_k, blk_v, blk_mask,
+                 k_loc, v_loc, blk_k_far, k=k, share=share, scale=scale)
 
   tq = max(1, min(chunk_size, t))
   if tq == t:
-    return body((q, gate, allowed, always, m_loc))
+    return body((q, gate, allowed, always, m_loc, q_far))
   nt = pl.cdiv(t, tq)
   pad = nt * tq - t
 
@@ -79,7 +81,7 @@ def block_retrieval_attention_xla(q, blk_k, blk_v, gate, allowed, *, always=None
     x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return jnp.swapaxes(x.reshape(b, nt, tq, *x.shape[2:]), 0, 1)
 
-  xs = tuple(tiles(x) for x in (q, gate, allowed, always, m_loc))
+  xs = tuple(None if x is None else tiles(x) for x in (q, gate, allowed, always, m_loc, q_far))
   o = jax.lax.map(jax.checkpoint(body), xs)  # [nt, B, tq, H, dv]
   o = jnp.swapaxes(o, 0, 1).reshape(b, nt * tq, *o.shape[3:])
   return o[:, :t]

@@ -49,9 +49,19 @@ def run_pieces(m, x, cuts, max_len=None):
   return jnp.concatenate(outs, axis=1), state
 
 
-def brute_force(m, x, block):
+def rope64(x_D, pos, base=10000.0):
+  """layers/rotary.apply_rope for one vector, in float64."""
+  half = x_D.shape[-1] // 2
+  ang = pos * base ** (-np.arange(half) / half)
+  x1, x2 = x_D[:half], x_D[half:]
+  return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)])
+
+
+def brute_force(m, x, block, key_pos=None):
   """Section 1.2 literally, per query and head, in float64: Z_i sums the own-block content keys
-  j <= i and the landmarks of all past blocks; a past block's content shares its landmark's mass."""
+  j <= i and the landmarks of all past blocks; a past block's content shares its landmark's mass.
+  key_pos(i, j): the RoPE position key j takes against query i (query i sits at i), applied here
+  to the layer's unrotated q and k; None: the layer's own qkv positions."""
   t = x.shape[1]
   q, k, v = (np.asarray(a, np.float64) for a in m.qkv(x, jnp.arange(t)[None].repeat(B, 0)))
   d = q.shape[-1]
@@ -59,7 +69,11 @@ def brute_force(m, x, block):
   o = np.zeros(q.shape)
   for b, i, h in itertools.product(range(B), range(t), range(H)):
     c = i // block
-    s = lambda j: q[b, i, h] @ k[b, j, h] / np.sqrt(d)
+    if key_pos is None:
+      s = lambda j: q[b, i, h] @ k[b, j, h] / np.sqrt(d)
+    else:
+      qi = rope64(q[b, i, h], i)
+      s = lambda j: qi @ rope64(k[b, j, h], key_pos(i, j)) / np.sqrt(d)
     own = [j for j in range(c * block, i + 1) if j % block != ell]
     past = range(c)
     z = sum(np.exp(s(j)) for j in own) + sum(np.exp(s(bb * block + ell)) for bb in past)
@@ -90,6 +104,53 @@ def test_grouped_softmax_matches_brute_force(x64, positions):
   # a history prefix (the second piece starts mid-block) and a one-token step
   y2, _ = run_pieces(m, x, [5, 6])
   np.testing.assert_allclose(np.asarray(y2), ref, rtol=tol, atol=tol)
+
+
+def test_stingy_positions_match_float64_mapping(x64):
+  """positions='stingy': own block and the W recent blocks at their stream positions, every older
+  block (content and landmark) at the positions of the block just before the recent window. A
+  wrong slot, or exact positions, misses the float64 computation by far more than the RoPE's
+  float32 rounding; queries with no older block agree with exact positions."""
+  block, w, t = 4, 1, 30  # 7 complete blocks: queries in blocks 2-7 read older blocks
+  m = build(block_size=block, top_k=None, recent_blocks=w, positions="stingy")
+
+  def key_pos(i, j):
+    c, bb = i // block, j // block
+    return j if bb >= c - w else (c - w - 1) * block + j % block
+
+  x = inputs(7, t, jnp.float64)
+  ref = brute_force(m, x, block, key_pos)
+  y, _ = fresh(m, x)
+  np.testing.assert_allclose(np.asarray(y), ref, rtol=2e-5, atol=2e-5)
+  y2, _ = run_pieces(m, x, [5, 6, 17])  # the cache holds unrotated keys: pieces agree
+  np.testing.assert_allclose(np.asarray(y2), ref, rtol=2e-5, atol=2e-5)
+  exact, _ = fresh(build(block_size=block, top_k=None, recent_blocks=w), x)
+  no_far = (w + 1) * block  # queries in blocks 0..W read no older block
+  np.testing.assert_allclose(np.asarray(exact[:, :no_far]), ref[:, :no_far], rtol=2e-5, atol=2e-5)
+  assert np.abs(np.asarray(exact[:, no_far:]) - ref[:, no_far:]).max() > 1e-2
+
+
+def test_stingy_is_split_invariant_causal_and_packs():
+  """Conformance for positions='stingy' with retrieval (top_k=1): one call == pieces == token by
+  token (outputs and state), causal, packed documents == documents alone."""
+  block, t = 4, 30
+  m = build(block_size=block, top_k=1, recent_blocks=1, positions="stingy")
+  x = inputs(8, t)
+  full, full_state = step(m, x, m.init_state(B, max_len=t))
+  none_y, _ = fresh(m, x)
+  assert rel_rms(none_y, full) < 1e-6
+  for cuts in ([9], range(1, t)):
+    y, state = run_pieces(m, x, cuts)
+    assert rel_rms(y, full) < 2e-5, cuts
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(full_state)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  j = 13
+  y1, _ = fresh(m, x.at[:, j].add(3.0))
+  np.testing.assert_allclose(none_y[:, :j], y1[:, :j], atol=1e-5)
+  assert float(jnp.abs(none_y[:, j:] - y1[:, j:]).max()) > 1e-3
+  xp = x[:, :PACK_T]
+  yp, _ = packed(m, xp, packed_ids(PACK_CUTS, PACK_T))
+  assert rel_rms(yp, alone_outputs(m, xp, PACK_CUTS)) < 2e-4
 
 
 def test_topk_covering_all_blocks_equals_training_form():

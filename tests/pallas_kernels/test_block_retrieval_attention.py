@@ -49,8 +49,9 @@ def make(seed, *, B=2, T=7, H=2, d=4, N=5, C=3, S=6, G=2, local=True, pad=False,
       always=cast(always), local=local_j, blk_mask=cast(blk_mask))
 
 
-def brute_force(args, *, always, local, blk_mask, k, share):
-  """Per query and head: pick S_i, then a_ij = exp(g_b)/Z * softmax_b(s)_j, local exp(s_ij)/Z."""
+def brute_force(args, *, always, local, blk_mask, k, share, far=None):
+  """Per query and head: pick S_i, then a_ij = exp(g_b)/Z * softmax_b(s)_j, local exp(s_ij)/Z;
+  with far=(q_far, blk_k_far) a block outside `always` is scored with those instead."""
   q, bk, bv, gate, allowed = (np.asarray(a, np.float64) for a in args)
   allowed = allowed.astype(bool)
   B, T, H, d = q.shape
@@ -76,7 +77,8 @@ def brute_force(args, *, always, local, blk_mask, k, share):
       js = [j for j in range(C) if valid[b, n, j]]
       if not js:
         continue
-      s = np.array([q[b, t, h] @ bk[b, n, j, h] for j in js]) / np.sqrt(d)
+      qq, kk = (q, bk) if far is None or always[b, t, n] else (np.asarray(a) for a in far)
+      s = np.array([qq[b, t, h] @ kk[b, n, j, h] for j in js]) / np.sqrt(d)
       inner = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
       terms.append((g[n], inner @ bv[b, n, js, h]))
     if local is not None:
@@ -135,6 +137,53 @@ def test_xla_gradients_match_reference(x64, k, share, local, pad, G):
   for name, a, b in zip(("dq", "dblk_k", "dblk_v", "dgate", "dk_loc", "dv_loc"), g_xla, g_ref):
     assert float(jnp.abs(b).max()) > 0, name
     assert_close(a, b, 1e-9, name)
+
+
+def far_inputs(args, seed=5):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(a.shape), a.dtype) for a in (args[0], args[1]))
+
+
+@pytest.mark.parametrize("k,share", [(2, "token_head"), (1, "token")])
+def test_far_scores_match_brute_force_values_and_gradients(x64, k, share):
+  """far=(q_far, blk_k_far) scores the non-always blocks (values: reference and xla against the
+  brute force; gradients: xla == reference, reaching q_far and blk_k_far)."""
+  args, kw = make(2, pad=True)
+  far = far_inputs(args)
+  ref = brute_force(args, k=k, share=share, far=far, **kw)
+  assert np.abs(ref - brute_force(args, k=k, share=share, **kw)).max() > 1e-2
+  for impl in IMPLS:
+    out = jax.jit(lambda a, f, kw: block_retrieval_attention(
+        *a, k=k, share=share, implementation=impl, chunk_size=3, far=f, **kw))(args, far, kw)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-9, atol=1e-11, err_msg=impl)
+
+  def fn(impl):
+    def f(q, bk, bv, gate, qf, kf):
+      return block_retrieval_attention(q, bk, bv, gate, args[4], k=k, share=share, far=(qf, kf),
+                                       implementation=impl, chunk_size=3, **kw)
+    return f
+
+  inputs = list(args[:4]) + list(far)
+  g_ref = jax.jit(lambda a: grads_of(fn("reference"), a, tuple(range(6))))(inputs)
+  g_xla = jax.jit(lambda a: grads_of(fn("xla"), a, tuple(range(6))))(inputs)
+  for name, a, b in zip(("dq", "dblk_k", "dblk_v", "dgate", "dq_far", "dblk_k_far"), g_xla, g_ref):
+    assert float(jnp.abs(b).max()) > 0, name
+    assert_close(a, b, 1e-9, name)
+
+
+def test_far_falls_back_from_pallas(monkeypatch):
+  """The Pallas kernels refuse far= in one line; implementation=None then runs xla."""
+  from pallas_kernels import _dispatch
+  args, kw = make(3, B=1, T=3, N=3, dtype=np.float32)
+  far = far_inputs(args)
+  for impl in ("pallas_gpu", "pallas_tpu"):
+    with pytest.raises(NotImplementedError, match="far=") as err:
+      block_retrieval_attention(*args, k=2, implementation=impl, interpret=True, far=far, **kw)
+    assert "\n" not in str(err.value)
+  monkeypatch.setattr(_dispatch, "default_order", lambda backend=None: ("pallas_gpu", "xla"))
+  out = block_retrieval_attention(*args, k=2, interpret=True, far=far, **kw)
+  want = block_retrieval_attention(*args, k=2, implementation="xla", far=far, **kw)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-4), (jnp.bfloat16, 2e-2)])
