@@ -320,8 +320,8 @@ def lm_config(c: ml_collections.ConfigDict, vocab_size: int):
       channel_kwargs={name: dict(_plain(kw)) for name, kw in m.channel.items()},
       tie_embeddings=m.tie_embeddings, dtype=m.dtype,
       # a config.json written before these keys existed reads as the defaults
-      param_dtype=m.get("param_dtype", "float32"), remat=m.get("remat", "none"),
-      scan_layers=bool(m.get("scan_layers", False)))
+      param_dtype=m.get("param_dtype", LMConfig.param_dtype), remat=m.get("remat", LMConfig.remat),
+      scan_layers=bool(m.get("scan_layers", LMConfig.scan_layers)))
 
 
 def opt_config(c: ml_collections.ConfigDict):

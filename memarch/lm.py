@@ -151,11 +151,7 @@ class LM(nnx.Module):
     if self.cfg.scan_layers:
       x, states = self._scan_blocks(x, state, segment_ids_BT)
     else:
-      call = block_call(self.cfg.remat)
-      states = []
-      for i, blk in enumerate(self.blocks):
-        x, s = call(blk, x, None if state is None else state[i], segment_ids_BT)
-        states.append(s)
+      x, states = run_blocks(self.blocks, x, state, segment_ids_BT, block_call(self.cfg.remat))
     x = self.final_norm(x)
     if self.head is None:
       w = self.embed[...].astype(dt).T * (self.cfg.d_model ** -0.5)
@@ -163,7 +159,6 @@ class LM(nnx.Module):
       w = self.head[...].astype(dt)
     logits = jnp.einsum("btd,dv->btv", x, w, preferred_element_type=jnp.float32)
     return logits, states
-
 
   def _scan_blocks(self, x_BTD, state, segment_ids_BT):
     """The blocks as one `lax.scan` over G groups of one pattern period P (model.scan_layers), so
@@ -177,17 +172,11 @@ class LM(nnx.Module):
     p, g_count = self.cfg.period, len(self.blocks) // self.cfg.period
     groups = [nnx.List(self.blocks[g * p:(g + 1) * p]) for g in range(g_count)]
     split = [Transformed.split(group, capturing=self) for group in groups]
-    group_state_G = jax.tree.map(lambda *xs: jnp.stack(xs), *(t.state for t in split))
-    state_G = None if state is None else [
-        jax.tree.map(lambda *xs: jnp.stack(xs), *state[j::p]) for j in range(p)]
-    call = block_call(self.cfg.remat)
-
-    def period(blocks, x, layer_states):
-      out = []
-      for j, blk in enumerate(blocks):
-        x, s = call(blk, x, None if layer_states is None else layer_states[j], segment_ids_BT)
-        out.append(s)
-      return x, out
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    group_state_G = stack([t.state for t in split])
+    state_G = None if state is None else [stack(state[j::p]) for j in range(p)]
+    period = functools.partial(run_blocks, segment_ids_BT=segment_ids_BT,
+                               call=block_call(self.cfg.remat))
 
     def body(x, inputs):
       group_state, layer_states = inputs
@@ -195,11 +184,10 @@ class LM(nnx.Module):
       return x, (out, sown)
 
     x_BTD, (states_G, sown_G) = jax.lax.scan(body, x_BTD, (group_state_G, state_G))
+    at = lambda tree, g: jax.tree.map(lambda a: a[g], tree)
     for g, group in enumerate(groups):
-      Transformed.write_sown(group, jax.tree.map(lambda a, g=g: a[g], sown_G))
-    states = [jax.tree.map(lambda a, g=g: a[g], states_G[j]) for g in range(g_count)
-              for j in range(p)]
-    return x_BTD, states
+      Transformed.write_sown(group, at(sown_G, g))
+    return x_BTD, [at(states_G[j], g) for g in range(g_count) for j in range(p)]
 
 
 class Transformed(NamedTuple):
@@ -249,6 +237,17 @@ class Transformed(NamedTuple):
           m = m[key] if isinstance(key, int) else getattr(m, key)
         for value in var.get_value():
           m.sow(type(var), name, value)
+
+
+def run_blocks(blocks, x_BTD, states, segment_ids_BT, call):
+  """x through `blocks` in order with `call` (block_call); returns (x_BTD, per-block states).
+  `states` None starts every block fresh. The loop form runs all blocks, the scanned form one
+  pattern period per scan step."""
+  out = []
+  for i, blk in enumerate(blocks):
+    x_BTD, s = call(blk, x_BTD, None if states is None else states[i], segment_ids_BT)
+    out.append(s)
+  return x_BTD, out
 
 
 def _apply_block(block: Block, x_BTD, state, segment_ids_BT):

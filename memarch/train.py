@@ -34,7 +34,7 @@ from memarch import step as step_lib
 from memarch import workdir as workdir_lib
 from memarch.data import make_source
 from memarch.data.mqar import IGNORE
-from memarch.lm import LM, count_params
+from memarch.lm import LM, LMConfig, count_params
 from memarch.optim import make_optimizer, schedule
 from memarch.step import StepConfig
 
@@ -43,7 +43,8 @@ class TrainingError(RuntimeError):
   """A run stopped for a reason the user must fix (message says how)."""
 
 
-_ADDED_MODEL_KEYS = {"param_dtype": "float32"}
+# Model keys added after some workdirs were written: absent, they read as the LMConfig default.
+_ADDED_MODEL_KEYS = {"param_dtype": LMConfig.param_dtype}
 
 
 def check_workdir(workdir: str, config) -> None:

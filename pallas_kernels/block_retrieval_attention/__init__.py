@@ -67,7 +67,7 @@ def block_retrieval_attention(q, blk_k, blk_v, gate, allowed, *, always=None, k=
   kernel supports); interpret=True runs a Pallas path in interpret mode (CPU tests).
   """
   _common.check_inputs(q, blk_k, blk_v, gate, allowed, always, k, share, local, blk_mask, far)
-  extra = {} if far is None else {"far": tuple(far)}  # exact mode: the call as before
   return dispatch("block_retrieval_attention", IMPLEMENTATIONS, implementation, interpret, q, blk_k,
                   blk_v, gate, allowed, always=always, k=k, share=share, local=local,
-                  blk_mask=blk_mask, scale=scale, chunk_size=chunk_size, **extra)
+                  blk_mask=blk_mask, scale=scale, chunk_size=chunk_size,
+                  far=None if far is None else tuple(far))
