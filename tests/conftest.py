@@ -1,9 +1,9 @@
 """Test setup: 8 CPU devices for sharding tests (set before jax is imported)."""
 import os
 
-# XLA:CPU's classic emitters compile the suite's small programs about 1.8x faster than its newer
-# fusion emitters (CPU seconds of the Miras, Titans-memory and conformance tests: 154 -> 69,
-# 175 -> 100); CPU only, so a GPU run never sees a CPU flag its XLA may not know.
+# XLA:CPU's classic emitters compile the suite's small programs faster than its newer fusion
+# emitters (docs/results.md, "Test suite time"); CPU only, so a GPU run never sees a CPU flag its
+# XLA may not know.
 CPU_COMPILE_FLAGS = "--xla_cpu_use_fusion_emitters=false"
 if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
   os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {CPU_COMPILE_FLAGS}")

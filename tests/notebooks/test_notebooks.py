@@ -64,8 +64,8 @@ def _execute(name, cwd):
   env["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=false"
   env.pop("MPLBACKEND", None)
   # As in tests/conftest.py: the fast budgets are all compile time, which XLA's optimisation
-  # passes double (measured: 230 -> 142 CPU seconds for the three notebooks; their numbers are
-  # checked to tolerances far above the effect).
+  # passes lengthen (docs/results.md, "Test suite time"; the notebooks' numbers are checked to
+  # tolerances far above the effect).
   env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   # The kernelspec launches "python": make it this venv's interpreter.
   env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
