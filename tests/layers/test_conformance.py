@@ -2,7 +2,7 @@
 finite gradients, causality, split invariance (incl. one-token decode steps), state=None ==
 init_state(), and packed documents computed as if each ran alone.
 
-Compiling is most of the cost here (the Titans and Miras backward passes take 10-25 s each on
+Compiling is most of the cost here (the Titans and Miras backward passes dominate the run on
 CPU), so the tests reuse shapes: every unpacked forward from a fresh state runs at [B, T], and
 all tests of one mixer run on one xdist worker (`xdist_group`, `--dist loadgroup`), where jit's
 cache shares those programs."""

@@ -31,7 +31,7 @@ def rel(a, b):
 
 
 # Each variant once, at a chunk that splits the sequence mid-chunk, two at chunk 4 and two at 16
-# (each float64 backward costs 15-20 s of compile on CPU). Chunk sizes 1..16 of the op itself:
+# (each float64 backward is a long compile on CPU). Chunk sizes 1..16 of the op itself:
 # test_titans_memory.py; MAC's segment grid against the chunks: test_conformance.py.
 @pytest.mark.parametrize("variant,chunk,t", [("lmm", 4, 11), ("mac", 16, 21), ("mag", 16, 21),
                                              ("mal", 4, 11)])
