@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -207,11 +208,19 @@ def _unraisable(args) -> None:
   sys.__unraisablehook__(args)
 
 
+def _orbax_task_noise(record) -> bool:
+  """Logging filter for asyncio: drops 'Task exception was never retrieved' about Orbax's reads (a
+  failed restore's sibling reads, garbage-collected later; restore_latest already reported it)."""
+  msg = str(record.msg)
+  return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
+
+
 def quiet_libraries() -> None:
   """absl/Orbax INFO logs off and warnings as one line; called by `run` after the flags are parsed,
   unless --verbose. Only the script's process is affected: library functions never change logging."""
   absl_logging.set_verbosity(absl_logging.WARNING)
   sys.unraisablehook = _unraisable
+  logging.getLogger("asyncio").addFilter(_orbax_task_noise)
   warnings.showwarning = _show_warning
 
 
