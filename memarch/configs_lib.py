@@ -115,8 +115,12 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       # A finished run (num_steps reached, stop_at_accuracy, time_budget_s or a non-finite stop;
       # <workdir>/finished.json) stays finished on a rerun; True trains on from its last checkpoint.
       continue_finished=False))
+  # distributed=True: one process per host (memarch.sharding.maybe_initialize_distributed); the
+  # coordinator is found from the environment unless coordinator_address ("host:port") is given,
+  # with num_processes and process_id (docs/design.md, "Multi-host runs").
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0,  # 0 = all
-                                          distributed=False))
+                                          distributed=False, coordinator_address="",
+                                          num_processes=0, process_id=-1))
   # None: each op's best available path; a name of pallas_kernels._dispatch.Implementation forces
   # that path in every mixer whose own `implementation` is None.
   c.kernels = ml_collections.ConfigDict(dict(implementation=impl_field()))

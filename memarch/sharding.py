@@ -78,10 +78,53 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host start: `jax.distributed.initialize()` reads the coordinator from the environment."""
-  if enabled:
+def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> tuple[int, int]:
+  """(start, stop): the rows of a [batch_size, ...] batch that live on this process's devices
+  under `batch_sharding`; the process loads only these (all rows with one process)."""
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+  held = set()
+  for (rows,) in index_map.values():
+    held.update(range(*rows.indices(batch_size)))
+  start, stop = min(held), max(held) + 1
+  if len(held) != stop - start:
+    raise ValueError(f"process {jax.process_index()} holds rows {sorted(held)} of the batch, not one "
+                     "contiguous range; order the mesh devices by process (the default)")
+  return start, stop
+
+
+def global_batch(mesh: jax.sharding.Mesh, local: dict[str, np.ndarray],
+                 batch_size: int) -> dict[str, jax.Array]:
+  """This process's rows (`process_rows`) of each batch array -> global arrays sharded over the
+  batch axis (with one process: a plain sharded `device_put`)."""
+  return {k: jax.make_array_from_process_local_data(
+      batch_sharding(mesh, v.ndim), np.asarray(v), (batch_size, *v.shape[1:]))
+      for k, v in local.items()}
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process) array as one numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def maybe_initialize_distributed(mesh_cfg) -> None:
+  """Multi-host start (mesh.distributed=True), once per process. With mesh.coordinator_address
+  empty, `jax.distributed.initialize()` finds the coordinator itself (Cloud TPU, SLURM, Open MPI,
+  or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables);
+  otherwise the address, mesh.num_processes and mesh.process_id are passed as given."""
+  if not mesh_cfg.distributed or jax.distributed.is_initialized():
+    return
+  address = mesh_cfg.get("coordinator_address", "")
+  if not address:
     jax.distributed.initialize()
+    return
+  num, pid = int(mesh_cfg.get("num_processes", 0)), int(mesh_cfg.get("process_id", -1))
+  if num < 1 or not 0 <= pid < num:
+    raise ValueError(f"mesh.coordinator_address={address!r} needs mesh.num_processes >= 1 and "
+                     f"0 <= mesh.process_id < num_processes (got {num} and {pid})")
+  jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
 
 
 def describe(mesh: jax.sharding.Mesh) -> str:

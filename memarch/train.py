@@ -32,7 +32,7 @@ from memarch import configs_lib, sharding
 from memarch import metrics as metrics_lib
 from memarch import step as step_lib
 from memarch import workdir as workdir_lib
-from memarch.data import make_source
+from memarch.data import loader, make_source
 from memarch.data.mqar import IGNORE
 from memarch.lm import LM, LMConfig, count_params
 from memarch.optim import make_optimizer, schedule
@@ -82,7 +82,11 @@ def check_workdir(workdir: str, config) -> None:
 
 
 def write_config(workdir: str, config, step: int) -> str:
+  """Writes config.json (config.resumed_at_<step>.json when a resume changed it); in a multi-process
+  run only process 0 writes."""
   path = os.path.join(workdir, "config.json")
+  if jax.process_index() != 0:
+    return path
   text = configs_lib.to_json(config)
   if os.path.exists(path):
     with open(path) as f:
@@ -163,7 +167,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   configs_lib.validate(config)
   if max_steps_this_run is not None and max_steps_this_run < 1:
     raise ValueError(f"max_steps_this_run={max_steps_this_run} must be >= 1 (or None)")
-  sharding.maybe_initialize_distributed(config.mesh.distributed)
+  sharding.maybe_initialize_distributed(config.mesh)
+  quiet = quiet or jax.process_index() != 0  # process 0 speaks for a multi-process run
   # One process holds the workdir; in a multi-process run that is process 0, for all of them.
   lock = workdir_lib.WorkdirLock(workdir)
   try:
@@ -261,9 +266,11 @@ class Evaluator:
   loss, bits per byte and perplexity; the synthetic tasks score their eval set by accuracy and
   loss. `predict` is a `memarch.step.jit_eval_step` function."""
 
-  def __init__(self, config, data, predict):
+  def __init__(self, config, data, predict, mesh=None):
     self.batch_size = config.data.batch_size
     self.predict = predict
+    self.mesh = mesh if mesh is not None else sharding.single_device_mesh()
+    self.rows = sharding.process_rows(self.mesh, self.batch_size)
     self.lm_eval = bool(getattr(data, "lm_eval", False))
     if self.lm_eval:
       self.eval_set = data.eval_set(int(config.data.get("eval_rows", 32)))
@@ -281,8 +288,10 @@ class Evaluator:
       pad = bs - len(sl["inputs"])
       if pad:  # keep one compiled shape
         sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
-      preds, nll = self.predict(state, {k: sl[k] for k in ("inputs", "segment_ids", "targets")})
-      preds, nll = np.asarray(preds)[:bs - pad], np.asarray(nll, np.float64)[:bs - pad]
+      mine = {k: sl[k][self.rows[0]:self.rows[1]] for k in ("inputs", "segment_ids", "targets")}
+      preds, nll = self.predict(state, sharding.global_batch(self.mesh, mine, bs))
+      preds = sharding.to_host(preds)[:bs - pad]
+      nll = sharding.to_host(nll).astype(np.float64)[:bs - pad]
       tgt = sl["targets"][:bs - pad]
       mask = tgt != IGNORE
       correct.append(((preds == tgt) & mask).sum(-1) / np.maximum(mask.sum(-1), 1))
@@ -297,6 +306,27 @@ class Evaluator:
       return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
               "eval/perplexity": math.exp(min(loss, 700.0))}
     return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
+
+
+def _plot_curves(writer, workdir: str, title: str) -> str:
+  """curves.png of the run's metrics (drawn by the process that writes them)."""
+  png = os.path.join(workdir, "curves.png")
+  if isinstance(writer, _NoWriter):
+    return png
+  return metrics_lib.plot_curves(writer.path, png, title=title)
+
+
+class _NoWriter:
+  """The metrics writer of processes other than 0 in a multi-process run: writes nothing."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step, row) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
 
 
 class _StepLog:
@@ -449,9 +479,9 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     predict = step_lib.jit_eval_step(graphdef, step_cfg)
     lr_at = schedule(opt_cfg, tc.num_steps)
 
-    evaluate = Evaluator(config, data, predict)
+    evaluate = Evaluator(config, data, predict, mesh)
 
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir) if primary else _NoWriter(workdir)
     end_step = (tc.num_steps if max_steps_this_run is None
                 else min(tc.num_steps, start_step + max_steps_this_run))
     progress = _make_progress(tc, start_step, quiet)
@@ -478,13 +508,14 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       _show_progress(progress, row, last, evaluate.lm_eval)
 
     step = start_step
+    # Each process loads only its rows of every batch; step s trains on batch s - 1.
+    batch_size = config.data.batch_size
+    local_batches = loader.batches(data, start_step, end_step,
+                                   sharding.process_rows(mesh, batch_size))
     try:
       with sharding.mesh_context(mesh):
         for step in range(start_step + 1, end_step + 1):
-          batch = data.batch(step - 1)
-          batch = {k: jax.device_put(np.asarray(v).reshape(v.shape),
-                                     sharding.batch_sharding(mesh, v.ndim))
-                   for k, v in batch.items()}
+          batch = sharding.global_batch(mesh, next(local_batches), batch_size)
           collect = _due(step, tc.stats_every) or (step == 1 and bool(tc.stats_every))
           state, m = step_fn(state, batch, collect)
           flush()
@@ -517,8 +548,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       raise
     ckpt.wait()  # the last checkpoint is on disk before the run counts as finished
 
-    png = metrics_lib.plot_curves(writer.path, os.path.join(workdir, "curves.png"),
-                                  title=f"{', '.join(lm_cfg.layer_pattern)} on {config.data.name}")
+    png = _plot_curves(writer, workdir, f"{', '.join(lm_cfg.layer_pattern)} on {config.data.name}")
     if step == start_step:  # nothing left to train: report the run's newest metrics
       last = dict(_latest_values(writer.path), **last)
     last.update(step=step, stopped_early=stopped_early, out_of_time=out_of_time,

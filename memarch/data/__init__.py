@@ -1,5 +1,7 @@
-"""Data sources. Contract: `vocab_size` and `batch(step) -> {inputs, targets, segment_ids}` (int32
-[B, L], targets -100 where ignored), a pure function of (seed, step): resuming at a step is exact."""
+"""Data sources. Contract: `vocab_size` and `batch(step, rows=None) -> {inputs, targets,
+segment_ids}` (int32 [B, L], targets -100 where ignored), a pure function of (seed, step): resuming
+at a step is exact. `rows=(start, stop)` builds only those rows of the batch (the share of one
+process in a multi-host run), equal to the same rows of the whole batch."""
 from __future__ import annotations
 
 import os
@@ -8,6 +10,16 @@ import numpy as np
 
 TEXT_SOURCES = ("text", "shakespeare", "tfds")
 BPE_SAMPLE_DOCS = 20_000  # TFDS documents a BPE is trained on (a seeded sample of the split)
+
+
+def row_range(rows: tuple[int, int] | None, batch_size: int) -> range:
+  """The rows of a batch to build: `rows=(start, stop)`, or every row when None."""
+  if rows is None:
+    return range(batch_size)
+  start, stop = int(rows[0]), int(rows[1])
+  if not 0 <= start < stop <= batch_size:
+    raise ValueError(f"rows {rows} are not a non-empty range inside a batch of {batch_size}")
+  return range(start, stop)
 
 
 def _get(data_cfg, key, default):

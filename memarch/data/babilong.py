@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from memarch.data import row_range
 from memarch.data.text import prompt_answer_row
 from memarch.data.tokenizer import ByteTokenizer, num_tokens
 
@@ -529,7 +530,8 @@ class BabilongSource:
     return prompt_answer_row(self.tokenizer.encode(prompt), self.tokenizer.encode(answer),
                              self.seq_len, self.tokenizer.pad_id)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    rows = [self.encode(self.example(step * self.batch_size + b)) for b in range(self.batch_size)]
+  def batch(self, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    rows = [self.encode(self.example(step * self.batch_size + b))
+            for b in row_range(rows, self.batch_size)]
     return {"inputs": np.stack([r[0] for r in rows]), "targets": np.stack([r[1] for r in rows]),
             "segment_ids": np.stack([r[2] for r in rows])}

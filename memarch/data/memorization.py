@@ -22,6 +22,8 @@ import functools
 
 import numpy as np
 
+from memarch.data import row_range
+
 IGNORE = -100
 TRAIN_SPLIT, TEST_SPLIT = 0, 1
 MAP_STREAM = 7_919  # a stream id distinct from the splits: the map never shares a generator with data
@@ -84,8 +86,9 @@ class MemorizationSource:
     y = np.stack([p[1] for p in pairs])
     return {"inputs": x, "targets": y, "segment_ids": np.ones_like(x)}
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    return self._examples(step * self.batch_size, self.batch_size, TRAIN_SPLIT)
+  def batch(self, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    r = row_range(rows, self.batch_size)
+    return self._examples(step * self.batch_size + r.start, len(r), TRAIN_SPLIT)
 
   def eval_set(self, num_examples: int, *, seq_len: int | None = None) -> dict[str, np.ndarray]:
     """Fresh sequences (test split) over the same facts: memorization is scored on the stored map."""

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from memarch.data import row_range
+
 IGNORE = -100
 TRAIN_SPLIT, TEST_SPLIT = 0, 1
 
@@ -90,9 +92,10 @@ class MQARSource:
   def __post_init__(self):
     check_args(self.seq_len, self.num_kv_pairs, self.vocab_size)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    x, y = generate(self.batch_size, self.seq_len, self.num_kv_pairs, self.vocab_size,
-                    power_a=self.power_a, seed=self.seed, start_index=step * self.batch_size,
+  def batch(self, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    r = row_range(rows, self.batch_size)
+    x, y = generate(len(r), self.seq_len, self.num_kv_pairs, self.vocab_size,
+                    power_a=self.power_a, seed=self.seed, start_index=step * self.batch_size + r.start,
                     random_non_queries=self.random_non_queries)
     return {"inputs": x, "targets": y, "segment_ids": np.ones_like(x)}
 

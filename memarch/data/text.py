@@ -30,6 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
+from memarch.data import row_range
+
 IGNORE = -100
 _MASK64 = (1 << 64) - 1
 
@@ -146,8 +148,9 @@ def _stack(rows) -> dict[str, np.ndarray]:
           "segment_ids": np.stack([r[2] for r in rows])}
 
 
-def _epoch_positions(step: int, batch_size: int, rows_per_epoch: int):
-  g = step * batch_size + np.arange(batch_size, dtype=np.int64)
+def _epoch_positions(step: int, batch_size: int, rows_per_epoch: int, rows=None):
+  r = row_range(rows, batch_size)
+  g = step * batch_size + np.arange(r.start, r.stop, dtype=np.int64)
   return g // rows_per_epoch, g % rows_per_epoch
 
 
@@ -251,8 +254,8 @@ class DocumentSource:
       return pack_documents([d[: self.seq_len + 1]], self.seq_len, self.tokenizer.pad_id)
     return self._train.row(w)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    epochs, positions = _epoch_positions(step, self.batch_size, self.rows_per_epoch)
+  def batch(self, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    epochs, positions = _epoch_positions(step, self.batch_size, self.rows_per_epoch, rows)
     return _stack([self.row(int(e), int(p)) for e, p in zip(epochs, positions)])
 
   def eval_documents(self) -> list[np.ndarray] | None:
@@ -448,6 +451,6 @@ class TFDSTextSource:
       docs = [docs[0][offset:offset + self.seq_len + 1]]
     return pack_documents(docs, self.seq_len, self.tokenizer.pad_id)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    epochs, positions = _epoch_positions(step, self.batch_size, self.rows_per_epoch)
+  def batch(self, step: int, rows: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    epochs, positions = _epoch_positions(step, self.batch_size, self.rows_per_epoch, rows)
     return _stack([self.row(int(e), int(p)) for e, p in zip(epochs, positions)])

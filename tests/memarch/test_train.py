@@ -35,10 +35,10 @@ def test_kill_and_resume_reproduces_losses(tmp_path, monkeypatch):
   from memarch.data import mqar
   real_batch = mqar.MQARSource.batch
 
-  def dying_batch(self, step):
+  def dying_batch(self, step, rows=None):
     if step == 6:
       raise KeyboardInterrupt("killed")
-    return real_batch(self, step)
+    return real_batch(self, step, rows)
 
   monkeypatch.setattr(mqar.MQARSource, "batch", dying_batch)
   with pytest.raises(KeyboardInterrupt):
