@@ -185,7 +185,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
       h = lock.stale_holder
       log(f"memarch: took over the lock left by pid {h.get('pid')} on {h.get('host')} "
           "(no longer running)")
-    data = make_source(config.data, seed=config.seed, workdir=workdir)
+    data = _make_data(config, workdir)
     lm_cfg = configs_lib.lm_config(config, data.vocab_size)
     opt_cfg = configs_lib.opt_config(config)
     if data.vocab_size > lm_cfg.vocab_size:
@@ -306,6 +306,18 @@ class Evaluator:
       return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
               "eval/perplexity": math.exp(min(loss, 700.0))}
     return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
+
+
+def _make_data(config, workdir: str):
+  """The run's data source. In a multi-process run process 0 builds it first (it may train and
+  save the BPE tokenizer into the workdir) and the others then build theirs, reading that file."""
+  build = lambda: make_source(config.data, seed=config.seed, workdir=workdir)  # noqa: E731
+  if jax.process_count() == 1:
+    return build()
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  data = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("memarch: data source built by process 0")
+  return data if data is not None else build()
 
 
 def _plot_curves(writer, workdir: str, title: str) -> str:

@@ -10,6 +10,8 @@ its ratio to the baseline measured in the same run. Prints a table and writes JS
   python scripts/bench.py --suite=experts --expert_sizes=4096,65536 --expert_dim=64 --expert_k=32
   python scripts/bench.py --suite=remat --seq_len=2048 --batch=1   # model.remat policies, 170m
   python scripts/bench.py --suite=scan --iters=0      # compile time, loop vs scanned blocks, 340m
+  python scripts/bench.py --suite=scale --seq_len=512 --batch=1 --iters=1 --warmup=0
+                                                      # remat policies x scanned x bf16, 340m
   python scripts/bench.py --suite=all --json=bench.json
 
 Peak memory is XLA's compiled estimate (arguments + outputs + temporaries of the jitted step), the
@@ -174,6 +176,34 @@ def suite_scan(args):
                             overrides={"model.scan_layers": scan}, warmup=args.warmup)
       except Exception as e:  # noqa: BLE001 - report and continue
         row = dict(name=spec, scan_layers=scan, error=f"{type(e).__name__}: {e}"[:200])
+      rows.append(row)
+      progress(row)
+  return rows
+
+
+SCALE_ARCHS = ["configs/transformer.py:size=340m", "configs/gated_deltanet.py:size=340m",
+               "configs/mom.py:size=340m", "configs/titans.py:variant=mac,size=340m"]
+
+
+def suite_scale(args):
+  """Paper-scale settings together: each `model.remat` policy (`--remat`) with scanned layers and
+  bfloat16 parameters, per config (`--archs`, default the Transformer++, Gated DeltaNet, MoM and
+  Titans MAC at size=340m): compile time, compiled peak memory and step time (`--iters`)."""
+  specs = args.archs.split(",") if args.archs else SCALE_ARCHS
+  rows = []
+  for spec in specs:
+    first = None
+    for policy in args.remat.split(","):
+      overrides = {"model.remat": policy, "model.scan_layers": True,
+                   "model.param_dtype": "bfloat16"}
+      try:
+        row = lm_step_bench(spec, args.batch, args.seq_len, args.iters, overrides=overrides,
+                            warmup=args.warmup)
+      except Exception as e:  # noqa: BLE001 - report and continue
+        row = dict(name=spec, remat=policy, error=f"{type(e).__name__}: {e}"[:200])
+      if "peak_bytes" in row:
+        first = first or row
+        row["memory_vs_first"] = row["peak_bytes"] / first["peak_bytes"]
       rows.append(row)
       progress(row)
   return rows
@@ -535,7 +565,7 @@ def print_table(title, rows):
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--suite", default="arch",
-                 choices=["arch", "titans", "kernels", "experts", "remat", "scan", "all"])
+                 choices=["arch", "titans", "kernels", "experts", "remat", "scan", "scale", "all"])
   p.add_argument("--expert_tokens", type=int, default=1024)
   p.add_argument("--expert_sizes", default="65536,1048576", help="table rows N, comma-separated")
   p.add_argument("--expert_dim", type=int, default=256)
@@ -550,7 +580,7 @@ def main():
                  help="remat suite: model.remat policies, comma-separated (ratios: vs the first)")
   p.add_argument("--json", default="bench.json")
   args = p.parse_args()
-  if args.suite == "remat" and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  if args.suite in ("remat", "scale") and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
     # Before the backend starts (first device query): XLA:CPU's default scheduler runs a
     # checkpointed block's recomputation early, in the forward pass, so remat saves nothing there.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + CPU_REMAT_FLAG).strip()
@@ -559,7 +589,8 @@ def main():
   suites = ["arch", "titans", "kernels", "experts"] if args.suite == "all" else [args.suite]
   for s in suites:
     rows = {"arch": suite_arch, "titans": suite_titans, "kernels": suite_kernels,
-            "experts": suite_experts, "remat": suite_remat, "scan": suite_scan}[s](args)
+            "experts": suite_experts, "remat": suite_remat, "scan": suite_scan,
+            "scale": suite_scale}[s](args)
     print_table(s, rows)
     out[s] = rows
   with open(args.json, "w") as f:
