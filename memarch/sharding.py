@@ -114,9 +114,14 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
   empty, `jax.distributed.initialize()` finds the coordinator itself (Cloud TPU, SLURM, Open MPI,
   or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables);
   otherwise the address, mesh.num_processes and mesh.process_id are passed as given."""
-  if not mesh_cfg.distributed or jax.distributed.is_initialized():
-    return
   address = mesh_cfg.get("coordinator_address", "")
+  if not mesh_cfg.distributed:
+    if address:
+      raise ValueError(f"mesh.coordinator_address={address!r} is set but mesh.distributed=False; "
+                       "add --config.mesh.distributed=True (or drop the address)")
+    return
+  if jax.distributed.is_initialized():
+    return
   if not address:
     jax.distributed.initialize()
     return

@@ -106,3 +106,27 @@ def test_two_processes_train_as_one(tmp_path):
         np.testing.assert_allclose(g[k], r[k], rtol=1e-6, err_msg=f"{k} at step {r['step']}")
   assert sum("eval/accuracy" in r for r in got) == 2
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.parametrize("mesh,message", [
+    (dict(distributed=False, coordinator_address="h:1"),
+     "mesh.coordinator_address='h:1' is set but mesh.distributed=False"),
+    (dict(distributed=True, coordinator_address="h:1", num_processes=2, process_id=2),
+     "needs mesh.num_processes >= 1 and 0 <= mesh.process_id < num_processes"),
+])
+def test_bad_multihost_settings_are_refused(mesh, message):
+  from memarch import sharding
+  cfg = configs_lib.load_config(os.path.join(ROOT, "configs", "transformer.py")).mesh
+  cfg.unlock()
+  cfg.update(mesh)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    sharding.maybe_initialize_distributed(cfg)
+
+
+def test_process_rows_of_one_process_are_the_whole_batch():
+  from memarch import sharding
+  mesh = sharding.make_mesh(4, 2, 1)
+  assert sharding.process_rows(mesh, 16) == (0, 16)
+  batch = sharding.global_batch(mesh, {"inputs": np.arange(32).reshape(16, 2)}, 16)
+  assert batch["inputs"].sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_array_equal(sharding.to_host(batch["inputs"]), np.arange(32).reshape(16, 2))
