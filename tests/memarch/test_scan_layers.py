@@ -73,3 +73,34 @@ def test_scan_layers_needs_whole_periods():
   _, scanned, _ = models()
   with pytest.raises(ValueError, match="multiple of the layer pattern's period 2"):
     dataclasses.replace(scanned.cfg, num_layers=3)
+
+
+def test_loop_checkpoint_resumes_scanned(tmp_path):
+  """Parameters are stored per block in both forms, so a loop-form checkpoint resumes with
+  scan_layers=True and continues the loop run's losses (to float32 rounding)."""
+  import os
+
+  from memarch.metrics import read_metrics
+  from memarch.train import train_and_evaluate
+
+  def losses(workdir):
+    rows = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+  def config(scan):
+    c = testing.tiny_config(num_steps=8, eval_every=0)
+    c.unlock()
+    c.model.num_layers = 2
+    c.model.scan_layers = scan
+    c.lock()
+    return c
+
+  train_and_evaluate(config(False), str(tmp_path / "loop"), quiet=True)
+  train_and_evaluate(config(False), str(tmp_path / "mixed"), quiet=True, max_steps_this_run=4)
+  out = train_and_evaluate(config(True), str(tmp_path / "mixed"), quiet=True)
+  assert out["step"] == 8
+  ref, got = losses(tmp_path / "loop"), losses(tmp_path / "mixed")
+  assert sorted(got) == list(range(1, 9))
+  np.testing.assert_allclose([got[s] for s in range(5, 9)], [ref[s] for s in range(5, 9)],
+                             rtol=1e-5)
+  assert got[8] < got[1] - 0.05  # it trained on from the checkpoint, not from scratch
