@@ -107,8 +107,9 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
   at k (all memory layers), e = M(k) - v; the median over random unit keys and SiLU values, with
   X_0 drawn like the layer's initial state (N(0, 1/fan_in), or unit-scale logits for "kl").
 
-  `linearised=True`: the read inside a chunk instead, where the same update acts on the weights
-  phi(X_0) directly. A deterministic probe of the initialisation, run eagerly and cached.
+  `linearised=True`: the read inside a chunk instead, through the linearised weights
+  (`MemoryRule.read_weights` at base X_0). A deterministic probe of the initialisation, run
+  eagerly.
   """
   with jax.ensure_compile_time_eval():
     rule = MemoryRule(retention=retention, q_norm=q_norm, momentum=False)
@@ -121,15 +122,13 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
     v = jax.nn.silu(jax.random.normal(keys[-1], (num_probes, head_dim)))
     ln_s, ln_b, c_L = jnp.ones(head_dim), jnp.zeros(head_dim), jnp.ones(len(shapes))
 
-    w0 = rule.phi(x0, c_L)
-
     def gain(k_D, v_D):
       read = lambda x: mlp_apply(rule.phi(x, c_L), ln_s, ln_b, k_D[None])[0]
-      read_w = lambda w: mlp_apply(w, ln_s, ln_b, k_D[None])[0]
+      read_lin = lambda x: mlp_apply(rule.read_weights(x, x0, 1.0, c_L), ln_s, ln_b, k_D[None])[0]
       e = read(x0) - v_D
       u = token_grads(rule, x0, MemoryParams(ln_s, ln_b, c_L), k_D, v_D, None)
       step = tuple(-u_ for u_ in u)
-      _, dm = jax.jvp(read_w, (w0,), (step,)) if linearised else jax.jvp(read, (x0,), (step,))
+      _, dm = jax.jvp(read_lin if linearised else read, (x0,), (step,))
       return -jnp.dot(dm, e) / jnp.dot(e, e)
 
     return float(jnp.median(jax.jit(jax.vmap(gain))(k, v)))

@@ -96,7 +96,8 @@ class DotOps(NamedTuple):
   val: Callable = lambda x: x       # reads an input where it is used (the kernel's lazy refs)
 
 
-def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds, ln_s, ln_b):
+def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds, ln_s, ln_b,
+                   rs_read=None):
   """One chunk's dual-form read and chunk-end state (Titans v1 §3.2, Eq. 16-18), layer by layer.
 
   With the inner-gradient factors u_i^(l) = g_i^(l) r_i^(l)^T (rows of gs[l], rs[l]) and Z the
@@ -109,6 +110,8 @@ def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds
   W0 is the read's start weights (X_0, or the linearised X_0 + P (phi(X_base) - X_base); `w0 is x`
   when they coincide), coef and f are [n, 1] columns; s None means no momentum (f, f_n, mom_n and
   s_end are then unused). q None skips the read (y None: the exact read happens elsewhere).
+  rs_read: the factors the read sees, J(r_i) of a linearised read (rules.MemoryRule.read_map;
+  default rs); the carry always uses rs.
   Each layer's weights are read (`ops.val`) where they are used and carried right after the read,
   which keeps their live ranges short in the kernel. Returns (y, X_n, S_n or None).
   """
@@ -122,7 +125,8 @@ def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds
       z_out = coef * ops.mm_t(z, w_l)
       if s is not None:
         z_out = z_out + f * ops.mm_t(z, s_l)
-      z = z_out - ops.mm(ops.val(G[l]) * ops.mm_t(z, rs[l]), gs[l])
+      r_read = rs[l] if rs_read is None else rs_read[l]
+      z = z_out - ops.mm(ops.val(G[l]) * ops.mm_t(z, r_read), gs[l])
       if l < L - 1:
         z = ops.gelu(z)
     x_n = ops.val(ends.beta_n) * x_l

@@ -94,14 +94,37 @@ class MemoryRule:
 
   def read_weights(self, x, base, since_base, c_L=None, phi_base=None):
     """The weights a read of the state sees: phi(X) when the rule reads exactly (or phi is the
-    identity); otherwise the linearised X + since_base (phi(base) - base), which is phi(X) right
-    after a chunk end (base = X, since_base = 1). since_base [...] broadcasts over [..., out, in];
-    phi_base: phi(base) when the caller already has it."""
+    identity); otherwise the linearised J(X) + since_base (phi(base) - J(base)), J = `read_map`
+    at the base, which is phi(X) right after a chunk end (base = X, since_base = 1). since_base
+    [...] broadcasts over [..., out, in]; phi_base: phi(base) when the caller already has it."""
     if not self.reads_linearised:
       return self.phi(x, c_L)
     pb = jnp.asarray(since_base)[..., None, None]
     phi_base = self.phi(base, c_L) if phi_base is None else phi_base
-    return tuple(x_ + pb * (p_ - b_) for x_, p_, b_ in zip(x, phi_base, base))
+    J = self.read_map(base, c_L)
+    return tuple(J[l](x_) + pb * (p_ - J[l](b_))
+                 for l, (x_, p_, b_) in enumerate(zip(x, phi_base, base)))
+
+  def read_map(self, base, c_L=None):
+    """Per memory layer, the linear map J that carries a change of the state into a change of the
+    weights in the linearised read, applied to rows over the layer's fan-in ([..., m, in]: weight
+    matrices or the rank-1 factors r_i of the chunk's updates, so the dual form is kept).
+
+    phi's Jacobian at the base would be exact, but for "kl" it mixes each row with its own softmax
+    s_j, which breaks the rank-1 updates; we use the Jacobian of c softmax at rows all equal to the
+    mean row s = mean_j softmax(Z_base)_j, J(r) = c (s * r - <s, r> s), exact when the rows
+    agree (e.g. uniform rows at init) [ours; docs/architectures/miras.md]. Without it a logit
+    step lands on the weights phi(Z) (entries ~ c / fan-in) as if it were a weight step, ~100x
+    too strong within a chunk. The identity for the other retentions (for "lq" a first-order
+    step of phi_q is not rank-1 either, and its linearisation stays the identity)."""
+    if self.retention != "kl":
+      return tuple(lambda r: r for _ in base)
+
+    def kl_map(b_, c):
+      mean_row = jax.nn.softmax(b_, axis=-1).mean(axis=-2, keepdims=True)   # [..., 1, in]
+      return lambda r: c * (mean_row * r - (r * mean_row).sum(-1, keepdims=True) * mean_row)
+
+    return tuple(kl_map(b_, c_L[..., l, None, None]) for l, b_ in enumerate(base))
 
   def output_grad(self, e, v, delta):
     """g for rows e = M(k) - v and v [..., D]; delta [...] (Huber only, None otherwise)."""

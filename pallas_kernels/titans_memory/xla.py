@@ -149,11 +149,12 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
                         None if tok.delta is None else tok.delta[:rows])
   base = xb
   # The read's start term, coef_t * W0: the state's own beta_t X_0 plus, for a linearised read,
-  # P_t (phi(base) - base) with P_t the retention product since the base (rules.py). Both are
-  # proportional to one [n] vector, so W0 is a single matrix per layer: X_0 + pb (phi(xb) - xb)
-  # with coef = beta; after Memora's lag token (base X^(0)), beta_t = a_0 A[t, 0], so
-  # W0 = a_0 X_0 + phi(X^(0)) - X^(0) with coef = A[:, 0].
-  coef = beta
+  # P_t (phi(base) - J(base)) with P_t the retention product since the base and J the read's
+  # linear map (rules.py; the identity unless "kl"). Both are proportional to one [n] vector, so
+  # W0 is a single matrix per layer: J(X_0) + pb (phi(xb) - J(xb)) with coef = beta; after
+  # Memora's lag token (base X^(0)), beta_t = a_0 A[t, 0], so W0 = a_0 J(X_0) + phi(X^(0)) -
+  # J(X^(0)) with coef = A[:, 0]. The updates' factors r_i reach the read as J(r_i).
+  coef = since = beta  # since: the retention product from the read's base to each token
   w0 = rule.read_weights(x, xb, pb, c_L, phi_base=w_base) if rule.reads_linearised else x
   if lag:
     x1 = tuple((beta[0] * x[l] if s is None else beta[0] * x[l] + f[0] * s[l])
@@ -163,11 +164,13 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
     rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k, tok.v, tok.delta)
     rs = tuple(jnp.concatenate([r0, r1[1:]]) for r0, r1 in zip(rs, rs1))
     gs = tuple(jnp.concatenate([g0, g1[1:]]) for g0, g1 in zip(gs, gs1))
+    since = jnp.where(keep_base, beta, segment_products(tok.a)[0][:, 0])
     if rule.reads_linearised:
-      w0 = tuple(jnp.where(keep_base, w_, tok.a[0] * x_ + p_ - x1_)
-                 for w_, x_, p_, x1_ in zip(w0, x, w_base1, x1))
-      coef = jnp.where(keep_base, beta, segment_products(tok.a)[0][:, 0])
-  since_base = pb * coef                                      # P_t (equal to pb beta_t without lag)
+      J1 = rule.read_map(x1, c_L)
+      w0 = tuple(jnp.where(keep_base, w_, tok.a[0] * J1[l](x_) + p_ - J1[l](x1_))
+                 for l, (w_, x_, p_, x1_) in enumerate(zip(w0, x, w_base1, x1)))
+      coef = since
+  since_base = pb * since                                     # P_t (equal to pb beta_t without lag)
   col = lambda t: None if t is None else t[:, None]
   ends = ChunkEnds(
       beta_n=beta[-1], f_n=None if s is None else f[-1], mom_n=None if s is None else mom[-1],
@@ -176,8 +179,12 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   # Dual form over W_t = coef_t W0 + f_t S_0 - sum_i G[t, i] g_i r_i^T (no per-token weights),
   # unless the rule reads phi(X_t) exactly at every token.
   dual = rule.reads_linearised or rule.weights_are_state
+  rs_read = None
+  if rule.reads_linearised:  # the read sees the updates through J at its base (rules.read_map)
+    J = rule.read_map(base, c_L)
+    rs_read = tuple(J[l](rs[l]) for l in range(L))
   y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G, w0, col(coef),
-                                   col(f), x, s, ends, ln_s, ln_b)
+                                   col(f), x, s, ends, ln_s, ln_b, rs_read=rs_read)
   if not dual:  # exact_read: per-token states X_t for the whole chunk, read with phi(X_t)
     xs_t = tuple((beta[:, None, None] * x[l][None] if s is None else
                   beta[:, None, None] * x[l][None] + f[:, None, None] * s[l][None])

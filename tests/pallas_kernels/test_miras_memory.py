@@ -217,7 +217,7 @@ def test_phi_at_chunk_ends_only(x64, model):
   read phi(X_t) of the same state; the opt-in exact read's xla path matches its oracle. Mid-chunk,
   the linearised weights are beta_t phi(X_0) - (the chunk's updates), checked against a direct
   construction from the state."""
-  T = 9
+  T = 10  # the state ends two tokens into a chunk (past Memora's lag token)
   args, x0, c = make_inputs(11, T=T)
   lin1, st1 = run(model, args, x0, c, chunk=1, impl="xla", exact=False)
   ex1, sx1 = run(model, args, x0, c, chunk=1, impl="reference", exact=True)
@@ -232,13 +232,25 @@ def test_phi_at_chunk_ends_only(x64, model):
   assert_close(lin4[:, ends], ex4[:, ends], TOL, "chunk ends read phi(X_t)")
   inside = np.array([1, 2, 5, 6])
   assert rel_rms(lin4[:, inside], ex4[:, inside]) > 1e-3
-  # the state after T = 9 tokens is one token into a chunk: its read weights are the linearised ones
+  # the state after T = 10 tokens is inside a chunk: its read weights are the linearised ones,
+  # J(X) + P (phi(base) - J(base)), J the identity for "lq" and, for "kl", the Jacobian of
+  # c softmax at rows equal to the base's mean row s: J(r) = c (s * r - <s, r> s)
   ret = MODELS[model][1]
   base_w = miras_weights({**st4, STATE_KEY[ret]: st4["base"], "base_decay": jnp.ones_like(
       st4["base_decay"])}, ret, kl_scale_HL=c)            # phi(base)
   lin_w = miras_weights(st4, ret, kl_scale_HL=c)
-  want = tuple(x + st4["base_decay"][..., None, None] * (p_ - b_)
-               for x, p_, b_ in zip(st4[STATE_KEY[ret]], base_w, st4["base"]))
+
+  def J(l, r):
+    if ret != "kl":
+      return r
+    s_row = np.asarray(jax.nn.softmax(st4["base"][l], -1)).mean(-2)[..., None, :]
+    r = np.asarray(r)
+    return np.asarray(c)[None, :, l, None, None] * (s_row * r - (r * s_row).sum(-1)[..., None]
+                                                    * s_row)
+
+  want = tuple(J(l, x) + st4["base_decay"][..., None, None] * (p_ - J(l, b_))
+               for l, (x, p_, b_) in enumerate(zip(st4[STATE_KEY[ret]], base_w, st4["base"])))
+  assert rel_rms(st4[STATE_KEY[ret]][0], st4["base"][0]) > 1e-3  # not a fresh base
   assert_tree_close(lin_w, want, TOL, "linearised weights")
   last = memory_apply(lin_w, args[6], args[7], args[0][:, -1:])
   assert_close(lin4[:, -1:], last, TOL, "the last token reads the state's read weights")
@@ -268,3 +280,24 @@ def test_float32_and_errors():
     miras_memory(*args32, state=init_miras_state(x32, 2, "l2"), retention="lq")
   with pytest.raises(ValueError, match="theta must be"):
     miras_memory(*args32[:3], args32[3][..., :1], *args32[4:], state=init_miras_state(x32, 2))
+
+
+def test_kl_read_map_is_the_softmax_jacobian_at_equal_rows(x64):
+  """rules.MemoryRule.read_map for "kl": the exact first-order change of c softmax_row(Z) when
+  every row of the base is the same (so a rank-1 update stays rank-1), and it keeps each row's
+  sum (the weights' rows sum to c)."""
+  from pallas_kernels.titans_memory.rules import MemoryRule
+  rule = MemoryRule(retention="kl", momentum=False)
+  rng = np.random.default_rng(0)
+  row = rng.standard_normal(6)
+  base = jnp.asarray(np.tile(row, (5, 1)))                    # [out 5, in 6], equal rows
+  c = jnp.asarray([1.7])
+  dZ = jnp.asarray(rng.standard_normal((5, 6)))
+  _, want = jax.jvp(lambda z: rule.phi((z,), c)[0], (base,), (dZ,))
+  got = rule.read_map((base,), c)[0](dZ)
+  assert_close(got, want, 1e-12, "J dZ")
+  np.testing.assert_allclose(np.asarray(got).sum(-1), 0.0, atol=1e-12)
+  # with unequal rows it is the Jacobian at the mean row, not each row's own
+  base2 = jnp.asarray(rng.standard_normal((5, 6)))
+  _, own = jax.jvp(lambda z: rule.phi((z,), c)[0], (base2,), (dZ,))
+  assert rel_rms(rule.read_map((base2,), c)[0](dZ), own) > 0.05
