@@ -11,7 +11,7 @@ from memarch import configs_lib
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, size="tiny", chunk=64, hybrid=False, task="mqar")
+  a = configs_lib.parse_arg(arg, size="tiny", chunk=64, hybrid=False, task="mqar", recipe="", accum=0)
   c = configs_lib.base_config(a.size)
   c.model.layer_pattern = ("gated_deltanet", "swa") if a.hybrid else ("gated_deltanet",)
   c.model.mixer = {"gated_deltanet": dict(conv_size=4, chunk_size=a.chunk,

@@ -15,7 +15,7 @@ MIXER = {"mac": "titans_mac", "mag": "titans_mag", "mal": "titans_mal", "lmm": "
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, variant="mac", size="tiny", depth=2, chunk=16, seq_len=0, kv=0,
-                            task="mqar")
+                            task="mqar", recipe="", accum=0)
   if a.variant not in MIXER:
     raise ValueError(f"titans: unknown variant {a.variant!r}; choose mac, mag, mal or lmm")
   c = configs_lib.base_config(a.size)

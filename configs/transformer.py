@@ -16,7 +16,7 @@ from memarch import configs_lib
 
 
 def get_config(arg=None):
-  a = configs_lib.parse_arg(arg, size="tiny", window=0, task="mqar")
+  a = configs_lib.parse_arg(arg, size="tiny", window=0, task="mqar", recipe="", accum=0)
   c = configs_lib.base_config(a.size)
   if a.window:
     c.model.layer_pattern = ("swa",)
