@@ -91,7 +91,7 @@ def _memory_mlp_params(head_dim: int, expansion: int, depth: int) -> int:
 def _leaves(tree) -> list[tuple[str, Any]]:
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     out.append((".".join(n for n in names if n not in ("value", "")), leaf))
   return out
 
