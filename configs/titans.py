@@ -3,9 +3,10 @@
   python scripts/train.py --config=configs/titans.py
   python scripts/train.py --config=configs/titans.py:variant=mag,size=tiny --workdir=runs/mag
 
-Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m`, `depth=N` (memory MLP
-depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR task),
-`task=mqar|passkey|text` (configs_lib; text needs packed-document support in the mixer).
+Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m|1.3b`, `depth=N`
+(memory MLP depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR
+task), `task=mqar|passkey|text` (configs_lib; text needs packed-document support in the mixer),
+`recipe=paper` with a paper size (Titans' text recipe, docs/recipes.md; `accum=N` micro-batches).
 Parameters (size=tiny, MQAR vocab 256): mac 196,048; mag 187,728; mal 195,920; lmm 163,024.
 """
 from memarch import configs_lib
