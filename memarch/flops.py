@@ -7,14 +7,14 @@ One place for the arithmetic that the training loop (train/mfu), the dry run (sc
   gradients of the activations and of the weights, each about one forward), so the dense part is
   the familiar 6N per token (Kaplan et al. 2020, arXiv 2001.08361, §2.1); rematerialisation's
   extra forward is not counted (model FLOPs, not hardware FLOPs; Chowdhery et al. 2022, PaLM,
-  arXiv 2204.02311, Appendix B).
+  arXiv 2204.02311, §4.1 "Training Efficiency", where MFU is defined).
 - Dense part: 2 x the matmul weights a token passes through: every parameter of two or more axes
   in the blocks, except tables a token only indexes (the embedding, PEER and UltraMem value tables,
   where only the read rows count), learned initial memories (Titans/Miras W_0) and persistent
   tokens; plus the output head, d_model x vocab, tied or not. Norm scales, biases and elementwise
   work are not counted. Mixture layers count active parameters only: MoM's routed projections at
-  top_k / num_memories (our implementation runs every memory's projections; docs/architectures/
-  mom.md), PEER and UltraMem their retrieved experts.
+  top_k / num_memories (our implementation runs every memory's projections, so it executes more;
+  docs/architectures/mom.md), PEER and UltraMem their retrieved experts.
 - Sequence mixing, per token and layer (forward):
   * softmax attention: 2 x 2 x d x ctx (scores q k^T and the weighted sum of v), ctx = the mean
     number of keys a query sees. Causal attention counts the causal half: ctx = (T + 1) / 2 for
