@@ -69,3 +69,5 @@ def test_wandb_project_without_the_package_fails_first(tmp_path, monkeypatch):
     train_and_evaluate(c, str(tmp_path), quiet=True)
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "metrics.jsonl")
+  from memarch.metrics import wandb_module
+  assert wandb_module("") is None  # unset: wandb is not even imported
