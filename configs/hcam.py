@@ -23,7 +23,7 @@ from memarch import configs_lib
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, size="tiny", chunk=0, segment=0, k=-1, max_chunks=0, seq_len=0,
-                            kv=0, task="mqar", steps=0)
+                            kv=0, task="mqar", recipe="", accum=0, steps=0)
   c = configs_lib.base_config(a.size)
   cpu = a.size in ("tiny", "small")
   long = a.task in ("passkey", "text")

@@ -27,7 +27,7 @@ from memarch import configs_lib
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, size="tiny", block=0, k=-1, recent=-1, share="token_head",
-                            positions="exact", seq_len=0, kv=0, task="mqar", steps=0)
+                            positions="exact", seq_len=0, kv=0, task="mqar", recipe="", accum=0, steps=0)
   c = configs_lib.base_config(a.size)
   cpu = a.size in ("tiny", "small")
   c.model.layer_pattern = ("landmark",)

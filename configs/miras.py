@@ -19,7 +19,7 @@ VARIANTS = ("moneta", "yaad", "memora")
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, variant="moneta", size="tiny", depth=2, chunk=16, hybrid=False,
-                            seq_len=0, kv=0, task="mqar")
+                            seq_len=0, kv=0, task="mqar", recipe="", accum=0)
   if a.variant not in VARIANTS:
     raise ValueError(f"miras: unknown variant {a.variant!r}; choose moneta, yaad or memora")
   c = configs_lib.base_config(a.size)

@@ -11,7 +11,7 @@ from memarch import configs_lib
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, size="tiny", memories=4, topk=2, shared=True, balance=0.01,
-                            chunk=64, task="mqar")
+                            chunk=64, task="mqar", recipe="", accum=0)
   c = configs_lib.base_config(a.size)
   c.model.layer_pattern = ("mom",)
   c.model.mixer = {"mom": dict(num_memories=a.memories, top_k=a.topk, shared_memory=a.shared,

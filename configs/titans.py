@@ -3,9 +3,10 @@
   python scripts/train.py --config=configs/titans.py
   python scripts/train.py --config=configs/titans.py:variant=mag,size=tiny --workdir=runs/mag
 
-Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m`, `depth=N` (memory MLP
-depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR task),
-`task=mqar|passkey|text` (configs_lib; text needs packed-document support in the mixer).
+Variants: `variant=mac|mag|mal|lmm`, `size=tiny|small|base|170m|340m|760m|1.3b`, `depth=N`
+(memory MLP depth, 1 = linear memory), `chunk=N` (inner mini-batch size b), `seq_len=L,kv=K` (MQAR
+task), `task=mqar|passkey|text` (configs_lib; text needs packed-document support in the mixer),
+`recipe=paper` with a paper size (Titans' text recipe, docs/recipes.md; `accum=N` micro-batches).
 Parameters (size=tiny, MQAR vocab 256): mac 196,048; mag 187,728; mal 195,920; lmm 163,024.
 """
 from memarch import configs_lib
@@ -15,7 +16,7 @@ MIXER = {"mac": "titans_mac", "mag": "titans_mag", "mal": "titans_mal", "lmm": "
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, variant="mac", size="tiny", depth=2, chunk=16, seq_len=0, kv=0,
-                            task="mqar")
+                            task="mqar", recipe="", accum=0)
   if a.variant not in MIXER:
     raise ValueError(f"titans: unknown variant {a.variant!r}; choose mac, mag, mal or lmm")
   c = configs_lib.base_config(a.size)

@@ -16,7 +16,10 @@ from typing import Any
 import ml_collections
 
 # Shared size presets. CPU presets use the small MQAR vocabulary (256): at Zoology's 8192 a
-# d_model-64 model needs tens of thousands of steps before recall appears.
+# d_model-64 model needs tens of thousands of steps before recall appears. The paper sizes (170m to
+# 1.3b) have the blocks, width and heads of Titans' Table 5 ("Architectural Details", Behrouz et
+# al., arXiv 2501.00663, Appendix E.1 of the NeurIPS 2025 revision); their names are the papers'
+# model sizes, not this zoo's parameter counts, which differ per family (docs/recipes.md).
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=64, num_layers=2, num_heads=2, mqar_vocab=256, batch_size=64,
                  seq_len=64, num_kv_pairs=4),
@@ -29,6 +32,8 @@ SIZES: dict[str, dict[str, Any]] = {
     "340m": dict(d_model=1024, num_layers=24, num_heads=16, mqar_vocab=8192, batch_size=256,
                  seq_len=512, num_kv_pairs=64),
     "760m": dict(d_model=1536, num_layers=24, num_heads=16, mqar_vocab=8192, batch_size=256,
+                 seq_len=512, num_kv_pairs=64),
+    "1.3b": dict(d_model=2048, num_layers=18, num_heads=8, mqar_vocab=8192, batch_size=256,
                  seq_len=512, num_kv_pairs=64),
 }
 
@@ -114,7 +119,12 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
       stats_every=0,  # > 0: log layer statistics (memory surprise, gates) every N steps
       # A finished run (num_steps reached, stop_at_accuracy, time_budget_s or a non-finite stop;
       # <workdir>/finished.json) stays finished on a rerun; True trains on from its last checkpoint.
-      continue_finished=False))
+      continue_finished=False,
+      # Throughput and tracing (docs/recipes.md): peak_flops > 0 (FLOP/s of ONE device, e.g. 989e12
+      # for an H100 SXM in bf16) logs train/mfu; profile_steps "a,b" writes a jax.profiler trace of
+      # steps a..b to <workdir>/profile/; wandb_project sends the metrics rows to Weights & Biases
+      # too (needs the wandb package; "" = off).
+      peak_flops=0.0, profile_steps="", wandb_project=""))
   # distributed=True: one process per host (memarch.sharding.maybe_initialize_distributed); the
   # coordinator is found from the environment unless coordinator_address ("host:port") is given,
   # with num_processes and process_id (docs/design.md, "Multi-host runs").
@@ -189,18 +199,88 @@ def text_task(c, a) -> None:
   c.evals.segment_len = c.data.seq_len
 
 
+# ---- recipe=paper: the optimisation of the papers' language-modelling runs (docs/recipes.md) ----
+# Titans (Behrouz et al., arXiv 2501.00663): §5.1 "Experimental Setup" of v1 (§4.1 in the NeurIPS
+# 2025 revision) and Appendix E.1 of that revision; Gated DeltaNet (Yang, Kautz, Hatamizadeh, arXiv
+# 2412.06464): §4 "Setup"; DeltaNet (Yang et al., arXiv 2406.06484): §5.1 "Training details".
+PAPER_SEQ_LEN = 4096           # training length 4K: Titans §5.1, Gated DeltaNet §4
+PAPER_ROWS_PER_STEP = 128      # 128 x 4096 = 524,288 tokens, the "0.5M tokens" batch of both papers
+PAPER_VOCAB = 32000            # Llama 2 tokenizer, 32,000 ids: Gated DeltaNet §4 ("32K": Titans)
+PAPER_WEIGHT_DECAY = 0.1       # Titans §5.1, Gated DeltaNet §4
+PAPER_CLIP_NORM = 1.0          # Gated DeltaNet §4
+PAPER_MIN_LR_RATIO = 0.1       # DeltaNet §5.1: cosine from 3e-4 to 3e-5; Titans/Gated DeltaNet say
+                               # "cosine annealing" without the floor
+PAPER_WARMUP_TOKENS = 1e9      # Gated DeltaNet §4: "a 1B token warm-up period"
+# Peak learning rate and training tokens per size: Titans Table 5 (Appendix E.1, NeurIPS 2025
+# revision); the v1 text states one rate, 4e-4, for all sizes (§5.1).
+PAPER_LR = {"170m": 3e-3, "340m": 1.5e-3, "760m": 1.25e-3, "1.3b": 7e-4}
+PAPER_TOKENS = {"170m": 15e9, "340m": 15e9, "760m": 30e9, "1.3b": 100e9}
+# A family whose own paper states another rate: Gated DeltaNet §4 trains its 1.3B models at 4e-4.
+PAPER_LR_BY_FAMILY = {"gated_deltanet": {"1.3b": 4e-4}}
+# Micro-batches per step [ours: 8 rows of 4096 tokens per micro-batch; lower it on a larger mesh
+# or with model.remat, raise it when the dry run's memory estimate exceeds the device].
+PAPER_GRAD_ACCUM = 16
+
+
+def paper_recipe(c, a, family: str) -> None:
+  """recipe=paper (with task=text, which it implies): the papers' optimisation on top of
+  `text_task`: rows of 4096 tokens, 128 rows (~0.5M tokens) per optimizer step in PAPER_GRAD_ACCUM
+  micro-batches (`accum=N` overrides), AdamW with weight decay 0.1 and clipping 1.0, a 1B-token
+  linear warmup then cosine decay to 10% of the peak, the size's peak rate and token budget, and a
+  32,000-id vocabulary (a byte-level BPE trained on the training split: nothing is downloaded; the
+  Llama 2 SentencePiece model, if you have the file, is one override away). Sizes 170m, 340m, 760m
+  and 1.3b only. Every number's source is in the constants above and docs/recipes.md."""
+  size = a.get("size", "")
+  if size not in PAPER_LR:
+    raise ValueError(f"{family}: recipe=paper needs size={'|'.join(PAPER_LR)} (got {size!r})")
+  lr = PAPER_LR_BY_FAMILY.get(family, {}).get(size, PAPER_LR[size])
+  c.data.seq_len = a.get("seq_len", 0) or PAPER_SEQ_LEN
+  c.data.batch_size = PAPER_ROWS_PER_STEP
+  c.data.tokenizer = "bpe"
+  c.data.vocab_size = PAPER_VOCAB
+  c.model.vocab_size = PAPER_VOCAB
+  c.model.dtype = "bfloat16"  # [ours] accelerator compute dtype; parameters and moments stay float32
+  # [ours] keep only the projections' outputs: the T x T attention scores of a 4096-token row are
+  # recomputed in the backward pass instead of stored (the dry run's memory estimate shows why)
+  c.model.remat = "dots"
+  tokens_per_step = c.data.batch_size * c.data.seq_len
+  c.opt.grad_accum = a.get("accum", 0) or PAPER_GRAD_ACCUM
+  c.opt.lr = lr
+  c.opt.weight_decay = PAPER_WEIGHT_DECAY
+  c.opt.clip_norm = PAPER_CLIP_NORM
+  c.opt.schedule = "cosine"
+  c.opt.min_lr_ratio = PAPER_MIN_LR_RATIO
+  c.opt.warmup_steps = round(PAPER_WARMUP_TOKENS / tokens_per_step)
+  c.train.num_steps = a.get("steps", 0) or round(PAPER_TOKENS[size] / tokens_per_step)
+  c.train.log_every = 50
+  c.train.eval_every = 1000
+  c.train.ckpt_every = 1000
+  c.evals.lengths = (c.data.seq_len, 2 * c.data.seq_len, 4 * c.data.seq_len)
+  c.evals.segment_len = c.data.seq_len
+
+
 TASKS = ("mqar", "passkey", "text")
+RECIPES = ("", "paper")
 
 
 def apply_task(c, a, family: str) -> None:
-  """The `task=mqar|passkey|text` option every family config shares: mqar keeps the family's MQAR
-  setting (`steps=N`, when the config has it, sets the step count), passkey is `passkey_task`, text
-  is `text_task`."""
+  """The `task=mqar|passkey|text` and `recipe=paper` options every family config shares: mqar keeps
+  the family's MQAR setting (`steps=N`, when the config has it, sets the step count), passkey is
+  `passkey_task`, text is `text_task`; recipe=paper is `paper_recipe` (implies task=text)."""
+  recipe = a.get("recipe", "")
+  if recipe not in RECIPES:
+    raise ValueError(f"{family}: unknown recipe {recipe!r}; choose paper (or leave it out)")
   task = a.get("task", "mqar")
+  if recipe == "paper":
+    if task not in ("mqar", "text"):  # mqar is every config's default: the recipe makes it text
+      raise ValueError(f"{family}: recipe=paper is a text recipe; use task=text, not task={task}")
+    task = "text"
   if task == "passkey":
     passkey_task(c, a)
   elif task == "text":
     text_task(c, a)
+    if recipe == "paper":
+      paper_recipe(c, a, family)
   elif task != "mqar":
     raise ValueError(f"{family}: unknown task {task!r}; choose {', '.join(TASKS)}")
   elif a.get("steps", 0):
@@ -231,6 +311,7 @@ _AT_LEAST: tuple[tuple[str, float, str], ...] = (
     ("train.stats_every", 0, "steps between layer statistics; 0 = off"),
     ("train.time_budget_s", 0, "seconds of wall time; 0 = no budget"),
     ("train.stop_at_accuracy", 0, "eval accuracy that ends the run; 0 = never"),
+    ("train.peak_flops", 0, "peak FLOP/s of one device, for train/mfu; 0 = not logged"),
     ("opt.warmup_steps", 0, "warmup steps"),
     ("opt.grad_accum", 1, "micro-batches per step"),
     ("opt.clip_norm", 0, "gradient-norm clip; 0 = none"),
@@ -241,6 +322,24 @@ _AT_LEAST: tuple[tuple[str, float, str], ...] = (
     ("model.vocab_size", 0, "vocabulary; 0 = from the data"),
     ("mesh.num_devices", 0, "devices; 0 = all"),
 )
+
+
+def profile_steps(value) -> tuple[int, int] | None:
+  """train.profile_steps -> (first, last) step to trace, None when off ('' or None). Accepts
+  "a,b", "a" (one step) or a pair of ints; refuses anything else with one line."""
+  if value is None or value == "" or value == ():
+    return None
+  parts = value if isinstance(value, (tuple, list)) else str(value).replace(" ", "").split(",")
+  try:
+    steps = [int(p) for p in parts]
+  except (TypeError, ValueError):
+    steps = []
+  if len(steps) == 1:
+    steps = steps * 2
+  if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+    raise ValueError(f"train.profile_steps={value!r} must be 'a,b' with 1 <= a <= b (the first and "
+                     "last step to trace), e.g. --config.train.profile_steps=10,12; '' = off")
+  return steps[0], steps[1]
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -269,6 +368,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     v = _get(c, key)
     if v is not None and v not in choices:
       raise ValueError(f"{key}={v!r} is not one of {', '.join(choices)}")
+  if _get(c, "train.profile_steps") is not None:
+    profile_steps(c.train.profile_steps)
+  project = _get(c, "train.wandb_project")
+  if project is not None and not isinstance(project, str):
+    raise ValueError(f"train.wandb_project={project!r} must be a project name (a string; '' = off)")
   if _get(c, "opt.grad_accum") and c.data.batch_size % c.opt.grad_accum:
     raise ValueError(f"data.batch_size={c.data.batch_size} is not divisible by "
                      f"opt.grad_accum={c.opt.grad_accum}")

@@ -1,5 +1,5 @@
 """Metric sinks: `<workdir>/metrics.jsonl` (one JSON object per logged step), TensorBoard event
-files, and a PNG of the training curves."""
+files, optionally Weights & Biases (train.wandb_project), and a PNG of the training curves."""
 from __future__ import annotations
 
 import json
@@ -9,11 +9,27 @@ import warnings
 from typing import Any
 
 
-class MetricWriter:
+def wandb_module(project: str):
+  """The `wandb` module when train.wandb_project is set (None when it is ''); imported lazily, so
+  the package is never needed otherwise. A missing package is one line, raised before training."""
+  if not project:
+    return None
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError(f"train.wandb_project={project!r} is set but the wandb package is not "
+                      "installed; pip install wandb, or set --config.train.wandb_project='' to "
+                      "log to metrics.jsonl and TensorBoard only") from None
+  return wandb
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+
+class MetricWriter:
+  """`wandb_run`: a started wandb run that every row is logged to as well (process 0 only)."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, wandb_run=None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     _end_with_newline(self.path)
+    self._wandb = wandb_run
     self._tb = None
     if tensorboard:
       try:
@@ -30,10 +46,15 @@ class MetricWriter:
       for k, v in row.items():
         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
           self._tb.add_scalar(k, v, step)
+    if self._wandb is not None:
+      self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
 
 def _end_with_newline(path: str) -> None:

@@ -24,11 +24,13 @@ import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from memarch import checkpoint as ckpt_lib
 from memarch import configs_lib, sharding
+from memarch import flops as flops_lib
 from memarch import metrics as metrics_lib
 from memarch import step as step_lib
 from memarch import workdir as workdir_lib
@@ -165,6 +167,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps_this_run: int | None =
   t_start = time.time()
   # ---- everything that can be wrong with the config fails here, before any compute ----
   configs_lib.validate(config)
+  metrics_lib.wandb_module(config.train.get("wandb_project", ""))  # a missing package fails here
   if max_steps_this_run is not None and max_steps_this_run < 1:
     raise ValueError(f"max_steps_this_run={max_steps_this_run} must be >= 1 (or None)")
   sharding.maybe_initialize_distributed(config.mesh)
@@ -346,16 +349,21 @@ class _StepLog:
   rows: a non-finite step stops the run (or is counted, with train.skip_nonfinite), and a
   gradient norm of exactly 0 over several logged rows is flagged once."""
 
-  def __init__(self, config, end_step, lr_at, t_start, vocab_size, skipped, log):
+  def __init__(self, config, end_step, lr_at, t_start, vocab_size, skipped, log,
+               flops_per_token: float = 0.0, num_devices: int = 1):
     self.tc, self.end_step, self.lr_at, self.t_start = config.train, end_step, lr_at, t_start
-    self.tokens_per_step = config.data.batch_size * config.data.seq_len  # all inputs (Zoology)
+    self.slots_per_step = config.data.batch_size * config.data.seq_len  # padding included
     self.vocab_size, self.skipped, self.log = vocab_size, skipped, log
-    self.t_last, self.tokens_since = time.time(), 0
+    self.flops_per_token, self.num_devices = flops_per_token, num_devices
+    self.peak_flops = float(config.train.get("peak_flops", 0.0))
+    self.t_last = time.time()
+    self.tokens_since = self.slots_since = self.targets_since = 0
     self.zero_steps = self.zero_rows = 0  # steps / logged rows in a row with grad norm exactly 0
     self.zero_flagged = False
 
-  def check(self, step, m) -> dict | None:
-    """The row to log for `step` (None between logged steps); raises NonFiniteError."""
+  def check(self, step, m, real_tokens: int | None = None) -> dict | None:
+    """The row to log for `step` (None between logged steps); raises NonFiniteError.
+    `real_tokens`: the step's non-padding input tokens (segment id != 0; default all)."""
     tc = self.tc
     m = jax.device_get(m)
     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
@@ -368,14 +376,24 @@ class _StepLog:
       self.skipped += 1
       self.log(f"memarch: skipped step {step}: non-finite {bad}")
     self.zero_steps = self.zero_steps + 1 if gnorm == 0.0 else 0
-    self.tokens_since += self.tokens_per_step
+    self.tokens_since += self.slots_per_step if real_tokens is None else int(real_tokens)
+    self.slots_since += self.slots_per_step
+    self.targets_since += int(m["tokens"])
     if not (step % tc.log_every == 0 or step == self.end_step):
       return None
     now = time.time()
+    dt = max(now - self.t_last, 1e-9)
+    # Throughput counts real tokens: inputs whose segment id is not 0 (padding is not work done),
+    # beside every slot of the batch (the number logged before) and the labelled targets.
     row = {"train/loss": loss, "train/accuracy": float(m["acc"]), "train/grad_norm": gnorm,
            "train/lr": float(self.lr_at(step)),
-           "train/tokens_per_sec": self.tokens_since / max(now - self.t_last, 1e-9),
+           "train/tokens_per_sec": self.tokens_since / dt,
+           "train/slot_tokens_per_sec": self.slots_since / dt,
+           "train/target_tokens_per_sec": self.targets_since / dt,
            "train/elapsed_sec": now - self.t_start}
+    if self.peak_flops > 0 and self.flops_per_token > 0:
+      row["train/mfu"] = flops_lib.mfu(self.flops_per_token, row["train/tokens_per_sec"],
+                                       self.peak_flops, self.num_devices)
     row.update({k: float(v) for k, v in m.items() if k.startswith(("aux/", "stats/"))})
     if tc.skip_nonfinite:
       # A skipped step's NaN values are not written; the count of skipped steps is.
@@ -390,7 +408,8 @@ class _StepLog:
           f"the gradient norm was exactly 0 in {self.zero_rows} logged steps in a row (through "
           f"step {step}; train/loss {loss:.4f}, ln(vocab_size) {math.log(self.vocab_size):.4f}):"
           " nothing is learning; check the data's targets, the loss and train.aux_loss_weights")
-    self.t_last, self.tokens_since = now, 0
+    self.t_last = now
+    self.tokens_since = self.slots_since = self.targets_since = 0
     return row
 
 
@@ -425,6 +444,66 @@ def _close_checkpointer(ckpt, *, failing: bool) -> None:
     ckpt.close()
   except ckpt_lib.CheckpointError as e:
     warnings.warn(str(e))
+
+
+def _close(*things) -> None:
+  """Closes each of `things` that exists (the run's profiler and metric writer)."""
+  for thing in things:
+    if thing is not None:
+      thing.close()
+
+
+_count_nonzero = jax.jit(jnp.count_nonzero)
+
+
+def _real_tokens(batch) -> jax.Array | None:
+  """Non-padding input tokens of a global batch (segment id != 0), counted on the devices (so every
+  process's rows count) and read when the step is logged; None when the batch has no ids."""
+  return _count_nonzero(batch["segment_ids"]) if "segment_ids" in batch else None
+
+
+def _make_writer(config, workdir: str, primary: bool):
+  """metrics.jsonl + TensorBoard, and Weights & Biases when train.wandb_project is set (process 0)."""
+  tc = config.train
+  wandb = metrics_lib.wandb_module(tc.get("wandb_project", "")) if primary else None
+  run = None
+  if wandb is not None:
+    run = wandb.init(project=tc.wandb_project, dir=workdir, name=os.path.basename(workdir),
+                     config=configs_lib.to_dict(config), resume="allow")
+  return metrics_lib.MetricWriter(workdir, wandb_run=run)
+
+
+class _Profiler:
+  """train.profile_steps 'a,b': a jax.profiler trace of steps a..b in <workdir>/profile/ (process 0
+  only). The trace starts before step a's call and stops once step b's results are ready, so it
+  holds the device work of exactly those steps; a run that ends or fails earlier stops it too."""
+
+  def __init__(self, tc, workdir: str, primary: bool, start_step: int, log):
+    steps = configs_lib.profile_steps(tc.get("profile_steps", ""))
+    self.first, self.last = steps if steps else (0, -1)
+    # a resumed run that starts inside the window traces what is left of it
+    self.first = max(self.first, start_step + 1)
+    self.enabled = primary and self.first <= self.last
+    self.dir = os.path.join(workdir, "profile")
+    self.active = False
+    self.log = log
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first and not self.active:
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(outputs)
+      self.close()
+      self.log(f"memarch: profile of steps {self.first}..{self.last} written to {self.dir} "
+               "(open it with TensorBoard's profile plugin or Perfetto)")
+
+  def close(self) -> None:
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
 
 
 def _make_mesh(mesh_cfg):
@@ -467,11 +546,12 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     tx = make_optimizer(opt_cfg, tc.num_steps, model)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   n_params = count_params(model)
+  flops = flops_lib.flops_per_token(lm_cfg, nnx.state(model, nnx.Param), config.data.seq_len)
   graphdef, state = nnx.split((model, optimizer))
   del model, optimizer
 
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints)
-  writer = progress = None
+  writer = progress = profiler = None
   completed = False
   try:
     state, start_step, skipped = _restore(ckpt, state, log)
@@ -493,26 +573,28 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
 
     evaluate = Evaluator(config, data, predict, mesh)
 
-    writer = metrics_lib.MetricWriter(workdir) if primary else _NoWriter(workdir)
+    writer = _make_writer(config, workdir, primary) if primary else _NoWriter(workdir)
     end_step = (tc.num_steps if max_steps_this_run is None
                 else min(tc.num_steps, start_step + max_steps_this_run))
     progress = _make_progress(tc, start_step, quiet)
     log(f"memarch: {n_params:,} parameters; mixers {lm_cfg.layer_pattern}; data "
         f"{config.data.name} (seq_len {config.data.seq_len}, batch {config.data.batch_size}); "
-        f"mesh {sharding.describe(mesh)}; workdir {workdir}")
+        f"mesh {sharding.describe(mesh)}; {flops.train / 1e9:.4g} GFLOP/token; workdir {workdir}")
 
     pending = None
     last: dict[str, Any] = {}
     stopped_early = out_of_time = False
-    step_log = _StepLog(config, end_step, lr_at, t_start, lm_cfg.vocab_size, skipped, log)
+    step_log = _StepLog(config, end_step, lr_at, t_start, lm_cfg.vocab_size, skipped, log,
+                        flops_per_token=flops.train, num_devices=mesh.size)
+    profiler = _Profiler(tc, workdir, primary, start_step, log)
 
     def flush():
       """Checks and logs the step whose metrics are still on the device, if any."""
       nonlocal pending
       if pending is None:
         return
-      (s, m), pending = pending, None
-      row = step_log.check(s, m)
+      (s, m, real), pending = pending, None
+      row = step_log.check(s, m, real)
       if row is None:
         return
       last.update(row)
@@ -528,10 +610,13 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
       with sharding.mesh_context(mesh):
         for step in range(start_step + 1, end_step + 1):
           batch = sharding.global_batch(mesh, next(local_batches), batch_size)
+          real = _real_tokens(batch)
           collect = _due(step, tc.stats_every) or (step == 1 and bool(tc.stats_every))
+          profiler.before(step)
           state, m = step_fn(state, batch, collect)
+          profiler.after(step, m)
           flush()
-          pending = (step, m)
+          pending = (step, m, real)
           if progress is not None:
             progress.update(1)
           # A wall-clock budget (train.time_budget_s, compile included) ends the run with an
@@ -579,8 +664,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     completed = True
     return last
   finally:
-    if writer is not None:
-      writer.close()
+    _close(profiler, writer)
     if progress is not None:
       progress.close()
     _close_checkpointer(ckpt, failing=not completed)

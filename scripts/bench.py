@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memarch.flops import device_peak, recurrence_flops_per_token
+
 
 def progress(row):
   """One finished row, printed at once (a long device run shows what it has done so far)."""
@@ -244,8 +246,6 @@ def _kernel_rows(name, make_fn, args_, impls):
   return rows
 
 
-# Dense bf16 peak and HBM bandwidth (spec sheets) for the "% of peak" columns.
-DEVICE_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
 
 
 def recurrence_flops_bytes(op, b, t, h, dk, dv, chunk, itemsize):
@@ -261,8 +261,7 @@ def recurrence_flops_bytes(op, b, t, h, dk, dv, chunk, itemsize):
   d(beta), dg and the final state in float32), so GB/s is a lower bound on the traffic achieved.
   """
   n = b * t * h
-  per_tok = (6 * dk * dv + 2 * chunk * (3 * dk + 2 * dv) if op == "gated_delta_rule"
-             else 4 * dk * dv + 2 * chunk * (dk + dv))
+  per_tok = recurrence_flops_per_token(op, dk, dv, chunk)
   gates = 2 if op == "gated_delta_rule" else 1
   state = b * h * dk * dv * 4
   fwd_bytes = n * (itemsize * (2 * dk + 2 * dv) + 4 * gates) + state
@@ -287,7 +286,7 @@ def recurrence_kernel_rows(args):
   dtype = jnp.bfloat16 if on_device else jnp.float32
   impls = ["xla"] + ({"gpu": ["pallas_gpu"], "tpu": ["pallas_tpu"]}.get(backend, ["reference"]))
   kind = jax.devices()[0].device_kind
-  peaks = next((p for name, p in DEVICE_PEAKS.items() if name in kind), None)
+  peaks = device_peak(kind)  # dense bf16 FLOP/s and HBM bytes/s (datasheets; memarch.flops)
   ks = jax.random.split(jax.random.PRNGKey(1), 8)
   l2 = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   q = l2(jax.random.normal(ks[0], (b, t, h, d))).astype(dtype)

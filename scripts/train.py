@@ -2,7 +2,8 @@
 
 Overrides: --config.model.d_model=128 --config.train.num_steps=500. Rerunning the same command resumes
 from the newest checkpoint in the workdir. Errors print one line (`error: ...`, exit status 2);
---verbose adds the traceback and the libraries' INFO logs.
+--verbose adds the traceback and the libraries' INFO logs. --dry_run prints what the config will
+cost (parameters, tokens per step, FLOPs per token, memory per device) and exits.
 """
 import os
 
@@ -13,6 +14,9 @@ from memarch import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (default: runs/<config name>)")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "print the parameter count, tokens per step, FLOPs per token and a memory "
+    "estimate per device, then exit without training (nothing is compiled or written)")
 
 
 def main(argv):
@@ -20,6 +24,10 @@ def main(argv):
   cfg = _CONFIG.value
   if cfg is None:
     raise cli.CliError("--config is required, e.g. --config=configs/titans.py")
+  if _DRY_RUN.value:
+    from memarch import dry_run
+    print(dry_run.report(dry_run.plan(cfg), cfg), flush=True)
+    return
   workdir = cli.workdir_arg(_WORKDIR.value, writable=True)
   if workdir is None:
     spec = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") else "run"

@@ -85,7 +85,7 @@ FAST_CASES = [
      "error: --config is required, e.g. --config=configs/titans.py"),
     ("train.py", ["--config={cfg}/titans.py:varaint=mac", "--workdir={tmp}/w"],
      "error: flag --config={cfg}/titans.py:varaint=mac: unknown config arg 'varaint'; valid: "
-     "['chunk', 'depth', 'kv', 'seq_len', 'size', 'task', 'variant']"),
+     "['accum', 'chunk', 'depth', 'kv', 'recipe', 'seq_len', 'size', 'task', 'variant']"),
     ("train.py", ["--config={cfg}/transformer.py", "--config.model.not_a_key=3", "--workdir={tmp}/w"],
      "error: --config.model.not_a_key: config.model has no field 'not_a_key'; its fields: channel, "
      "channel_pattern, d_model, dtype, layer_pattern, mixer, num_heads, num_layers, param_dtype, "
