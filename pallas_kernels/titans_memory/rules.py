@@ -115,10 +115,22 @@ class MemoryRule:
     mean row s = mean_j softmax(Z_base)_j, J(r) = c (s * r - <s, r> s), exact when the rows
     agree (e.g. uniform rows at init) [ours; docs/architectures/miras.md]. Without it a logit
     step lands on the weights phi(Z) (entries ~ c / fan-in) as if it were a weight step, ~100x
-    too strong within a chunk. The identity for the other retentions (for "lq" a first-order
-    step of phi_q is not rank-1 either, and its linearisation stays the identity)."""
-    if self.retention != "kl":
+    too strong within a chunk. For "lq" phi_q's Jacobian is diagonal up to its normaliser's term;
+    we use its mean diagonal, kappa = mean(d num / dA) / norm (a scalar per layer: rank-1 kept;
+    kappa = 3 E[A^2] / sqrt(E[A^4]) ~ 1.7 for Gaussian A at q = 4). The identity for "l2"."""
+    if self.retention == "l2":
       return tuple(lambda r: r for _ in base)
+    if self.retention == "lq":
+      q = self.q_norm
+
+      def lq_map(b_):
+        x2 = b_ * b_ + EPS
+        slope = x2 ** ((q - 4.0) / 2.0) * ((q - 1.0) * b_ * b_ + EPS)   # d num / dA, elementwise
+        norm = jnp.mean(x2 ** (q / 2.0), axis=(-2, -1), keepdims=True) ** ((q - 2.0) / q)
+        kappa = jnp.mean(slope, axis=(-2, -1), keepdims=True) / norm
+        return lambda r: kappa * r
+
+      return tuple(lq_map(b_) for b_ in base)
 
     def kl_map(b_, c):
       mean_row = jax.nn.softmax(b_, axis=-1).mean(axis=-2, keepdims=True)   # [..., 1, in]

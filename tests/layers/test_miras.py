@@ -98,16 +98,17 @@ def test_config_errors():
 def test_write_gain_probe():
   """The write-gain probe: exactly 1 for the linear identity-phi memory (unit keys, 1/2||e||^2:
   a write of theta removes theta e), ~1.1 head_dim for the LN'd MLP memory at init, the same inside
-  a chunk as at its end for an identity phi; the KL map's linearised read, through the softmax
-  Jacobian at the mean row (rules.MemoryRule.read_map), moves as its chunk-end read does (with the
-  weight-space update it moved ~80x more at head dim 16; docs/results.md)."""
+  a chunk as at its end for an identity phi; the KL and l_4 maps' linearised reads, through
+  rules.MemoryRule.read_map, move as their chunk-end reads do (with the weight-space update the KL
+  read moved ~140x more at head dim 32, the l_4 read 1.7x less; docs/architectures/miras.md)."""
   from layers.miras import write_gain
   assert abs(write_gain("l2", 4.0, 8, 4, 1) - 1.0) < 1e-4
   g = write_gain("l2", 4.0, 16, 4, 2)
   assert 0.8 * 16 < g < 1.4 * 16, g
   assert write_gain("l2", 4.0, 16, 4, 2, linearised=True) == pytest.approx(g, rel=1e-5)
-  for d in (16, 32):
-    assert write_gain("kl", 4.0, d, 4, 2, linearised=True) == pytest.approx(
-        write_gain("kl", 4.0, d, 4, 2), rel=0.05)
+  for d in (32, 64):
+    for retention in ("kl", "lq"):
+      assert write_gain(retention, 4.0, d, 4, 2, linearised=True) == pytest.approx(
+          write_gain(retention, 4.0, d, 4, 2), rel=0.05), (retention, d)
   assert MirasConfig(32, 2, model="moneta").theta_cap == pytest.approx(0.3 / 16)
   assert MirasConfig(32, 2, model="moneta", theta_max=0.5).theta_cap == 0.5

@@ -233,18 +233,20 @@ def test_phi_at_chunk_ends_only(x64, model):
   inside = np.array([1, 2, 5, 6])
   assert rel_rms(lin4[:, inside], ex4[:, inside]) > 1e-3
   # the state after T = 10 tokens is inside a chunk: its read weights are the linearised ones,
-  # J(X) + P (phi(base) - J(base)), J the identity for "lq" and, for "kl", the Jacobian of
-  # c softmax at rows equal to the base's mean row s: J(r) = c (s * r - <s, r> s)
+  # J(X) + P (phi(base) - J(base)): for "kl" J is the Jacobian of c softmax at rows equal to the
+  # base's mean row s, J(r) = c (s * r - <s, r> s); for "lq" (q = 4) the mean slope of phi_4,
+  # mean(3 A^2 + eps) / sqrt(mean((A^2 + eps)^2)), times r
   ret = MODELS[model][1]
   base_w = miras_weights({**st4, STATE_KEY[ret]: st4["base"], "base_decay": jnp.ones_like(
       st4["base_decay"])}, ret, kl_scale_HL=c)            # phi(base)
   lin_w = miras_weights(st4, ret, kl_scale_HL=c)
 
   def J(l, r):
-    if ret != "kl":
-      return r
-    s_row = np.asarray(jax.nn.softmax(st4["base"][l], -1)).mean(-2)[..., None, :]
-    r = np.asarray(r)
+    b_, r = np.asarray(st4["base"][l]), np.asarray(r)
+    if ret == "lq":
+      kappa = (3 * b_ ** 2 + 1e-6).mean((-2, -1)) / np.sqrt(((b_ ** 2 + 1e-6) ** 2).mean((-2, -1)))
+      return kappa[..., None, None] * r
+    s_row = np.asarray(jax.nn.softmax(b_, -1)).mean(-2)[..., None, :]
     return np.asarray(c)[None, :, l, None, None] * (s_row * r - (r * s_row).sum(-1)[..., None]
                                                     * s_row)
 
