@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import time
 
 import jax
@@ -109,6 +110,12 @@ def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int, overrides=Non
   return row
 
 
+def split_specs(text: str) -> list[str]:
+  """--archs: config specs separated by commas; a spec's own options keep theirs
+  ('configs/titans.py:variant=mac,size=340m,configs/mom.py' is two specs)."""
+  return [t for t in re.split(r",(?=[^,]*\.py)", text) if t]
+
+
 ARCHS = ["configs/transformer.py", "configs/titans.py:variant=mac", "configs/titans.py:variant=mag",
          "configs/titans.py:variant=mal", "configs/titans.py:variant=lmm",
          "configs/gated_deltanet.py", "configs/mom.py", "configs/miras.py:variant=yaad",
@@ -118,7 +125,7 @@ ARCHS = ["configs/transformer.py", "configs/titans.py:variant=mac", "configs/tit
 def suite_arch(args):
   """Training-step time and compiled peak memory per config; ratios against the first config
   (`--archs=a.py,b.py`, default: every family, the transformer first)."""
-  specs = args.archs.split(",") if args.archs else ARCHS
+  specs = split_specs(args.archs) if args.archs else ARCHS
   rows = []
   for spec in specs:
     try:
@@ -145,7 +152,7 @@ def suite_remat(args):
   """Compiled peak memory, compile time and step time of each `model.remat` policy (`--remat`),
   per config (`--archs`, default the Transformer++ and Titans MAC at size=170m); ratios against
   the first policy of the same config."""
-  specs = args.archs.split(",") if args.archs else REMAT_ARCHS
+  specs = split_specs(args.archs) if args.archs else REMAT_ARCHS
   rows = []
   for spec in specs:
     first = None
@@ -169,7 +176,7 @@ def suite_scan(args):
   """Compile time and compiled peak memory of the training step with the blocks in a Python loop
   and as a lax.scan over pattern periods (`model.scan_layers`), per config (`--archs`, default
   the Transformer++ at size=340m); step time too unless `--iters=0`."""
-  specs = args.archs.split(",") if args.archs else ["configs/transformer.py:size=340m"]
+  specs = split_specs(args.archs) if args.archs else ["configs/transformer.py:size=340m"]
   rows = []
   for spec in specs:
     for scan in (False, True):
@@ -191,7 +198,7 @@ def suite_scale(args):
   """Paper-scale settings together: each `model.remat` policy (`--remat`) with scanned layers and
   bfloat16 parameters, per config (`--archs`, default the Transformer++, Gated DeltaNet, MoM and
   Titans MAC at size=340m): compile time, compiled peak memory and step time (`--iters`)."""
-  specs = args.archs.split(",") if args.archs else SCALE_ARCHS
+  specs = split_specs(args.archs) if args.archs else SCALE_ARCHS
   rows = []
   for spec in specs:
     first = None
