@@ -171,3 +171,15 @@ def test_bench_times_the_training_step(monkeypatch, tmp_path):
   c.train.num_steps, c.data.batch_size, c.data.seq_len = 1, 8, 16
   train_and_evaluate(c, str(tmp_path), quiet=True)
   assert len(calls) == 2 and calls[0] == calls[1], calls
+
+
+def test_bench_archs_keep_each_specs_options():
+  """--archs splits between config files only: 'variant=mac,size=340m' is one spec's options."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench.split_specs("configs/transformer.py:size=340m,configs/titans.py:variant=mac,"
+                           "size=340m,configs/mom.py") == [
+      "configs/transformer.py:size=340m", "configs/titans.py:variant=mac,size=340m",
+      "configs/mom.py"]
