@@ -206,8 +206,11 @@ def suite_scale(args):
       overrides = {"model.remat": policy, "model.scan_layers": True,
                    "model.param_dtype": "bfloat16"}
       try:
-        row = lm_step_bench(spec, args.batch, args.seq_len, args.iters, overrides=overrides,
-                            warmup=args.warmup)
+        if args.isolate:
+          row = isolated_row(args, spec, policy)
+        else:
+          row = lm_step_bench(spec, args.batch, args.seq_len, args.iters, overrides=overrides,
+                              warmup=args.warmup)
       except Exception as e:  # noqa: BLE001 - report and continue
         row = dict(name=spec, remat=policy, error=f"{type(e).__name__}: {e}"[:200])
       if "peak_bytes" in row:
@@ -216,6 +219,27 @@ def suite_scale(args):
       rows.append(row)
       progress(row)
   return rows
+
+
+def isolated_row(args, spec: str, policy: str) -> dict:
+  """One row of the scale suite in its own process (`--isolate`), so a row killed for host memory
+  (XLA's compile of a large step can need more than the machine has) becomes an error row
+  instead of ending the run."""
+  import subprocess
+  import sys
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "row.json")
+    cmd = [sys.executable, os.path.abspath(__file__), f"--suite={args.suite}", f"--archs={spec}",
+           f"--remat={policy}", f"--seq_len={args.seq_len}", f"--batch={args.batch}",
+           f"--iters={args.iters}", f"--warmup={args.warmup}", f"--json={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+      why = ("killed: likely out of host memory" if r.returncode in (-9, 137)
+             else (r.stderr.strip().splitlines() or ["no output"])[-1][:160])
+      return dict(name=spec, remat=policy, error=f"exit {r.returncode} ({why})")
+    with open(out) as f:
+      return json.load(f)[args.suite][0]
 
 
 def suite_titans(args):
@@ -584,6 +608,8 @@ def main():
   p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
   p.add_argument("--remat", default="none,dots,full",
                  help="remat suite: model.remat policies, comma-separated (ratios: vs the first)")
+  p.add_argument("--isolate", action="store_true",
+                 help="scale suite: each row in its own process (a row killed for memory is reported)")
   p.add_argument("--json", default="bench.json")
   args = p.parse_args()
   if args.suite in ("remat", "scale") and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
