@@ -10,7 +10,7 @@ its ratio to the baseline measured in the same run. Prints a table and writes JS
   python scripts/bench.py --suite=experts --expert_sizes=4096,65536 --expert_dim=64 --expert_k=32
   python scripts/bench.py --suite=remat --seq_len=2048 --batch=1   # model.remat policies, 170m
   python scripts/bench.py --suite=scan --iters=0      # compile time, loop vs scanned blocks, 340m
-  python scripts/bench.py --suite=scale --seq_len=512 --batch=1 --iters=1 --warmup=0
+  python scripts/bench.py --suite=scale --seq_len=512 --batch=1 --iters=1 --warmup=0 --isolate
                                                       # remat policies x scanned x bf16, 340m
   python scripts/bench.py --suite=all --json=bench.json
 
