@@ -101,11 +101,11 @@ class MemoryRule:
       return self.phi(x, c_L)
     pb = jnp.asarray(since_base)[..., None, None]
     phi_base = self.phi(base, c_L) if phi_base is None else phi_base
-    J = self.read_map(base, c_L)
+    J = self.read_map(base, c_L, phi_base)
     return tuple(J[l](x_) + pb * (p_ - J[l](b_))
                  for l, (x_, p_, b_) in enumerate(zip(x, phi_base, base)))
 
-  def read_map(self, base, c_L=None):
+  def read_map(self, base, c_L=None, phi_base=None):
     """Per memory layer, the linear map J that carries a change of the state into a change of the
     weights in the linearised read, applied to rows over the layer's fan-in ([..., m, in]: weight
     matrices or the rank-1 factors r_i of the chunk's updates, so the dual form is kept).
@@ -117,26 +117,34 @@ class MemoryRule:
     step lands on the weights phi(Z) (entries ~ c / fan-in) as if it were a weight step, ~100x
     too strong within a chunk. For "lq" phi_q's Jacobian is diagonal up to its normaliser's term;
     we use its mean diagonal, kappa = mean(d num / dA) / norm (a scalar per layer: rank-1 kept;
-    kappa = 3 E[A^2] / sqrt(E[A^4]) ~ 1.7 for Gaussian A at q = 4). The identity for "l2"."""
+    kappa = 3 E[A^2] / sqrt(E[A^4]) ~ 1.7 for Gaussian A at q = 4). The identity for "l2".
+    phi_base: phi(base) when the caller has it ("kl" reads its mean row from it)."""
     if self.retention == "l2":
       return tuple(lambda r: r for _ in base)
     if self.retention == "lq":
       q = self.q_norm
 
+      def power(x, e):  # integer exponents as products (cheap; as in phi)
+        return x ** int(e) if float(e).is_integer() else x ** e
+
       def lq_map(b_):
         x2 = b_ * b_ + EPS
-        slope = x2 ** ((q - 4.0) / 2.0) * ((q - 1.0) * b_ * b_ + EPS)   # d num / dA, elementwise
-        norm = jnp.mean(x2 ** (q / 2.0), axis=(-2, -1), keepdims=True) ** ((q - 2.0) / q)
+        slope = ((q - 1.0) * b_ * b_ + EPS)                              # d num / dA, elementwise
+        if q != 4.0:
+          slope = slope * power(x2, (q - 4.0) / 2.0)
+        norm = jnp.mean(power(x2, q / 2.0), axis=(-2, -1), keepdims=True) ** ((q - 2.0) / q)
         kappa = jnp.mean(slope, axis=(-2, -1), keepdims=True) / norm
         return lambda r: kappa * r
 
       return tuple(lq_map(b_) for b_ in base)
 
-    def kl_map(b_, c):
-      mean_row = jax.nn.softmax(b_, axis=-1).mean(axis=-2, keepdims=True)   # [..., 1, in]
+    def kl_map(l, b_):
+      c = c_L[..., l, None, None]
+      rows = jax.nn.softmax(b_, axis=-1) if phi_base is None else phi_base[l] / c
+      mean_row = rows.mean(axis=-2, keepdims=True)                          # [..., 1, in]
       return lambda r: c * (mean_row * r - (r * mean_row).sum(-1, keepdims=True) * mean_row)
 
-    return tuple(kl_map(b_, c_L[..., l, None, None]) for l, b_ in enumerate(base))
+    return tuple(kl_map(l, b_) for l, b_ in enumerate(base))
 
   def output_grad(self, e, v, delta):
     """g for rows e = M(k) - v and v [..., D]; delta [...] (Huber only, None otherwise)."""

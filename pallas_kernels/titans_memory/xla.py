@@ -166,7 +166,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
     gs = tuple(jnp.concatenate([g0, g1[1:]]) for g0, g1 in zip(gs, gs1))
     since = jnp.where(keep_base, beta, segment_products(tok.a)[0][:, 0])
     if rule.reads_linearised:
-      J1 = rule.read_map(x1, c_L)
+      J1 = rule.read_map(x1, c_L, w_base1)
       w0 = tuple(jnp.where(keep_base, w_, tok.a[0] * J1[l](x_) + p_ - J1[l](x1_))
                  for l, (w_, x_, p_, x1_) in enumerate(zip(w0, x, w_base1, x1)))
       coef = since
@@ -181,7 +181,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   dual = rule.reads_linearised or rule.weights_are_state
   rs_read = None
   if rule.reads_linearised:  # the read sees the updates through J at its base (rules.read_map)
-    J = rule.read_map(base, c_L)
+    J = rule.read_map(base, c_L, w_base1 if lag else w_base)  # phi(base), computed above
     rs_read = tuple(J[l](rs[l]) for l in range(L))
   y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G, w0, col(coef),
                                    col(f), x, s, ends, ln_s, ln_b, rs_read=rs_read)
