@@ -463,9 +463,12 @@ def _real_tokens(batch) -> jax.Array | None:
 
 
 def _make_writer(config, workdir: str, primary: bool):
-  """metrics.jsonl + TensorBoard, and Weights & Biases when train.wandb_project is set (process 0)."""
+  """metrics.jsonl + TensorBoard, and Weights & Biases when train.wandb_project is set; on processes
+  other than 0 a writer that writes nothing."""
+  if not primary:
+    return _NoWriter(workdir)
   tc = config.train
-  wandb = metrics_lib.wandb_module(tc.get("wandb_project", "")) if primary else None
+  wandb = metrics_lib.wandb_module(tc.get("wandb_project", ""))
   run = None
   if wandb is not None:
     run = wandb.init(project=tc.wandb_project, dir=workdir, name=os.path.basename(workdir),
@@ -573,7 +576,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
 
     evaluate = Evaluator(config, data, predict, mesh)
 
-    writer = _make_writer(config, workdir, primary) if primary else _NoWriter(workdir)
+    writer = _make_writer(config, workdir, primary)
     end_step = (tc.num_steps if max_steps_this_run is None
                 else min(tc.num_steps, start_step + max_steps_this_run))
     progress = _make_progress(tc, start_step, quiet)
