@@ -37,45 +37,33 @@ class CausalConv1D(nnx.Module):
     earlier document. With `lengths_B` only the first lengths_B[b] tokens are real (right padding):
     the tail ends at the last real one.
     """
-    tail = self.init_state(x_BTC.shape[0], x_BTC.dtype) if state is None else state
-    return causal_conv(x_BTC, self.weight[...], tail, segment_ids_BT=segment_ids_BT,
-                       lengths_B=lengths_B, reset_tail=reset_tail)
-
-
-def causal_conv(x_BT_C, w_K_C, tail_BK_C, *, segment_ids_BT=None, lengths_B=None,
-                reset_tail=None):
-  """The convolution of `CausalConv1D` with its weights w [K, *C] and tail [B, K-1, *C] given:
-  channels may span several trailing axes (e.g. [3, D] for q, k and v at once, one op each
-  instead of three). Returns (y [B, T, *C], the new tail [B, K-1, *C])."""
-  b, t = x_BT_C.shape[:2]
-  k = w_K_C.shape[0]
-  chan = x_BT_C.shape[2:]
-  tail = tail_BK_C.astype(x_BT_C.dtype)
-  xp = jnp.concatenate([tail, x_BT_C], axis=1)  # [B, K-1+T, *C]
-  w = w_K_C.astype(x_BT_C.dtype)
-  if segment_ids_BT is not None:
-    # tokens since the document's first token (the carried tail belongs to the row's first
-    # document, so its tokens never look past a start)
-    idx = jnp.arange(t)
-    seg = segment_ids_BT
-    starts = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
-    since = idx - jax.lax.cummax(jnp.where(starts, idx, -k), axis=1)   # [B, T]
-    reset = (jnp.zeros((b, k - 1, *chan), x_BT_C.dtype) if reset_tail is None
-             else reset_tail.astype(x_BT_C.dtype))
-    expand = (slice(None), slice(None)) + (None,) * len(chan)
-  y = jnp.zeros_like(x_BT_C)
-  for j in range(k):
-    xs = jax.lax.slice_in_dim(xp, j, j + t, axis=1)  # tap j reads x_{t-(K-1-j)}
-    if segment_ids_BT is not None and j < k - 1:
-      before = (k - 1 - j) > since                    # the tap reaches before the document
-      from_reset = jnp.take_along_axis(reset, jnp.clip(j + since, 0, k - 2)[expand], axis=1)
-      xs = jnp.where(before[expand], from_reset, xs)
-    y = y + xs * w[j]
-  if k == 1:
-    new_tail = tail
-  elif lengths_B is None:
-    new_tail = xp[:, xp.shape[1] - (k - 1):]
-  else:
-    new_tail = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, 0))(
-        xp, lengths_B.astype(jnp.int32))
-  return y, new_tail
+    b, t, c = x_BTC.shape
+    k = self.kernel_size
+    tail = self.init_state(b, x_BTC.dtype) if state is None else state.astype(x_BTC.dtype)
+    xp = jnp.concatenate([tail, x_BTC], axis=1)  # [B, K-1+T, C]
+    w = self.weight[...].astype(x_BTC.dtype)
+    if segment_ids_BT is not None:
+      # tokens since the document's first token (the carried tail belongs to the row's first
+      # document, so its tokens never look past a start)
+      idx = jnp.arange(t)
+      seg = segment_ids_BT
+      starts = jnp.concatenate([jnp.zeros_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+      since = idx - jax.lax.cummax(jnp.where(starts, idx, -k), axis=1)   # [B, T]
+      reset = (jnp.zeros((b, k - 1, c), x_BTC.dtype) if reset_tail is None
+               else reset_tail.astype(x_BTC.dtype))
+    y = jnp.zeros_like(x_BTC)
+    for j in range(k):
+      xs = jax.lax.slice_in_dim(xp, j, j + t, axis=1)  # tap j reads x_{t-(K-1-j)}
+      if segment_ids_BT is not None and j < k - 1:
+        before = (k - 1 - j) > since                    # the tap reaches before the document
+        from_reset = jnp.take_along_axis(reset, jnp.clip(j + since, 0, k - 2)[..., None], axis=1)
+        xs = jnp.where(before[..., None], from_reset, xs)
+      y = y + xs * w[j]
+    if k == 1:
+      new_tail = tail
+    elif lengths_B is None:
+      new_tail = xp[:, xp.shape[1] - (k - 1):]
+    else:
+      new_tail = jax.vmap(lambda row, n: jax.lax.dynamic_slice_in_dim(row, n, k - 1, 0))(
+          xp, lengths_B.astype(jnp.int32))
+    return y, new_tail

@@ -39,7 +39,7 @@ from flax import nnx
 
 from layers.attention import attend
 from layers.base import MemoryInit, Stat, const, dense, sow
-from layers.conv import CausalConv1D, causal_conv
+from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
 from layers.packing import from_slots, realign, to_slots
 from pallas_kernels._dispatch import check_implementation
@@ -168,20 +168,21 @@ class NeuralMemory(nnx.Module):
     b, t, _ = x_BTD.shape
     h, dh, L = cfg.num_heads, cfg.head_dim, cfg.memory_depth
     dt = x_BTD.dtype
-    names = ("conv_q", "conv_k", "conv_v")
-    # q, k and v in one projection and one convolution over [3, d] channels (stacked, not
-    # concatenated, so a sharded "mlp" axis stays as it is): a third of the ops of three.
-    w_D3D = jnp.stack([self.wq[...], self.wk[...], self.wv[...]], axis=1).astype(dt)
-    conv_w = jnp.stack([getattr(self, n).weight[...] for n in names], axis=1)
-    stack = lambda tails: jnp.stack([tails[n] for n in names], axis=2)   # [B, K-1, 3, d]
-    qkv, tails = causal_conv(jnp.einsum("btd,dkc->btkc", x_BTD, w_D3D), conv_w, stack(state),
-                             segment_ids_BT=segment_ids_BT, lengths_B=lengths_B,
-                             reset_tail=None if reset is None else stack(reset))
-    qkv = jax.nn.silu(qkv).reshape(b, t, 3, h, dh)
-    q, k, v = l2_normalize(qkv[:, :, 0]), l2_normalize(qkv[:, :, 1]), qkv[:, :, 2]
+    q, tq = self.conv_q(x_BTD @ self.wq[...].astype(dt), state=state["conv_q"], lengths_B=lengths_B,
+                          segment_ids_BT=segment_ids_BT,
+                          reset_tail=None if reset is None else reset["conv_q"])
+    k, tk = self.conv_k(x_BTD @ self.wk[...].astype(dt), state=state["conv_k"], lengths_B=lengths_B,
+                          segment_ids_BT=segment_ids_BT,
+                          reset_tail=None if reset is None else reset["conv_k"])
+    v, tv = self.conv_v(x_BTD @ self.wv[...].astype(dt), state=state["conv_v"], lengths_B=lengths_B,
+                          segment_ids_BT=segment_ids_BT,
+                          reset_tail=None if reset is None else reset["conv_v"])
+    q = l2_normalize(jax.nn.silu(q).reshape(b, t, h, dh))
+    k = l2_normalize(jax.nn.silu(k).reshape(b, t, h, dh))
+    v = jax.nn.silu(v).reshape(b, t, h, dh)
     x32 = x_BTD.astype(jnp.float32)  # gates in float32: they enter the float32 state recurrence
     theta = cfg.theta_cap * jax.nn.sigmoid(x32 @ self.w_theta[...] + self.b_theta[...])
-    convs = {n: tails[:, :, i] for i, n in enumerate(names)}
+    convs = {"conv_q": tq, "conv_k": tk, "conv_v": tv}
     return q, k, v, theta.reshape(b, t, h, L), x32, convs
 
   def read_write(self, x_BTD, state, *, lengths_B=None, aligned: bool = False,
@@ -402,17 +403,9 @@ class MAC(nnx.Module):
     mask = jnp.concatenate([jnp.ones((c, n_p), bool), causal, causal], axis=1)
     mask = jnp.broadcast_to(mask, (b, c, n_p + 2 * c))
 
-    # What depends on x alone (the retrieval queries, the attention's q, k, v of x) is projected
-    # for every segment at once, outside the segment recurrence.
-    seg_rows = lambda a: rearrange(a, "b (s c) ... -> s b c ...", c=c)
-    qr_all = l2_normalize(jax.nn.silu(x_pad @ self.w_qr[...].astype(dt)).reshape(
-        b, n_seg * c, h, dh))
-    qkv_x = self.attn.qkv(x_pad, jnp.tile(positions, (1, n_seg)))
-    pre_S = tuple(seg_rows(a) for a in (qr_all, *qkv_x))
-
     def body(carry, inp):
       mem_state, w_seg, cache = carry
-      s_idx, xs, (qr, qx, kx, vx), *reset = inp
+      s_idx, xs, *reset = inp
       if reset:
         rb = lambda n_, o: jnp.where(reset[0].reshape((b,) + (1,) * (o.ndim - 1)), n_, o)
         mem_state = jax.tree.map(rb, init_mem, mem_state)
@@ -421,8 +414,10 @@ class MAC(nnx.Module):
       end = jnp.clip(p0 + n_tok - s_idx * c, 0, c)               # [B]
       n = jnp.maximum(end - start, 0)
       # 1. Retrieve (read-only) from the memory as it was at the segment start.
+      qr = l2_normalize(jax.nn.silu(xs @ self.w_qr[...].astype(dt)).reshape(b, c, h, dh))
       hist = memory_apply(w_seg, *mem_params, qr.astype(jnp.float32)).reshape(b, c, d).astype(dt)
       # 2. Attend over [P; h; x_seg], causal in h and x; earlier tokens of this segment from cache.
+      qx, kx, vx = self.attn.qkv(xs, positions)
       _, kh, vh = self.attn.qkv(hist, positions)
       if not aligned:
         old = (jnp.arange(c) < start)[None, :, None, None]
@@ -456,7 +451,7 @@ class MAC(nnx.Module):
 
     cache0 = {k: state[k] for k in ("kh", "vh", "kx", "vx")}
     carry = (state["memory"], state["w_seg"], cache0)
-    scanned = (jnp.arange(n_seg), xs_SBCD, pre_S) + (() if segments is None else (resets_SB,))
+    scanned = (jnp.arange(n_seg), xs_SBCD) + (() if segments is None else (resets_SB,))
     if n_seg <= 8:
       # Few segments (training at CPU sizes, decode steps): unrolled, so XLA optimises across
       # segments and skips the while-loop bookkeeping (measured 1.7x faster fwd+bwd at T=64).
