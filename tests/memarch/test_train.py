@@ -1,9 +1,12 @@
 """The training loop: exact resume after a kill, metrics files, clear errors on bad input."""
 import functools
+import logging
 import os
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 
 from memarch import configs_lib, testing
@@ -185,12 +188,10 @@ def test_bench_archs_keep_each_specs_options():
       "configs/mom.py"]
 
 
-def test_step_compiles_once_and_logs_its_timings(tmp_path, monkeypatch):
+def test_step_compiles_once_and_logs_its_timings(tmp_path, monkeypatch, caplog):
   """With statistics on, the training step is traced (and so compiled) once for the whole run;
   stats rows land on step 1 and every stats_every steps; the rows carry the compile times and a
   step time that leaves the evals out."""
-  import time
-
   from memarch import step as step_lib
   from memarch import train as train_lib
 
@@ -218,8 +219,13 @@ def test_step_compiles_once_and_logs_its_timings(tmp_path, monkeypatch):
     return real_eval(self, state)
   monkeypatch.setattr(train_lib.Evaluator, "__call__", slow_eval)
 
-  train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    train_and_evaluate(cfg, str(tmp_path), quiet=True)
   assert traces == [True]  # one trace, with statistics, for steps with and without stats rows
+  # and one XLA compilation each for the training and the eval step (both functions are `step`):
+  # the explicit compile that times them is the one the loop's calls use
+  compiles = [r for r in caplog.records if "Finished XLA compilation of jit(step)" in r.message]
+  assert len(compiles) == 2, [r.message for r in compiles]
   rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
   train_rows = {r["step"]: r for r in rows if "train/loss" in r}
   eval_rows = [r for r in rows if "eval/accuracy" in r]
