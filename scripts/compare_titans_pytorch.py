@@ -99,12 +99,18 @@ def report(ours: dict | None, peers: list[dict], cpus: int, date: str) -> tuple[
 
 # ---- the two sides, each in its own process ----
 
+def _env() -> dict:
+  """The environment of both sides: this checkout's memarch first on the path (the peer reads our
+  MQAR generator from it; a script's own folder, not the repository, heads sys.path)."""
+  return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def run_ours(out: str) -> dict:
   workdir = os.path.join(out, "memarch")
   cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), "--config=configs/titans.py",
          f"--workdir={workdir}", "--config.train.progress=False"]
   t0 = time.time()
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  subprocess.run(cmd, cwd=ROOT, env=_env(), check=True)
   wall = time.time() - t0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f if line.strip()]
@@ -113,9 +119,8 @@ def run_ours(out: str) -> dict:
 
 def run_peer(python: str, lr: float, out: str, budget_s: float, max_steps: int) -> dict:
   path = os.path.join(out, f"peer_lr{lr:g}.json")
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   subprocess.run([python, os.path.abspath(__file__), f"--_peer_lr={lr}", f"--out={path}",
-                  f"--budget_s={budget_s}", f"--max_steps={max_steps}"], env=env, check=True)
+                  f"--budget_s={budget_s}", f"--max_steps={max_steps}"], env=_env(), check=True)
   with open(path) as f:
     return json.load(f)
 
