@@ -272,6 +272,7 @@ class Evaluator:
   def __init__(self, config, data, predict, mesh=None):
     self.batch_size = config.data.batch_size
     self.predict = predict
+    self.compile_sec: float | None = None  # set by the first call that compiles `predict`
     self.mesh = mesh if mesh is not None else sharding.single_device_mesh()
     self.rows = sharding.process_rows(self.mesh, self.batch_size)
     self.lm_eval = bool(getattr(data, "lm_eval", False))
@@ -286,13 +287,21 @@ class Evaluator:
       return {}
     bs, n = self.batch_size, len(self.eval_set["inputs"])
     correct, nats, count, nbytes = [], 0.0, 0, 0
+    first = self.compile_sec is None
     for i in range(0, n, bs):
       sl = {k: v[i:i + bs] for k, v in self.eval_set.items()}
       pad = bs - len(sl["inputs"])
       if pad:  # keep one compiled shape
         sl = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in sl.items()}
       mine = {k: sl[k][self.rows[0]:self.rows[1]] for k in ("inputs", "segment_ids", "targets")}
-      preds, nll = self.predict(state, sharding.global_batch(self.mesh, mine, bs))
+      batch = sharding.global_batch(self.mesh, mine, bs)
+      if self.compile_sec is None and hasattr(self.predict, "lower"):
+        # Compiled ahead of the call so the compile time is measured on its own; the call below
+        # finds this program in jit's cache and does not compile it again.
+        t0 = time.perf_counter()
+        self.predict.lower(state, batch).compile()
+        self.compile_sec = time.perf_counter() - t0
+      preds, nll = self.predict(state, batch)
       preds = sharding.to_host(preds)[:bs - pad]
       nll = sharding.to_host(nll).astype(np.float64)[:bs - pad]
       tgt = sl["targets"][:bs - pad]
@@ -303,12 +312,13 @@ class Evaluator:
       if "target_bytes" in sl:
         nbytes += int(sl["target_bytes"][:bs - pad].sum())
     loss = nats / max(count, 1)
+    out = {"eval/compile_sec": self.compile_sec} if first and self.compile_sec is not None else {}
     if self.lm_eval:
       # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand
       # for, so byte-level and BPE models compare (docs/data.md).
       return {"eval/loss": loss, "eval/bits_per_byte": nats / math.log(2) / max(nbytes, 1),
-              "eval/perplexity": math.exp(min(loss, 700.0))}
-    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss}
+              "eval/perplexity": math.exp(min(loss, 700.0)), **out}
+    return {"eval/accuracy": float(np.concatenate(correct).mean()), "eval/loss": loss, **out}
 
 
 def _make_data(config, workdir: str):
@@ -358,6 +368,9 @@ class _StepLog:
     self.peak_flops = float(config.train.get("peak_flops", 0.0))
     self.t_last = time.time()
     self.tokens_since = self.slots_since = self.targets_since = 0
+    self.steps_since = 0
+    self.paused_sec = 0.0  # time inside the interval that was not training (eval, saving, compile)
+    self.compile_sec: float | None = None  # logged once, in the next row
     self.zero_steps = self.zero_rows = 0  # steps / logged rows in a row with grad norm exactly 0
     self.zero_flagged = False
 
@@ -365,6 +378,9 @@ class _StepLog:
     """The row to log for `step` (None between logged steps); raises NonFiniteError.
     `real_tokens`: the step's non-padding input tokens (segment id != 0; default all)."""
     tc = self.tc
+    if not stats_due(step, tc.stats_every):
+      # Every step collects the statistics (one compiled program); only stats steps log them.
+      m = {k: v for k, v in m.items() if not k.startswith("stats/")}
     m = jax.device_get(m)
     loss, gnorm = float(m["loss"]), float(m["grad_norm"])
     if not bool(m["finite"]):
@@ -379,6 +395,7 @@ class _StepLog:
     self.tokens_since += self.slots_per_step if real_tokens is None else int(real_tokens)
     self.slots_since += self.slots_per_step
     self.targets_since += int(m["tokens"])
+    self.steps_since += 1
     if not (step % tc.log_every == 0 or step == self.end_step):
       return None
     now = time.time()
@@ -390,7 +407,11 @@ class _StepLog:
            "train/tokens_per_sec": self.tokens_since / dt,
            "train/slot_tokens_per_sec": self.slots_since / dt,
            "train/target_tokens_per_sec": self.targets_since / dt,
-           "train/elapsed_sec": now - self.t_start}
+           "train/elapsed_sec": now - self.t_start,
+           # mean wall time of a training step in the interval, evals/saves/compiling left out
+           "train/step_sec": max(dt - self.paused_sec, 0.0) / max(self.steps_since, 1)}
+    if self.compile_sec is not None:
+      row["train/compile_sec"], self.compile_sec = self.compile_sec, None
     if self.peak_flops > 0 and self.flops_per_token > 0:
       row["train/mfu"] = flops_lib.mfu(self.flops_per_token, row["train/tokens_per_sec"],
                                        self.peak_flops, self.num_devices)
@@ -409,8 +430,13 @@ class _StepLog:
           f"step {step}; train/loss {loss:.4f}, ln(vocab_size) {math.log(self.vocab_size):.4f}):"
           " nothing is learning; check the data's targets, the loss and train.aux_loss_weights")
     self.t_last = now
-    self.tokens_since = self.slots_since = self.targets_since = 0
+    self.tokens_since = self.slots_since = self.targets_since = self.steps_since = 0
+    self.paused_sec = 0.0
     return row
+
+  def pause(self, seconds: float) -> None:
+    """Counts `seconds` of non-training time (eval, checkpoint, compile) out of train/step_sec."""
+    self.paused_sec += seconds
 
 
 def _show_progress(progress, row, last, lm_eval: bool) -> None:
@@ -528,6 +554,11 @@ def _due(step: int, every: int) -> bool:
   return bool(every) and step % every == 0
 
 
+def stats_due(step: int, stats_every: int) -> bool:
+  """Whether `step` logs the layer statistics: every stats_every steps and step 1 (0 = never)."""
+  return _due(step, stats_every) or (step == 1 and bool(stats_every))
+
+
 def _evaluate_and_log(evaluate, state, step, last, writer, tc) -> bool:
   """Runs the held-out eval, logs it; whether train.stop_at_accuracy is reached."""
   if evaluate.eval_set is None:
@@ -609,12 +640,20 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
     batch_size = config.data.batch_size
     local_batches = loader.batches(data, start_step, end_step,
                                    sharding.process_rows(mesh, batch_size))
+    # With statistics on, every step collects them so the step compiles once (they cost ~1%).
+    collect = bool(tc.stats_every)
     try:
       with sharding.mesh_context(mesh):
         for step in range(start_step + 1, end_step + 1):
           batch = sharding.global_batch(mesh, next(local_batches), batch_size)
           real = _real_tokens(batch)
-          collect = _due(step, tc.stats_every) or (step == 1 and bool(tc.stats_every))
+          if step == start_step + 1:
+            # One program for the whole run, compiled here so its time is logged on its own
+            # (train/compile_sec); the calls below find it in jit's cache.
+            t0 = time.perf_counter()
+            step_fn.lower(state, batch, collect).compile()
+            step_log.compile_sec = time.perf_counter() - t0
+            step_log.pause(step_log.compile_sec)
           profiler.before(step)
           state, m = step_fn(state, batch, collect)
           profiler.after(step, m)
@@ -630,6 +669,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
           is_save = _due(step, tc.ckpt_every) or at_end
           if is_eval or is_save:
             flush()  # a step is checked (finite) before it is evaluated or saved
+          t_pause = time.perf_counter()
           if is_eval:
             stopped_early = _evaluate_and_log(evaluate, state, step, last, writer, tc)
           if over_budget and not stopped_early:
@@ -638,6 +678,7 @@ def _train(config, workdir, data, lm_cfg, opt_cfg, max_steps_this_run, log, quie
           if is_save or stopped_early:
             ckpt.save(step, state, {"next_step": step, "data": config.data.name,
                                     "skipped_steps": step_log.skipped})
+          step_log.pause(time.perf_counter() - t_pause)
           if stopped_early or out_of_time:
             break
         flush()

@@ -1,9 +1,12 @@
 """The training loop: exact resume after a kill, metrics files, clear errors on bad input."""
 import functools
+import logging
 import os
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 
 from memarch import configs_lib, testing
@@ -183,3 +186,59 @@ def test_bench_archs_keep_each_specs_options():
                            "size=340m,configs/mom.py") == [
       "configs/transformer.py:size=340m", "configs/titans.py:variant=mac,size=340m",
       "configs/mom.py"]
+
+
+def test_step_compiles_once_and_logs_its_timings(tmp_path, monkeypatch, caplog):
+  """With statistics on, the training step is traced (and so compiled) once for the whole run;
+  stats rows land on step 1 and every stats_every steps; the rows carry the compile times and a
+  step time that leaves the evals out."""
+  from memarch import step as step_lib
+  from memarch import train as train_lib
+
+  cfg = configs_lib.load_config(f"{ROOT}/configs/titans.py:variant=lmm,depth=1")
+  cfg.unlock()
+  cfg.model.update(dict(d_model=32, num_layers=1, num_heads=2))
+  cfg.data.batch_size, cfg.data.seq_len, cfg.data.eval_examples = 8, 32, 16
+  cfg.train.update(dict(num_steps=8, log_every=2, eval_every=4, ckpt_every=0, progress=False,
+                        stop_at_accuracy=0.0, stats_every=4))
+  cfg.lock()
+
+  traces = []
+  real_step = step_lib.train_step
+
+  def counting_step(model, optimizer, batch, cfg, collect_stats=False):
+    traces.append(collect_stats)
+    return real_step(model, optimizer, batch, cfg, collect_stats)
+  monkeypatch.setattr(step_lib, "train_step", counting_step)
+
+  # Each eval sleeps 0.5 s: train/step_sec must not count it, train/elapsed_sec does.
+  real_eval = train_lib.Evaluator.__call__
+
+  def slow_eval(self, state):
+    time.sleep(0.5)
+    return real_eval(self, state)
+  monkeypatch.setattr(train_lib.Evaluator, "__call__", slow_eval)
+
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    train_and_evaluate(cfg, str(tmp_path), quiet=True)
+  assert traces == [True]  # one trace, with statistics, for steps with and without stats rows
+  # and one XLA compilation each for the training and the eval step (both functions are `step`):
+  # the explicit compile that times them is the one the loop's calls use
+  compiles = [r for r in caplog.records if "Finished XLA compilation of jit(step)" in r.message]
+  assert len(compiles) == 2, [r.message for r in compiles]
+  rows = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  train_rows = {r["step"]: r for r in rows if "train/loss" in r}
+  eval_rows = [r for r in rows if "eval/accuracy" in r]
+  assert sorted(train_rows) == [2, 4, 6, 8]
+  # stats only on the stats steps (4, 8; step 1 is not a logged step here)
+  has_stats = {s: any(k.startswith("stats/") for k in r) for s, r in train_rows.items()}
+  assert has_stats == {2: False, 4: True, 6: False, 8: True}
+  assert train_rows[2]["train/compile_sec"] > 0
+  assert not any("train/compile_sec" in train_rows[s] for s in (4, 6, 8))
+  assert eval_rows[0]["eval/compile_sec"] > 0 and "eval/compile_sec" not in eval_rows[1]
+  # steps 5 and 6 have the 0.5 s eval at step 4 in their wall time but not in step_sec
+  r4, r6 = train_rows[4], train_rows[6]
+  wall_per_step = (r6["train/elapsed_sec"] - r4["train/elapsed_sec"]) / 2
+  assert 0 < r6["train/step_sec"] < wall_per_step - 0.2
+  # the first interval's step time leaves the compile out
+  assert 0 < train_rows[2]["train/step_sec"] < train_rows[2]["train/compile_sec"]
