@@ -114,47 +114,55 @@ def op_sources(hlo_text: str) -> dict[str, tuple[str, list[tuple[str, str, int]]
 
 
 def phase_of(op_name: str) -> str:
-  if "transpose(" in op_name:
-    return "backward"
-  if "remat" in op_name or "checkpoint" in op_name:
-    return "recompute"
-  return "forward"
+  """'backward' for ops under a transpose (the backward pass, jax.checkpoint recomputes included),
+  else 'forward' (the forward pass, the optimizer update)."""
+  return "backward" if "transpose(" in op_name else "forward"
 
 
-def _where(stack, root: str) -> str:
-  """The innermost frame inside the repository, as 'path:line function'."""
+class OpTime(NamedTuple):
+  phase: str            # forward / backward
+  path: str             # the innermost frame inside the repository ('' when none)
+  function: str
+  line: int
+  seconds: float        # per step, summed over threads
+  count: int            # executed ops per step
+
+
+def _where(stack, root: str) -> tuple[str, str, int]:
+  """The innermost frame inside the repository: (relative path, function, line)."""
   for path, func, line in stack:
     if path.startswith(root) and "/site-packages/" not in path:
-      return f"{os.path.relpath(path, root)}:{line} {func}"
-  return "(outside the repository)" if stack else "(no source)"
+      return os.path.relpath(path, root), func, line
+  return "", "(outside the repository)", 0
 
 
 def op_breakdown(step: CompiledStep, iters: int = 5, warmup: int = 2):
-  """Runs the step `iters` times under the profiler; returns (rows, wall seconds per step) with
-  rows [(phase, source, seconds per step)] sorted by time, summed over threads."""
+  """Runs the step `iters` times under the profiler; returns ([OpTime] by time, wall seconds per
+  step under the profiler). Per-op times are summed over threads, so they add up to CPU time."""
   from jax.profiler import ProfileData
   state = step.state
   for _ in range(warmup):
     state, m = step.compiled(state, step.batch)
     jax.block_until_ready(m)
-  logdir = tempfile.mkdtemp(prefix="memarch_profile_")
-  t0 = time.perf_counter()
-  with jax.profiler.trace(logdir):
-    for _ in range(iters):
-      state, m = step.compiled(state, step.batch)
-      jax.block_until_ready(m)
-  wall = (time.perf_counter() - t0) / iters
-  sources = op_sources(step.compiled.as_text())
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  totals = collections.Counter()
-  for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
-    for plane in ProfileData.from_file(path).planes:
-      for line in plane.lines:
-        for ev in line.events:
-          name = ev.name
-          if name not in sources:
-            continue
-          op_name, stack = sources[name]
-          totals[(phase_of(op_name), _where(stack, root))] += ev.duration_ns * 1e-9 / iters
-  rows = sorted(((p, s, t) for (p, s), t in totals.items()), key=lambda r: -r[2])
-  return rows, wall
+  with tempfile.TemporaryDirectory(prefix="memarch_profile_") as logdir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(logdir):
+      for _ in range(iters):
+        state, m = step.compiled(state, step.batch)
+        jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / iters
+    sources = op_sources(step.compiled.as_text())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seconds, counts = collections.Counter(), collections.Counter()
+    for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
+      for plane in ProfileData.from_file(path).planes:
+        for line in plane.lines:
+          for ev in line.events:
+            if ev.name not in sources:
+              continue
+            op_name, stack = sources[ev.name]
+            key = (phase_of(op_name), *_where(stack, root))
+            seconds[key] += ev.duration_ns * 1e-9 / iters
+            counts[key] += 1
+  rows = [OpTime(*k, seconds[k], round(counts[k] / iters)) for k in seconds]
+  return sorted(rows, key=lambda r: -r.seconds), wall

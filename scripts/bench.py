@@ -29,7 +29,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from memarch.flops import device_peak, recurrence_flops_per_token
 
@@ -68,44 +67,20 @@ def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int, overrides=Non
   """Step time and compiled peak memory of the training step itself (memarch.step.jit_train_step:
   the optimizer, accumulation and auxiliary losses of the config), on random tokens; `overrides`
   {'model.remat': 'full', ...} change config fields. The step is compiled once (compile_s)."""
-  from memarch import configs_lib
-  from memarch import step as step_lib
-  from memarch.lm import LM, count_params
-  from memarch.optim import make_optimizer
-  from memarch.sharding import mesh_context
-  cfg = configs_lib.load_config(spec)
-  if overrides:
-    cfg.unlock()
-    for key, value in overrides.items():
-      section, name = key.split(".")
-      cfg[section][name] = value
-    cfg.lock()
-    configs_lib.validate(cfg)
-  lm_cfg = configs_lib.lm_config(cfg, cfg.data.vocab_size)
-  with mesh_context():
-    model = LM(lm_cfg, rngs=nnx.Rngs(0))
-    tx = make_optimizer(configs_lib.opt_config(cfg), cfg.train.num_steps, model)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  n_params = count_params(model)
-  graphdef, state = nnx.split((model, opt))
-  del model, opt
-  step_fn = step_lib.jit_train_step(graphdef, step_lib.StepConfig.from_config(cfg, packed=False))
-  tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, seq_len + 1), 0, lm_cfg.vocab_size)
-  batch_ = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch_, False).compile()
-  compile_s = time.perf_counter() - t0
-  mem = memory_bytes(compiled)
-  box = [state]
+  from memarch.profiling import build_train_step
+  step = build_train_step(spec, batch, seq_len, overrides)
+  mem = memory_bytes(step.compiled)
+  box = [step.state]
 
   def run(b):  # the step donates its state: thread it through
-    box[0], m = compiled(box[0], b)
+    box[0], m = step.compiled(box[0], b)
     return m["loss"]
 
   row = dict(name=spec, **{k.split(".")[-1]: v for k, v in (overrides or {}).items()},
-             params=n_params, batch=batch, seq_len=seq_len, peak_bytes=mem, compile_s=compile_s)
+             params=step.params, batch=batch, seq_len=seq_len, peak_bytes=mem,
+             compile_s=step.compile_s)
   if iters:  # iters=0: compile only
-    t = timeit(run, batch_, warmup=warmup, iters=iters)
+    t = timeit(run, step.batch, warmup=warmup, iters=iters)
     row.update(step_s=t, tokens_per_s=batch * seq_len / t)
   return row
 
