@@ -287,7 +287,7 @@ class Evaluator:
       return {}
     bs, n = self.batch_size, len(self.eval_set["inputs"])
     correct, nats, count, nbytes = [], 0.0, 0, 0
-    first = self.compile_sec is None
+    out = {}  # eval/compile_sec, on the call that compiled `predict`
     for i in range(0, n, bs):
       sl = {k: v[i:i + bs] for k, v in self.eval_set.items()}
       pad = bs - len(sl["inputs"])
@@ -301,6 +301,7 @@ class Evaluator:
         t0 = time.perf_counter()
         self.predict.lower(state, batch).compile()
         self.compile_sec = time.perf_counter() - t0
+        out = {"eval/compile_sec": self.compile_sec}
       preds, nll = self.predict(state, batch)
       preds = sharding.to_host(preds)[:bs - pad]
       nll = sharding.to_host(nll).astype(np.float64)[:bs - pad]
@@ -312,7 +313,6 @@ class Evaluator:
       if "target_bytes" in sl:
         nbytes += int(sl["target_bytes"][:bs - pad].sum())
     loss = nats / max(count, 1)
-    out = {"eval/compile_sec": self.compile_sec} if first and self.compile_sec is not None else {}
     if self.lm_eval:
       # Bits per byte: all nats of the targets (EOS included) over the UTF-8 bytes they stand
       # for, so byte-level and BPE models compare (docs/data.md).

@@ -7,8 +7,8 @@ our MQAR batches and evaluated on the same 1000 held-out examples every 50 steps
 learning rate. Prints a markdown table and writes JSON to --out. Run it on an idle machine.
 
   # the peer, in a separate environment (numpy + torch, no jax needed):
-  python -m venv /work/peer-venv && /work/peer-venv/bin/pip install torch==2.13.0 titans-pytorch==0.5.5
-  python scripts/compare_titans_pytorch.py --out=runs/compare_titans
+  python -m venv ~/peer-venv && ~/peer-venv/bin/pip install torch==2.13.0 titans-pytorch==0.5.5
+  python scripts/compare_titans_pytorch.py --peer_python=~/peer-venv/bin/python --out=runs/compare_titans
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="runs/compare_titans")
   p.add_argument("--torch_lrs", default="1e-3,3e-3", help="the peer's learning rates, one run each")
-  p.add_argument("--peer_python", default="/work/peer-venv/bin/python"
-                 if os.path.exists("/work/peer-venv/bin/python") else sys.executable)
+  p.add_argument("--peer_python", default=sys.executable,
+                 help="the Python of the environment with torch and titans-pytorch")
   p.add_argument("--budget_s", type=float, default=1200, help="the peer's wall-clock budget per run")
   p.add_argument("--max_steps", type=int, default=0, help="stop the peer after this many steps "
                  "(0 = at 0.99 or the budget); for a quick check")
