@@ -129,7 +129,8 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
 
   carry.pb is the retention product from the base xb to the chunk start (1 unless the call started
   mid-chunk). keep_base (lag token only): token 0 is not real here (a call that starts mid-chunk),
-  so tokens 1..n-1 keep the carried base xb.
+  so tokens 1..n-1 keep the carried base xb. keep_base None: the caller's static promise that the
+  chunk starts at its base (xb is x, pb = 1, keep_base False), as in every chunk of an aligned call.
   tok.q_prev (linearised reads only): the previous chunk's last query. That token ended its chunk
   and reads phi(X_n) of the previous chunk, which is this chunk's phi(xb): it is read here, where
   phi(xb) is computed anyway, and returned as y_prev (`memory_xla` puts it in place).
@@ -155,20 +156,29 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   # Memora's lag token (base X^(0)), beta_t = a_0 A[t, 0], so W0 = a_0 J(X_0) + phi(X^(0)) -
   # J(X^(0)) with coef = A[:, 0]. The updates' factors r_i reach the read as J(r_i).
   coef = since = beta  # since: the retention product from the read's base to each token
-  w0 = rule.read_weights(x, xb, pb, c_L, phi_base=w_base) if rule.reads_linearised else x
+  aligned = keep_base is None
+  w0, G_read = x, G
+  if rule.reads_linearised:
+    # at the base (aligned: X_0 itself, pb = 1) the linearised weights are phi(X_0) exactly
+    w0 = w_base if aligned else rule.read_weights(x, xb, pb, c_L, phi_base=w_base)
   if lag:
     x1 = tuple((beta[0] * x[l] if s is None else beta[0] * x[l] + f[0] * s[l])
                - G[l][0, 0] * jnp.outer(gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
-    base = tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
+    base = x1 if aligned else tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
     w_base1 = rule.phi(base, c_L)
     rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k, tok.v, tok.delta)
     rs = tuple(jnp.concatenate([r0, r1[1:]]) for r0, r1 in zip(rs, rs1))
     gs = tuple(jnp.concatenate([g0, g1[1:]]) for g0, g1 in zip(gs, gs1))
-    since = jnp.where(keep_base, beta, segment_products(tok.a)[0][:, 0])
+    since = segment_products(tok.a)[0][:, 0]
+    since = since if aligned else jnp.where(keep_base, beta, since)
     if rule.reads_linearised:
-      J1 = rule.read_map(x1, c_L, w_base1)
-      w0 = tuple(jnp.where(keep_base, w_, tok.a[0] * J1[l](x_) + p_ - J1[l](x1_))
-                 for l, (w_, x_, p_, x1_) in enumerate(zip(w0, x, w_base1, x1)))
+      # Token 0 took its step exactly, so the reads start from W0 = phi(X_1) (coef_t = A[t, 0]) and
+      # see only the later tokens' updates: the linearisation at X_1 of a_0 X_0 + ..., whose
+      # token-0 term cancels, J_1(a_0 X_0 - X_1) = G[0, 0] g_0 J_1(r_0)^T, against column 0 of G.
+      # (When keep_base, token 0 is padding: column 0 is zero anyway and W0 stays the carried one.)
+      w0 = w_base1 if aligned else tuple(jnp.where(keep_base, w_, p_)
+                                         for w_, p_ in zip(w0, w_base1))
+      G_read = [g.at[:, 0].set(0.0) for g in G]
       coef = since
   since_base = pb * since                                     # P_t (equal to pb beta_t without lag)
   col = lambda t: None if t is None else t[:, None]
@@ -183,7 +193,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   if rule.reads_linearised:  # the read sees the updates through J at its base (rules.read_map)
     J = rule.read_map(base, c_L, w_base1 if lag else w_base)  # phi(base), computed above
     rs_read = tuple(J[l](rs[l]) for l in range(L))
-  y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G, w0, col(coef),
+  y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G_read, w0, col(coef),
                                    col(f), x, s, ends, ln_s, ln_b, rs_read=rs_read)
   if not dual:  # exact_read: per-token states X_t for the whole chunk, read with phi(X_t)
     xs_t = tuple((beta[:, None, None] * x[l][None] if s is None else
@@ -266,9 +276,12 @@ def memory_xla(rule, inputs: MemoryInputs, params: MemoryParams, state: MemorySt
   @jax.checkpoint
   def compute(x, s, first, tok_c):
     first = jnp.broadcast_to(first, (B,))
-    xb = tuple(jnp.where(first[:, None, None, None], b0, x_) for b0, x_ in zip(xb0, x))
-    pb = jnp.where(first[:, None], pb0, 1.0)                    # [B, H]
-    keep = first & (phase0 > 0)                                # [B]
+    if assume_aligned:  # every chunk starts at its base (phase 0: the base is the state)
+      xb, pb, keep = x, jnp.ones((B, H), dt), None
+    else:
+      xb = tuple(jnp.where(first[:, None, None, None], b0, x_) for b0, x_ in zip(xb0, x))
+      pb = jnp.where(first[:, None], pb0, 1.0)                  # [B, H]
+      keep = first & (phase0 > 0)                              # [B]
     return (step_bh if chunk_fn is None else chunk_fn)(ChunkCarry(x, s, xb, pb), tok_c, prm, keep)
 
   def end_read(x, q_BHD):

@@ -63,6 +63,26 @@ def test_xla_matches_reference(x64, model, chunk):
   assert_tree_close(outs["xla"][1], outs["reference"][1], TOL, "state")
 
 
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_aligned_call_matches_general_call(x64, model):
+  """assume_aligned (every chunk starts at its base: the read starts from phi(X_0) itself, and
+  after Memora's lag token from phi(X_1)) gives the general path's outputs, state and gradients."""
+  args, x0, c = make_inputs(5, T=8)
+  bias, ret = MODELS[model]
+
+  def f(args, aligned):
+    y, st = miras_memory(*args, state=init_miras_state(x0, 2, ret), bias=bias, retention=ret,
+                         kl_scale_HL=c, lag_token=model == "memora", chunk_size=4,
+                         implementation="xla", assume_aligned=aligned)
+    return jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(x)) for x in st[STATE_KEY[ret]]), (y, st)
+
+  (l_a, (y_a, st_a)), g_a = jax.jit(jax.value_and_grad(lambda a: f(a, True), has_aux=True))(args)
+  (l_g, (y_g, st_g)), g_g = jax.jit(jax.value_and_grad(lambda a: f(a, False), has_aux=True))(args)
+  assert_close(y_a, y_g, TOL, "o")
+  assert_tree_close(st_a[STATE_KEY[ret]], st_g[STATE_KEY[ret]], TOL, "state")
+  assert_tree_close(g_a, g_g, TOL, "grads")
+
+
 SLOW = pytest.mark.slow
 
 
