@@ -63,13 +63,12 @@ def memory_bytes(compiled) -> int:
              - getattr(m, "alias_size_in_bytes", 0))
 
 
-def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int, overrides=None, warmup=2):
-  """Step time and compiled peak memory of the training step itself (memarch.step.jit_train_step:
-  the optimizer, accumulation and auxiliary losses of the config), on random tokens; `overrides`
-  {'model.remat': 'full', ...} change config fields. The step is compiled once (compile_s)."""
+def prepare_lm_step(spec: str, batch: int, seq_len: int, overrides=None):
+  """(row, run, batch) of a config's training step (memarch.step.jit_train_step: the optimizer,
+  accumulation and auxiliary losses of the config) on random tokens, compiled once (compile_s);
+  `overrides` {'model.remat': 'full', ...} change config fields. run(batch) takes one step."""
   from memarch.profiling import build_train_step
   step = build_train_step(spec, batch, seq_len, overrides)
-  mem = memory_bytes(step.compiled)
   box = [step.state]
 
   def run(b):  # the step donates its state: thread it through
@@ -77,12 +76,35 @@ def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int, overrides=Non
     return m["loss"]
 
   row = dict(name=spec, **{k.split(".")[-1]: v for k, v in (overrides or {}).items()},
-             params=step.params, batch=batch, seq_len=seq_len, peak_bytes=mem,
-             compile_s=step.compile_s)
-  if iters:  # iters=0: compile only
-    t = timeit(run, step.batch, warmup=warmup, iters=iters)
+             params=step.params, batch=batch, seq_len=seq_len,
+             peak_bytes=memory_bytes(step.compiled), compile_s=step.compile_s)
+  return row, run, step.batch
+
+
+def lm_step_bench(spec: str, batch: int, seq_len: int, iters: int, overrides=None, warmup=2):
+  """Step time (median of `iters` steps) and compiled peak memory of a config's training step
+  (`prepare_lm_step`); iters=0 compiles only."""
+  row, run, b = prepare_lm_step(spec, batch, seq_len, overrides)
+  if iters:
+    t = timeit(run, b, warmup=warmup, iters=iters)
     row.update(step_s=t, tokens_per_s=batch * seq_len / t)
   return row
+
+
+def interleaved_step_times(runs, iters: int, rounds: int, warmup=2) -> list[list[float]]:
+  """Per run, the step times of `rounds` rounds in which every run takes `iters` timed steps in
+  turn: a slow stretch of the machine then hits every config alike, so their ratios hold."""
+  for run, b in runs:
+    for _ in range(warmup):
+      jax.block_until_ready(run(b))
+  times = [[] for _ in runs]
+  for _ in range(rounds):
+    for i, (run, b) in enumerate(runs):
+      for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(run(b))
+        times[i].append(time.perf_counter() - t)
+  return times
 
 
 def split_specs(text: str) -> list[str]:
@@ -101,6 +123,8 @@ def suite_arch(args):
   """Training-step time and compiled peak memory per config; ratios against the first config
   (`--archs=a.py,b.py`, default: every family, the transformer first)."""
   specs = split_specs(args.archs) if args.archs else ARCHS
+  if args.rounds > 1:
+    return arch_interleaved(specs, args)
   rows = []
   for spec in specs:
     try:
@@ -108,12 +132,38 @@ def suite_arch(args):
     except Exception as e:  # noqa: BLE001 - report and continue
       rows.append(dict(name=spec, error=f"{type(e).__name__}: {e}"[:200]))
     progress(rows[-1])
-  base = next((r for r in rows if r["name"] == specs[0] and "step_s" in r), None)
+  return with_ratios(rows, specs[0])
+
+
+def with_ratios(rows, first: str):
+  base = next((r for r in rows if r["name"] == first and "step_s" in r), None)
   for r in rows:
     if base and "step_s" in r:
       r["step_vs_first"] = r["step_s"] / base["step_s"]
       r["memory_vs_first"] = r["peak_bytes"] / base["peak_bytes"]
   return rows
+
+
+def arch_interleaved(specs, args):
+  """`--rounds=N`: every config compiled first, then timed in N interleaved rounds of `--iters`
+  steps (`interleaved_step_times`); step_s is the median over all rounds, and
+  step_vs_first_min/max the range of the per-round ratios to the first config."""
+  prepared = []
+  for spec in specs:
+    row, run, b = prepare_lm_step(spec, args.batch, args.seq_len)
+    progress(row)
+    prepared.append((row, run, b))
+  times = interleaved_step_times([(run, b) for _, run, b in prepared], args.iters, args.rounds)
+  rows = []
+  for (row, _, _), ts in zip(prepared, times):
+    t = float(np.median(ts))
+    row.update(step_s=t, tokens_per_s=args.batch * args.seq_len / t, rounds=args.rounds)
+    rows.append(row)
+  round_median = lambda ts, k: float(np.median(ts[k * args.iters:(k + 1) * args.iters]))
+  for row, ts in zip(rows, times):
+    per_round = [round_median(ts, k) / round_median(times[0], k) for k in range(args.rounds)]
+    row.update(step_vs_first_min=min(per_round), step_vs_first_max=max(per_round))
+  return with_ratios(rows, specs[0])
 
 
 # XLA:CPU's concurrency-optimised scheduler hoists rematerialised computations into the forward
@@ -580,6 +630,8 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--seq_len", type=int, default=64)
   p.add_argument("--iters", type=int, default=5, help="timed steps (remat/scan: 0 = compile only)")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="arch: time the configs in this many interleaved rounds of --iters steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
   p.add_argument("--remat", default="none,dots,full",
                  help="remat suite: model.remat policies, comma-separated (ratios: vs the first)")
@@ -587,6 +639,8 @@ def main():
                  help="scale suite: each row in its own process (a row killed for memory is reported)")
   p.add_argument("--json", default="bench.json")
   args = p.parse_args()
+  if args.rounds < 1 or (args.rounds > 1 and args.iters < 1):
+    p.error(f"--rounds={args.rounds} needs rounds >= 1, and --iters >= 1 when rounds > 1")
   if args.suite in ("remat", "scale") and CPU_REMAT_FLAG not in os.environ.get("XLA_FLAGS", ""):
     # Before the backend starts (first device query): XLA:CPU's default scheduler runs a
     # checkpointed block's recomputation early, in the forward pass, so remat saves nothing there.

@@ -140,8 +140,8 @@ class MemoryRule:
 
     def kl_map(l, b_):
       c = c_L[..., l, None, None]
-      rows = jax.nn.softmax(b_, axis=-1) if phi_base is None else phi_base[l] / c
-      mean_row = rows.mean(axis=-2, keepdims=True)                          # [..., 1, in]
+      mean_row = (jax.nn.softmax(b_, axis=-1).mean(axis=-2, keepdims=True) if phi_base is None
+                  else phi_base[l].mean(axis=-2, keepdims=True) / c)        # [..., 1, in]
       return lambda r: c * (mean_row * r - (r * mean_row).sum(-1, keepdims=True) * mean_row)
 
     return tuple(kl_map(l, b_) for l, b_ in enumerate(base))

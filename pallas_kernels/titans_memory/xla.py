@@ -166,9 +166,10 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
                - G[l][0, 0] * jnp.outer(gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
     base = x1 if aligned else tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
     w_base1 = rule.phi(base, c_L)
-    rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k, tok.v, tok.delta)
-    rs = tuple(jnp.concatenate([r0, r1[1:]]) for r0, r1 in zip(rs, rs1))
-    gs = tuple(jnp.concatenate([g0, g1[1:]]) for g0, g1 in zip(gs, gs1))
+    rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k[1:], tok.v[1:],
+                            None if tok.delta is None else tok.delta[1:])
+    rs = tuple(jnp.concatenate([r0, r1]) for r0, r1 in zip(rs, rs1))
+    gs = tuple(jnp.concatenate([g0, g1]) for g0, g1 in zip(gs, gs1))
     since = segment_products(tok.a)[0][:, 0]
     since = since if aligned else jnp.where(keep_base, beta, since)
     if rule.reads_linearised:

@@ -188,6 +188,22 @@ def test_bench_archs_keep_each_specs_options():
       "configs/mom.py"]
 
 
+def test_bench_interleaves_rounds():
+  """--rounds: every config warms up, then the configs take their timed steps in turn, round by
+  round (so a slow stretch of the machine hits all of them), one time per step."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  log = []
+  runs = [(lambda b, n=n: log.append((n, b)) or jax.numpy.zeros(()), f"batch {n}")
+          for n in ("a", "b")]
+  times = bench.interleaved_step_times(runs, iters=2, rounds=3, warmup=1)
+  assert [n for n, _ in log] == ["a", "b"] + ["a", "a", "b", "b"] * 3
+  assert all(b == f"batch {n}" for n, b in log)
+  assert [len(t) for t in times] == [6, 6] and all(x >= 0 for t in times for x in t)
+
+
 def test_step_compiles_once_and_logs_its_timings(tmp_path, monkeypatch, caplog):
   """With statistics on, the training step is traced (and so compiled) once for the whole run;
   stats rows land on step 1 and every stats_every steps; the rows carry the compile times and a
