@@ -65,6 +65,7 @@ class MirasConfig:
   theta_max: float | None = None  # None or 0: as Titans (1.0 linear, 0.3 / head_dim for the MLP)
   p: float = 3.0  # Moneta's l_p attentional bias
   q_norm: float = 4.0  # Moneta's l_q retention
+  kl_scale_init: float = 1.0  # Memora's scale c at init (every head and memory layer)
 
   def __post_init__(self):
     object.__setattr__(self, "implementation",
@@ -78,6 +79,8 @@ class MirasConfig:
       raise ValueError("miras: memory_depth, chunk_size, expansion and conv_size must be >= 1")
     if self.num_persistent < 0:
       raise ValueError(f"miras: num_persistent must be >= 0, got {self.num_persistent}")
+    if not self.kl_scale_init > 0:
+      raise ValueError(f"miras: kl_scale_init must be > 0, got {self.kl_scale_init}")
 
   def titans(self) -> TitansConfig:
     """The settings of the shared Titans memory layer (MAC's segment length is irrelevant here)."""
@@ -101,12 +104,14 @@ class MirasConfig:
 
 @functools.lru_cache(maxsize=None)
 def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, depth: int,
-               num_probes: int = 256, seed: int = 0, linearised: bool = False) -> float:
+               num_probes: int = 256, seed: int = 0, linearised: bool = False,
+               kl_scale: float = 1.0) -> float:
   """A diagnostic: how far one write moves the memory's chunk-end read along -e, per unit step:
   -<M_{phi(X_0 - u)}(k) - M_{phi(X_0)}(k), e> / ||e||^2 to first order, u the l2 bias' gradient
   at k (all memory layers), e = M(k) - v; the median over random unit keys and SiLU values, with
   X_0 drawn like the layer's initial state (N(0, 1/fan_in), or unit-scale logits for "kl").
 
+  kl_scale: Memora's c ("kl" only).
   `linearised=True`: the read inside a chunk instead, through the linearised weights
   (`MemoryRule.read_weights` at base X_0). A deterministic probe of the initialisation, run
   eagerly.
@@ -120,7 +125,8 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
     k = jax.random.normal(keys[-2], (num_probes, head_dim))
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.nn.silu(jax.random.normal(keys[-1], (num_probes, head_dim)))
-    ln_s, ln_b, c_L = jnp.ones(head_dim), jnp.zeros(head_dim), jnp.ones(len(shapes))
+    ln_s, ln_b = jnp.ones(head_dim), jnp.zeros(head_dim)
+    c_L = jnp.full((len(shapes),), kl_scale)
 
     def gain(k_D, v_D):
       read = lambda x: mlp_apply(rule.phi(x, c_L), ln_s, ln_b, k_D[None])[0]
@@ -132,6 +138,52 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
       return -jnp.dot(dm, e) / jnp.dot(e, e)
 
     return float(jnp.median(jax.jit(jax.vmap(gain))(k, v)))
+
+
+def binding_probe(model: str, theta_mult: float, *, head_dim: int = 32, expansion: int = 4,
+                  pairs: int = 4, chunk: int = 16, kl_scale: float = 1.0, trials: int = 256,
+                  seed: int = 0) -> dict:
+  """A diagnostic of the inner loop alone: write `pairs` random (k, v) pairs (unit keys, SiLU
+  values, no retention) into a fresh depth-2 memory at theta = theta_mult * the Titans cap
+  (0.3 / head_dim) on every layer, then read each key back, once inside the writes' chunk (the
+  linearised read) and once after the chunk has ended (phi(X) exactly).
+
+  Returns {"in_chunk": (acc, rel), "after_end": (acc, rel)}: acc, how often the read is nearest
+  (L2) to its own value among the pairs' values; rel, the median ||M(k_i) - v_i|| after the
+  writes over the same before them. The initial state is drawn like `write_gain`'s; Memora's
+  scale c is `kl_scale`. Runs eagerly (a few seconds).
+  """
+  bias, ret = MODELS[model]
+  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+  x0 = tuple(jax.random.normal(kk, (1,) + sh) * (1.0 if ret == "kl" else sh[1] ** -0.5)
+             for kk, sh in zip(ks, memory_shapes(head_dim, expansion, 2)))
+  keys = jax.random.normal(ks[3], (trials, pairs, head_dim))
+  keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+  vals = jax.nn.silu(jax.random.normal(ks[4], (trials, pairs, head_dim)))
+  T, put = 2 * chunk, lambda x, at: jnp.zeros((trials, 2 * chunk, 1, head_dim)).at[
+      :, at:at + pairs, 0].set(x)
+  reads = {"in_chunk": pairs, "after_end": chunk}           # where each read block starts
+  q = sum(put(keys, at) for at in reads.values())
+  theta = jnp.zeros((trials, T, 1, 2)).at[:, :pairs].set(theta_mult * 0.3 / head_dim)
+  ones = jnp.ones((trials, T, 1))
+
+  def run(th):
+    return miras_memory(q, put(keys, 0), put(vals, 0), th, ones, 2.0 * ones,
+                        jnp.ones((1, head_dim)), jnp.zeros((1, head_dim)),
+                        state=init_miras_state(x0, trials, ret), bias=bias, retention=ret,
+                        kl_scale_HL=jnp.full((1, 2), kl_scale), lag_token=model == "memora",
+                        chunk_size=chunk, implementation="xla")[0][:, :, 0]
+
+  y, y0 = run(theta), run(jnp.zeros_like(theta))
+  out = {}
+  for name, at in reads.items():
+    yi, y0i = y[:, at:at + pairs], y0[:, at:at + pairs]
+    dist = jnp.linalg.norm(yi[:, :, None] - vals[:, None], axis=-1)   # [trials, read, value]
+    acc = float(jnp.mean(jnp.argmin(dist, -1) == jnp.arange(pairs)))
+    rel = float(jnp.median(jnp.linalg.norm(yi - vals, axis=-1)
+                           / jnp.linalg.norm(y0i - vals, axis=-1)))
+    out[name] = (acc, rel)
+  return out
 
 
 class Miras(NeuralMemory):
@@ -154,7 +206,7 @@ class Miras(NeuralMemory):
       self.w0 = nnx.List([
           MemoryInit(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(
               rngs.params(), w.shape)) for w in self.w0])
-    self.kl_scale = const(1.0, (h, L), ("heads", None))
+    self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None))
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
     state = super()._fresh_state(batch_size, dtype)

@@ -90,6 +90,9 @@ def test_config_errors():
     MirasConfig(8, 2, model="titans")
   with pytest.raises(ValueError, match="divisible"):
     MirasConfig(9, 2)
+  with pytest.raises(ValueError, match="kl_scale_init must be > 0"):
+    MirasConfig(8, 2, model="memora", kl_scale_init=0.0)
+  assert bool(jnp.all(build("memora", kl_scale_init=3.0).kl_scale[...] == 3.0))
   # packed rows need the post-persistent state on a chunk boundary
   with pytest.raises(ValueError, match="multiple of chunk_size"):
     build("memora", num_persistent=3)(x_in(), segment_ids_BT=jnp.ones((B, T), jnp.int32))
@@ -112,3 +115,19 @@ def test_write_gain_probe():
           write_gain(retention, 4.0, d, 4, 2), rel=0.05), (retention, d)
   assert MirasConfig(32, 2, model="moneta").theta_cap == pytest.approx(0.3 / 16)
   assert MirasConfig(32, 2, model="moneta", theta_max=0.5).theta_cap == 0.5
+
+
+def test_binding_probe():
+  """The inner-loop binding probe: with an identity phi (Yaad) the read inside the writes' chunk
+  and after its end agree, and at the Titans cap 4 fresh pairs bind (~0.96); Memora binds less at
+  the same cap and fully at 4x it; Moneta's chunk-end read binds worse as theta grows while its
+  linearised in-chunk read does not (docs/architectures/miras.md, "Binding probe")."""
+  from layers.miras import binding_probe
+  yaad = binding_probe("yaad", 1.0, trials=64)
+  assert yaad["in_chunk"] == pytest.approx(yaad["after_end"], abs=1e-5)
+  assert yaad["after_end"][0] > 0.9 and 0.6 < yaad["after_end"][1] < 0.8, yaad
+  memora1, memora4 = binding_probe("memora", 1.0, trials=64), binding_probe("memora", 4.0, trials=64)
+  assert memora1["after_end"][0] < 0.75 < 0.95 < memora4["after_end"][0], (memora1, memora4)
+  moneta2, moneta16 = binding_probe("moneta", 2.0, trials=64), binding_probe("moneta", 16.0, trials=64)
+  assert moneta16["after_end"][0] < moneta2["after_end"][0] - 0.2, (moneta2, moneta16)
+  assert moneta16["in_chunk"][0] > 0.8, moneta16
