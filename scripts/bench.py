@@ -3,6 +3,8 @@ time and peak memory per architecture, and forward / forward+backward time per k
 its ratio to the baseline measured in the same run. Prints a table and writes JSON.
 
   python scripts/bench.py --suite=arch            # every architecture, tiny LM, MQAR shapes
+  python scripts/bench.py --suite=arch --archs=configs/miras.py:variant=yaad,configs/miras.py:variant=memora \
+      --iters=10 --rounds=4                       # interleaved rounds: ratios hold when the CPU drifts
   python scripts/bench.py --suite=titans          # Titans at T = 1k, 4k, 16k: memory grows linearly
   python scripts/bench.py --suite=kernels         # ops: reference vs xla (vs pallas on GPU), incl.
                                                   # landmark attention vs dot_product_attention
