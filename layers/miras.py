@@ -102,6 +102,26 @@ class MirasConfig:
     return self.titans().theta_cap
 
 
+def initial_state_init(retention: str):
+  """The initializer of the learned initial state X_0 of one memory matrix [..., out, in]:
+  - "l2" (Yaad; W = X): N(0, 1/fan_in), as Titans' W_0;
+  - "lq" (Moneta; W = phi_q(A)): A_0 = +-1/sqrt(fan_in) with random signs. Every |A| is equal, so
+    phi_q's Jacobian (diagonal, slope ~ |A|^(q-2)) is isotropic there and W_0 = A_0: the chunk's
+    linearised read (one mean slope) and the chunk-end phi_q(A) agree, and a write moves every
+    coordinate of the key alike. From N(0, 1/fan_in), the slope follows |A|^2 entry by entry, and
+    Moneta stayed on the MQAR plateau (docs/architectures/miras.md, "Initial states");
+  - "kl" (Memora; W = c softmax_row(Z)): logits Z_0 ~ N(0, 1), so the rows are not uniform (uniform
+    rows make every hidden unit identical).
+  """
+  def init(key, shape, dtype=jnp.float32):
+    z = jax.random.normal(key, shape, dtype)
+    if retention == "kl":
+      return z
+    return (jnp.sign(z) if retention == "lq" else z) * shape[-1] ** -0.5
+
+  return init
+
+
 @functools.lru_cache(maxsize=None)
 def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, depth: int,
                num_probes: int = 256, seed: int = 0, linearised: bool = False,
@@ -109,7 +129,7 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
   """A diagnostic: how far one write moves the memory's chunk-end read along -e, per unit step:
   -<M_{phi(X_0 - u)}(k) - M_{phi(X_0)}(k), e> / ||e||^2 to first order, u the l2 bias' gradient
   at k (all memory layers), e = M(k) - v; the median over random unit keys and SiLU values, with
-  X_0 drawn like the layer's initial state (N(0, 1/fan_in), or unit-scale logits for "kl").
+  X_0 drawn like the layer's initial state (`initial_state_init`).
 
   kl_scale: Memora's c ("kl" only).
   `linearised=True`: the read inside a chunk instead, through the linearised weights
@@ -120,8 +140,7 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
     rule = MemoryRule(retention=retention, q_norm=q_norm, momentum=False)
     shapes = memory_shapes(head_dim, expansion, depth)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 2)
-    x0 = tuple(jax.random.normal(kk, sh) * (1.0 if retention == "kl" else sh[1] ** -0.5)
-               for kk, sh in zip(keys, shapes))
+    x0 = tuple(initial_state_init(retention)(kk, sh) for kk, sh in zip(keys, shapes))
     k = jax.random.normal(keys[-2], (num_probes, head_dim))
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.nn.silu(jax.random.normal(keys[-1], (num_probes, head_dim)))
@@ -155,7 +174,7 @@ def binding_probe(model: str, theta_mult: float, *, head_dim: int = 32, expansio
   """
   bias, ret = MODELS[model]
   ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-  x0 = tuple(jax.random.normal(kk, (1,) + sh) * (1.0 if ret == "kl" else sh[1] ** -0.5)
+  x0 = tuple(initial_state_init(ret)(kk, (1,) + sh)
              for kk, sh in zip(ks, memory_shapes(head_dim, expansion, 2)))
   keys = jax.random.normal(ks[3], (trials, pairs, head_dim))
   keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
@@ -202,10 +221,11 @@ class Miras(NeuralMemory):
     # per-entry errors are ~1.2 at init, so delta = 2 writes typical tokens with the l2 branch
     # and clips the outliers.
     self.b_delta = const(1.8546, (h,), (None,))  # softplus(1.8546) = 2
-    if self.retention == "kl":  # logits Z_0 at unit scale, so the initial rows are not uniform
+    if self.retention != "l2":  # the state X_0 is not the weights: drawn where phi behaves
       self.w0 = nnx.List([
-          MemoryInit(nnx.with_partitioning(nnx.initializers.normal(1.0), ("heads", None, None))(
-              rngs.params(), w.shape)) for w in self.w0])
+          MemoryInit(nnx.with_partitioning(initial_state_init(self.retention),
+                                           ("heads", None, None))(rngs.params(), w.shape))
+          for w in self.w0])
     self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None))
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):

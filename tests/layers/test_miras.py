@@ -120,14 +120,14 @@ def test_write_gain_probe():
 def test_binding_probe():
   """The inner-loop binding probe: with an identity phi (Yaad) the read inside the writes' chunk
   and after its end agree, and at the Titans cap 4 fresh pairs bind (~0.96); Memora binds less at
-  the same cap and fully at 4x it; Moneta's chunk-end read binds worse as theta grows while its
-  linearised in-chunk read does not (docs/architectures/miras.md, "Binding probe")."""
+  the same cap and fully at 4x it; Moneta binds at the cap, and at 16x its chunk-end read binds
+  far worse than its linearised in-chunk read (docs/architectures/miras.md, "Initial states")."""
   from layers.miras import binding_probe
   yaad = binding_probe("yaad", 1.0, trials=64)
   assert yaad["in_chunk"] == pytest.approx(yaad["after_end"], abs=1e-5)
   assert yaad["after_end"][0] > 0.9 and 0.6 < yaad["after_end"][1] < 0.8, yaad
   memora1, memora4 = binding_probe("memora", 1.0, trials=64), binding_probe("memora", 4.0, trials=64)
   assert memora1["after_end"][0] < 0.75 < 0.95 < memora4["after_end"][0], (memora1, memora4)
-  moneta2, moneta16 = binding_probe("moneta", 2.0, trials=64), binding_probe("moneta", 16.0, trials=64)
-  assert moneta16["after_end"][0] < moneta2["after_end"][0] - 0.2, (moneta2, moneta16)
-  assert moneta16["in_chunk"][0] > 0.8, moneta16
+  moneta1, moneta16 = binding_probe("moneta", 1.0, trials=64), binding_probe("moneta", 16.0, trials=64)
+  assert moneta1["after_end"][0] > 0.9, moneta1
+  assert moneta16["after_end"][0] < moneta16["in_chunk"][0] - 0.2, moneta16
