@@ -1,11 +1,20 @@
 """Helpers the tests share (not used by the library)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from memarch import configs_lib
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def load_script(name: str):
+  """scripts/<name>.py imported as a module (the scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tiny_config(*, num_steps: int = 8, eval_every: int = 4, **train):

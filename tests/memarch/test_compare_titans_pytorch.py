@@ -1,15 +1,10 @@
 """scripts/compare_titans_pytorch.py's pure parts (no torch here): reading our run's metrics and the
 table and ratios of the report."""
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-_spec = importlib.util.spec_from_file_location(
-    "compare_titans_pytorch", os.path.join(ROOT, "scripts", "compare_titans_pytorch.py"))
-cmp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cmp)
+from memarch.testing import load_script
+
+cmp = load_script("compare_titans_pytorch")
 
 # A fake metrics.jsonl of ours: logged every 50 steps, evals at 50..150, 0.99 first reached at 150.
 OURS_ROWS = [

@@ -8,17 +8,13 @@ length). Both sizes matter. The long row: the Titans and Miras memories used to 
 exploded back through the chunks. The width: Yaad's Huber-threshold gate, initialised at a fixed
 std, spread the threshold by 0.02 sqrt(d), so at d 768 some tokens started in the steep sign branch.
 """
-import importlib.util
 import math
-import os
 
 import pytest
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-_spec = importlib.util.spec_from_file_location("grad_norms", os.path.join(ROOT, "scripts",
-                                                                           "grad_norms.py"))
-grad_norms = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(grad_norms)
+from memarch.testing import load_script
+
+grad_norms = load_script("grad_norms")
 
 MAX_RATIO = 10.0
 ONE_BLOCK = dict(num_layers=1)  # the 170m width and heads

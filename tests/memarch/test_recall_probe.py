@@ -1,25 +1,14 @@
 """scripts/recall_probe.py: the key-alignment statistic on hand-built projections."""
-import importlib.util
-import os
-
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load():
-  spec = importlib.util.spec_from_file_location("recall_probe",
-                                                os.path.join(ROOT, "scripts", "recall_probe.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from memarch.testing import load_script
 
 
 def test_key_alignment_finds_the_matching_pair():
   """Two pairs (keys 5, 7), queries for 7 then 5 with filler 0 between; the value token's key of
   pair i is the unit vector e_i and a query for key i reads e_i: matching cos 1, others 0 at the
   value token; at the key token (a constant key) both are equal."""
-  rec = load()
+  rec = load_script("recall_probe")
   inputs = np.array([[5, 9, 7, 8, 0, 7, 0, 5]])
   B, T, H, D = 1, 8, 1, 2
   k = np.zeros((B, T, H, D))

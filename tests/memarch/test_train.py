@@ -158,12 +158,8 @@ def test_text_training_reports_held_out_bits_per_byte(tmp_path):
 def test_bench_times_the_training_step(monkeypatch, tmp_path):
   """scripts/bench.py's arch suite and the training loop compile one step function
   (memarch.step.jit_train_step), so what the bench times is what trains."""
-  import importlib.util
-
   from memarch import step as step_lib
-  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = testing.load_script("bench")
   calls = []
   real = step_lib.jit_train_step
   monkeypatch.setattr(step_lib, "jit_train_step",
@@ -178,10 +174,7 @@ def test_bench_times_the_training_step(monkeypatch, tmp_path):
 
 def test_bench_archs_keep_each_specs_options():
   """--archs splits between config files only: 'variant=mac,size=340m' is one spec's options."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = testing.load_script("bench")
   assert bench.split_specs("configs/transformer.py:size=340m,configs/titans.py:variant=mac,"
                            "size=340m,configs/mom.py") == [
       "configs/transformer.py:size=340m", "configs/titans.py:variant=mac,size=340m",
@@ -191,10 +184,7 @@ def test_bench_archs_keep_each_specs_options():
 def test_bench_interleaves_rounds():
   """--rounds: every config warms up, then the configs take their timed steps in turn, round by
   round (so a slow stretch of the machine hits all of them), one time per step."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("bench", os.path.join(ROOT, "scripts", "bench.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = testing.load_script("bench")
   log = []
   runs = [(lambda b, n=n: log.append((n, b)) or jax.numpy.zeros(()), f"batch {n}")
           for n in ("a", "b")]
