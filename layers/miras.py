@@ -172,6 +172,8 @@ def binding_probe(model: str, theta_mult: float, *, head_dim: int = 32, expansio
   writes over the same before them. The initial state is drawn like `write_gain`'s; Memora's
   scale c is `kl_scale`. Runs eagerly (a few seconds).
   """
+  if model not in MODELS:
+    raise ValueError(f"binding_probe: unknown model {model!r}; choose one of {sorted(MODELS)}")
   bias, ret = MODELS[model]
   ks = jax.random.split(jax.random.PRNGKey(seed), 5)
   x0 = tuple(initial_state_init(ret)(kk, (1,) + sh)

@@ -123,6 +123,8 @@ def test_binding_probe():
   the same cap and fully at 4x it; Moneta binds at the cap, and at 16x its chunk-end read binds
   far worse than its linearised in-chunk read (docs/architectures/miras.md, "Initial states")."""
   from layers.miras import binding_probe
+  with pytest.raises(ValueError, match="unknown model 'titans'"):
+    binding_probe("titans", 1.0)
   yaad = binding_probe("yaad", 1.0, trials=64)
   assert yaad["in_chunk"] == pytest.approx(yaad["after_end"], abs=1e-5)
   assert yaad["after_end"][0] > 0.9 and 0.6 < yaad["after_end"][1] < 0.8, yaad
