@@ -194,8 +194,11 @@ def _parse_flags(argv):
 
 def _show_warning(msg, category, filename, lineno, file=None, line=None):
   """Warnings of our own code (UserWarning, RuntimeWarning) as one line; library deprecation notes
-  only with --verbose."""
+  only with --verbose. "coroutine ... was never awaited" is dropped too: memarch has no coroutines,
+  and Orbax leaves one behind when a restore fails, reported whenever it is garbage-collected."""
   if not issubclass(category, (UserWarning, RuntimeWarning)):
+    return
+  if issubclass(category, RuntimeWarning) and str(msg).endswith("was never awaited"):
     return
   print(f"warning: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
 

@@ -255,3 +255,14 @@ def test_orbax_task_noise_is_dropped_and_other_asyncio_errors_kept(monkeypatch):
     logger.removeFilter(cli._orbax_task_noise)
     absl_logging.set_verbosity(verbosity)
   assert len(seen) == 1 and "mine.py" in seen[0], seen
+
+
+def test_unawaited_coroutine_warning_is_dropped_and_our_warnings_kept(capsys):
+  """A failed restore left Orbax's 'Store._get_array_metadatas' coroutine unawaited; its
+  RuntimeWarning, printed when garbage-collected, broke the one-line error (1 CI run in 30)."""
+  from memarch import cli
+  cli._show_warning(RuntimeWarning("coroutine 'Store._get_array_metadatas' was never awaited"),
+                    RuntimeWarning, "asyncio/base_events.py", 1)
+  cli._show_warning(RuntimeWarning("loss is nan at step 3"), RuntimeWarning, "memarch/train.py", 1)
+  cli._show_warning(DeprecationWarning("old api"), DeprecationWarning, "lib.py", 1)
+  assert capsys.readouterr().err.splitlines() == ["warning: loss is nan at step 3"]
