@@ -259,7 +259,7 @@ def test_orbax_task_noise_is_dropped_and_other_asyncio_errors_kept(monkeypatch):
 
 def test_unawaited_coroutine_warning_is_dropped_and_our_warnings_kept(capsys):
   """A failed restore left Orbax's 'Store._get_array_metadatas' coroutine unawaited; its
-  RuntimeWarning, printed when garbage-collected, broke the one-line error (1 CI run in 30)."""
+  RuntimeWarning, printed when garbage-collected, broke the one-line error in a CI run."""
   from memarch import cli
   cli._show_warning(RuntimeWarning("coroutine 'Store._get_array_metadatas' was never awaited"),
                     RuntimeWarning, "asyncio/base_events.py", 1)
