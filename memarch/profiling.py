@@ -36,6 +36,26 @@ class CompiledStep(NamedTuple):
   compile_s: float
 
 
+def apply_overrides(cfg, overrides=None):
+  """`cfg` with {'model.remat': 'full', 'model.mixer.titans_mac.num_persistent': 16, ...} set (dotted
+  paths of any depth), validated again; an unknown path is a KeyError naming it."""
+  if not overrides:
+    return cfg
+  from memarch import configs_lib
+  cfg.unlock()
+  for key, value in overrides.items():
+    *path, name = key.split(".")
+    node = cfg
+    for part in path:
+      node = node[part]
+    if name not in node:
+      raise KeyError(f"override {key!r}: no field {name!r} there")
+    node[name] = value
+  cfg.lock()
+  configs_lib.validate(cfg)
+  return cfg
+
+
 def build_train_step(spec: str, batch: int, seq_len: int, overrides=None,
                      collect_stats: bool = False) -> CompiledStep:
   """The config's jitted training step (optimizer, accumulation and auxiliary losses included),
@@ -47,14 +67,7 @@ def build_train_step(spec: str, batch: int, seq_len: int, overrides=None,
   from memarch.lm import LM, count_params
   from memarch.optim import make_optimizer
   from memarch.sharding import mesh_context
-  cfg = configs_lib.load_config(spec)
-  if overrides:
-    cfg.unlock()
-    for key, value in overrides.items():
-      section, name = key.split(".")
-      cfg[section][name] = value
-    cfg.lock()
-    configs_lib.validate(cfg)
+  cfg = apply_overrides(configs_lib.load_config(spec), overrides)
   lm_cfg = configs_lib.lm_config(cfg, cfg.data.vocab_size)
   with mesh_context():
     model = LM(lm_cfg, rngs=nnx.Rngs(0))

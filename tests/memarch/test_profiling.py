@@ -1,6 +1,7 @@
 """memarch.profiling: XLA ops attributed to the source lines and phases that produced them."""
 import jax
 import jax.numpy as jnp
+import pytest
 
 from memarch.profiling import CompiledStep, op_breakdown, op_sources
 
@@ -32,3 +33,15 @@ def test_ops_are_attributed_to_their_line_and_phase():
   # the matmul of the forward line is one of the ops of that line, once per step
   fwd = [r for r in mine if r.function == "_loss" and r.phase == "forward"]
   assert sum(r.count for r in fwd) >= 1
+
+
+def test_overrides_reach_nested_fields_and_unknown_ones_are_named():
+  from memarch import configs_lib
+  from memarch.profiling import apply_overrides
+  cfg = apply_overrides(configs_lib.load_config("configs/titans.py"),
+                        {"model.remat": "full", "model.mixer.titans_mac.num_persistent": 8})
+  assert cfg.model.remat == "full" and cfg.model.mixer.titans_mac.num_persistent == 8
+  assert cfg.model.mixer.titans_mac.chunk_size == 16   # its neighbours keep their values
+  with pytest.raises(KeyError, match="num_persistant"):
+    apply_overrides(configs_lib.load_config("configs/titans.py"),
+                    {"model.mixer.titans_mac.num_persistant": 8})
