@@ -53,9 +53,11 @@ def load(family: str, size: str, seq_len: int, batch: int, **model_overrides):
   return c
 
 
-def first_step_grad_norm(config, batch=None) -> dict:
+def first_step_grad_norm(config, batch=None, clear_caches=True) -> dict:
   """{'params', 'grad_norm', 'loss'} of `config`'s freshly initialised LM on its first training
-  batch (or `batch`: inputs, targets, segment_ids), with the training loss (memarch.step.loss_fn)."""
+  batch (or `batch`: inputs, targets, segment_ids), with the training loss (memarch.step.loss_fn).
+  clear_caches: drop JAX's compiled programs afterwards (the full-depth table's host memory); a
+  caller measuring many small models keeps them, so the initialisers' programs compile once."""
   from memarch import configs_lib
   from memarch import step as step_lib
   from memarch.data import make_source
@@ -80,8 +82,9 @@ def first_step_grad_norm(config, batch=None) -> dict:
   (_, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch)
   out = {"params": n_params, "grad_norm": float(optax.tree.norm(grads)),
          "loss": float(metrics["loss"])}
-  jax.clear_caches()
-  gc.collect()
+  if clear_caches:
+    jax.clear_caches()
+    gc.collect()
   return out
 
 
