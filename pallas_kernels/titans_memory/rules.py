@@ -175,7 +175,37 @@ class MemoryRule:
                       keepdims=True)
         out.append(num / mq ** ((q - 2.0) / q))
       return tuple(out)
-    return tuple(c_L[..., l, None, None] * jax.nn.softmax(x, axis=-1) for l, x in enumerate(xs))
+    return tuple(scaled_softmax(x, c_L[..., l, None, None]) for l, x in enumerate(xs))
+
+
+@jax.custom_vjp
+def scaled_softmax(z, c):
+  """c softmax_row(z), the "kl" phi. Its backward keeps one weight-sized array, softmax(z)
+  (autodiff through jax.nn.softmax keeps its exponentials as well)."""
+  return c * jax.nn.softmax(z, axis=-1)
+
+
+def _scaled_softmax_fwd(z, c):
+  s = jax.nn.softmax(z, axis=-1)
+  return c * s, (s, c)
+
+
+def _scaled_softmax_bwd(res, dw):
+  s, c = res
+  sdw = s * dw
+  dz = c * (sdw - s * jnp.sum(sdw, axis=-1, keepdims=True))
+  return dz, _reduce_to(sdw, jnp.shape(c))                      # dW/dc = softmax(z)
+
+
+def _reduce_to(x, shape):
+  """Sums x over the axes that broadcasting added or expanded to reach x's shape from `shape`."""
+  lead = x.ndim - len(shape)
+  x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+  axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+scaled_softmax.defvjp(_scaled_softmax_fwd, _scaled_softmax_bwd)
 
 
 TITANS = MemoryRule()
