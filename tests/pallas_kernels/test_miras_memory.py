@@ -323,3 +323,21 @@ def test_kl_read_map_is_the_softmax_jacobian_at_equal_rows(x64):
   base2 = jnp.asarray(rng.standard_normal((5, 6)))
   _, own = jax.jvp(lambda z: rule.phi((z,), c)[0], (base2,), (dZ,))
   assert rel_rms(rule.read_map((base2,), c)[0](dZ), own) > 0.05
+
+
+@pytest.mark.parametrize("c_shape", [(), (2, 1, 1), (1, 2, 1, 1), (3, 2, 1, 1)])
+def test_kl_phi_vjp_equals_autodiff_of_the_softmax(x64, c_shape):
+  """The "kl" phi's hand-written backward (it keeps softmax(Z) only) against autodiff of
+  c * softmax(Z), for every way the scale c broadcasts against the logits, c = 0 included."""
+  from pallas_kernels.titans_memory.rules import scaled_softmax
+  z = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 7), jnp.float64)
+  c = 0.5 + jax.random.uniform(jax.random.PRNGKey(1), c_shape, jnp.float64)
+  if c_shape == (3, 2, 1, 1):
+    c = c.at[0].set(0.0)
+  loss = lambda phi: lambda z, c: jnp.sum(jnp.sin(3.0 * phi(z, c)))
+  ours = jax.grad(loss(scaled_softmax), (0, 1))(z, c)
+  auto = jax.grad(loss(lambda z, c: c * jax.nn.softmax(z, axis=-1)), (0, 1))(z, c)
+  assert ours[1].shape == c.shape
+  for a, b in zip(ours, auto):
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(scaled_softmax(z, c), c * jax.nn.softmax(z, axis=-1), rtol=1e-15)
