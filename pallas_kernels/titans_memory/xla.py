@@ -163,7 +163,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
     w0 = w_base if aligned else rule.read_weights(x, xb, pb, c_L, phi_base=w_base)
   if lag:
     x1 = tuple((beta[0] * x[l] if s is None else beta[0] * x[l] + f[0] * s[l])
-               - G[l][0, 0] * jnp.outer(gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
+               - jnp.outer(G[l][0, 0] * gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
     base = x1 if aligned else tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
     w_base1 = rule.phi(base, c_L)
     rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k[1:], tok.v[1:],
