@@ -97,7 +97,7 @@ class DotOps(NamedTuple):
 
 
 def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds, ln_s, ln_b,
-                   rs_read=None):
+                   rs_read=None, w0_scale=None):
   """One chunk's dual-form read and chunk-end state (Titans v1 §3.2, Eq. 16-18), layer by layer.
 
   With the inner-gradient factors u_i^(l) = g_i^(l) r_i^(l)^T (rows of gs[l], rs[l]) and Z the
@@ -111,7 +111,8 @@ def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds
   when they coincide), coef and f are [n, 1] columns; s None means no momentum (f, f_n, mom_n and
   s_end are then unused). q None skips the read (y None: the exact read happens elsewhere).
   rs_read: the factors the read sees, J(r_i) of a linearised read (rules.MemoryRule.read_map;
-  default rs); the carry always uses rs.
+  default rs); the carry always uses rs. w0_scale: optional per-layer factors of W0 (None entries
+  for none), applied after the matmul (`rules.MemoryRule.phi_factored`).
   Each layer's weights are read (`ops.val`) where they are used and carried right after the read,
   which keeps their live ranges short in the kernel. Returns (y, X_n, S_n or None).
   """
@@ -122,7 +123,8 @@ def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds
     s_l = None if s is None else ops.val(s[l])
     if q is not None:
       w_l = x_l if w0 is x else ops.val(w0[l])
-      z_out = coef * ops.mm_t(z, w_l)
+      c_l = coef if w0_scale is None or w0_scale[l] is None else coef * w0_scale[l]
+      z_out = c_l * ops.mm_t(z, w_l)
       if s is not None:
         z_out = z_out + f * ops.mm_t(z, s_l)
       r_read = rs[l] if rs_read is None else rs_read[l]

@@ -52,16 +52,21 @@ def layer_norm(x, scale, bias):
   return xc * lax.rsqrt(var + LN_EPS) * scale + bias
 
 
-def mlp_apply(ws, ln_scale, ln_bias, x):
+def mlp_apply(ws, ln_scale, ln_bias, x, scales=None):
   """M_W(x) for weights ws (tuple of [..., out, in]) and rows x [..., N, D]; ln_* [..., D].
 
   Leading axes of ws, ln_* and x (before N) must match; ln_* get a row axis inserted here.
+  scales: optional per-layer factors (None or broadcastable to [..., 1, 1]): W_l = scales[l] ws[l],
+  applied after the matmul (`rules.MemoryRule.phi_factored`).
   """
+  scales = (None,) * len(ws) if scales is None else scales
+  mm = lambda w, c, h: (jnp.einsum("...oi,...ni->...no", w, h) if c is None else
+                        c * jnp.einsum("...oi,...ni->...no", w, h))
   if len(ws) == 1:
-    return jnp.einsum("...oi,...ni->...no", ws[0], x)
+    return mm(ws[0], scales[0], x)
   h = x
   for l, w in enumerate(ws):
-    h = jnp.einsum("...oi,...ni->...no", w, h)
+    h = mm(w, scales[l], h)
     if l < len(ws) - 1:
       h = gelu(h)
   return x + layer_norm(h, ln_scale[..., None, :], ln_bias[..., None, :])

@@ -105,7 +105,7 @@ class MemoryRule:
     return tuple(J[l](x_) + pb * (p_ - J[l](b_))
                  for l, (x_, p_, b_) in enumerate(zip(x, phi_base, base)))
 
-  def read_map(self, base, c_L=None, phi_base=None):
+  def read_map(self, base, c_L=None, phi_base=None, softmax_base=None):
     """Per memory layer, the linear map J that carries a change of the state into a change of the
     weights in the linearised read, applied to rows over the layer's fan-in ([..., m, in]: weight
     matrices or the rank-1 factors r_i of the chunk's updates, so the dual form is kept).
@@ -118,7 +118,8 @@ class MemoryRule:
     too strong within a chunk. For "lq" phi_q's Jacobian is diagonal up to its normaliser's term;
     we use its mean diagonal, kappa = mean(d num / dA) / norm (a scalar per layer: rank-1 kept;
     kappa = 3 E[A^2] / sqrt(E[A^4]) ~ 1.7 for Gaussian A at q = 4). The identity for "l2".
-    phi_base: phi(base) when the caller has it ("kl" reads its mean row from it)."""
+    phi_base: phi(base) when the caller has it ("kl" reads its mean row from it); softmax_base:
+    for "kl", the row softmaxes of the base instead (`phi_factored`)."""
     if self.retention == "l2":
       return tuple(lambda r: r for _ in base)
     if self.retention == "lq":
@@ -140,8 +141,12 @@ class MemoryRule:
 
     def kl_map(l, b_):
       c = c_L[..., l, None, None]
-      mean_row = (jax.nn.softmax(b_, axis=-1).mean(axis=-2, keepdims=True) if phi_base is None
-                  else phi_base[l].mean(axis=-2, keepdims=True) / c)        # [..., 1, in]
+      if softmax_base is not None:
+        mean_row = softmax_base[l].mean(axis=-2, keepdims=True)           # [..., 1, in]
+      elif phi_base is not None:
+        mean_row = phi_base[l].mean(axis=-2, keepdims=True) / c
+      else:
+        mean_row = jax.nn.softmax(b_, axis=-1).mean(axis=-2, keepdims=True)
       return lambda r: c * (mean_row * r - (r * mean_row).sum(-1, keepdims=True) * mean_row)
 
     return tuple(kl_map(l, b_) for l, b_ in enumerate(base))
@@ -157,6 +162,16 @@ class MemoryRule:
       inside = jnp.sqrt(jnp.mean(en * en, axis=-1, keepdims=True)) <= delta[..., None]
       return jnp.where(inside, e, delta[..., None] * ssign(e))
     return -v + 0.0 * e  # "dot"
+
+  def phi_factored(self, xs, c_L=None):
+    """phi(xs) as (mats, scales) with W_l = scales[l] * mats[l]: for "kl" the row softmaxes and
+    c, so a reader can apply c after its matmul and no weight-sized c * softmax is formed (nor
+    kept for the backward); otherwise (phi(xs), None per layer). Reverse mode only for "kl"
+    (`softmax_rows`); `phi` itself is plain autodiff (the probes take its forward derivative)."""
+    if self.retention != "kl":
+      return self.phi(xs, c_L), (None,) * len(xs)
+    return (tuple(softmax_rows(x) for x in xs),
+            tuple(c_L[..., l, None, None] for l in range(len(xs))))
 
   def phi(self, xs, c_L=None):
     """Memory weights from the state: tuple of [..., out, in]; c_L [..., L] (the "kl" scale c)."""
@@ -175,37 +190,27 @@ class MemoryRule:
                       keepdims=True)
         out.append(num / mq ** ((q - 2.0) / q))
       return tuple(out)
-    return tuple(scaled_softmax(x, c_L[..., l, None, None]) for l, x in enumerate(xs))
+    return tuple(c_L[..., l, None, None] * jax.nn.softmax(x, axis=-1) for l, x in enumerate(xs))
 
 
 @jax.custom_vjp
-def scaled_softmax(z, c):
-  """c softmax_row(z), the "kl" phi. Its backward keeps one weight-sized array, softmax(z)
-  (autodiff through jax.nn.softmax keeps its exponentials as well)."""
-  return c * jax.nn.softmax(z, axis=-1)
+def softmax_rows(z):
+  """softmax over the last axis whose backward keeps only its output s: dz = s (ds - <s, ds>)
+  (autodiff through jax.nn.softmax kept the exponentials as well, a second weight-sized array
+  per call in Memora's chunk; docs/results.md). Reverse mode only."""
+  return jax.nn.softmax(z, axis=-1)
 
 
-def _scaled_softmax_fwd(z, c):
+def _softmax_rows_fwd(z):
   s = jax.nn.softmax(z, axis=-1)
-  return c * s, (s, c)
+  return s, s
 
 
-def _scaled_softmax_bwd(res, dw):
-  s, c = res
-  sdw = s * dw
-  dz = c * (sdw - s * jnp.sum(sdw, axis=-1, keepdims=True))
-  return dz, _reduce_to(sdw, jnp.shape(c))                      # dW/dc = softmax(z)
+def _softmax_rows_bwd(s, ds):
+  return (s * (ds - jnp.sum(s * ds, axis=-1, keepdims=True)),)
 
 
-def _reduce_to(x, shape):
-  """Sums x over the axes that broadcasting added or expanded to reach x's shape from `shape`."""
-  lead = x.ndim - len(shape)
-  x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
-  axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
-  return jnp.sum(x, axis=axes, keepdims=True) if axes else x
-
-
-scaled_softmax.defvjp(_scaled_softmax_fwd, _scaled_softmax_bwd)
+softmax_rows.defvjp(_softmax_rows_fwd, _softmax_rows_bwd)
 
 
 TITANS = MemoryRule()

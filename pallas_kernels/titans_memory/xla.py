@@ -91,23 +91,27 @@ def decay_matrices(a_n, eta_n, m_n):
   return beta, _mm("ts,s->t", Am, mom), _mm("tj,js->ts", Am, Bm), mom, Bm
 
 
-def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n):
-  """Per-row factors of the inner gradient at ws: u_i^(l) = g_i^(l) r_i^(l)^T for every layer l.
+def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n, scales=None):
+  """Per-row factors of the inner gradient at ws: u_i^(l) = g_i^(l) r_i^(l)^T for every layer l
+  (scales: optional per-layer factors, W_l = scales[l] ws[l]; `rules.MemoryRule.phi_factored`).
 
   One batched forward/backward of the chunk's keys: g^(l) is the cotangent of a zero bias added to
   layer l's pre-activation when the memory output gets the bias' output gradient (row i only sees
   its own row), r^(l) the layer input.
   """
   L = len(ws)
+  scales = (None,) * L if scales is None else scales
+  mm = lambda h, l: (_mm("ni,oi->no", h, ws[l]) if scales[l] is None else
+                     scales[l] * _mm("ni,oi->no", h, ws[l]))
   if L == 1:  # linear memory: v1 Eq. 16-18 closed form, E = K W^T - V
-    e = _mm("ni,oi->no", k_nD, ws[0]) - v_nD
+    e = mm(k_nD, 0) - v_nD
     return (k_nD,), (rule.output_grad(e, v_nD, delta_n),)
 
   def forward(biases):
     h, rs = k_nD, []
-    for l, w in enumerate(ws):
+    for l in range(L):
       rs.append(h)
-      h = _mm("ni,oi->no", h, w) + biases[l]
+      h = mm(h, l) + biases[l]
       if l < L - 1:
         h = gelu(h)
     return k_nD + layer_norm(h, ln_s, ln_b), tuple(rs)
@@ -141,13 +145,16 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   beta, f, AmB, mom, Bm = decay_matrices(tok.a, tok.eta, tok.m)
   G = [AmB * tok.theta[None, :, l] for l in range(L)]      # lower triangular (exact zeros)
 
-  w_base = rule.phi(xb, c_L)
+  # phi(xb) as W = scale * mat ("kl": c and the row softmaxes; readers apply c after their
+  # matmuls, so no weight-sized c * softmax is formed); `full` builds W where a sum needs it.
+  mats, scales = rule.phi_factored(xb, c_L)
+  full = lambda ms, cs: tuple(m if c is None else c * m for m, c in zip(ms, cs))
   lag = rule.lag_token and n > 1
   # With the lag token only token 0 takes its gradient at xb; the others take theirs at the base
   # after it (below), so only row 0 is computed here.
   rows = 1 if lag else n
-  rs, gs = grad_factors(rule, w_base, ln_s, ln_b, tok.k[:rows], tok.v[:rows],
-                        None if tok.delta is None else tok.delta[:rows])
+  rs, gs = grad_factors(rule, mats, ln_s, ln_b, tok.k[:rows], tok.v[:rows],
+                        None if tok.delta is None else tok.delta[:rows], scales)
   base = xb
   # The read's start term, coef_t * W0: the state's own beta_t X_0 plus, for a linearised read,
   # P_t (phi(base) - J(base)) with P_t the retention product since the base and J the read's
@@ -157,17 +164,21 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   # J(X^(0)) with coef = A[:, 0]. The updates' factors r_i reach the read as J(r_i).
   coef = since = beta  # since: the retention product from the read's base to each token
   aligned = keep_base is None
-  w0, G_read = x, G
+  w0, w0_scale, G_read = x, None, G
+  read_mats, read_scales = mats, scales          # phi of the read's base (J below)
   if rule.reads_linearised:
     # at the base (aligned: X_0 itself, pb = 1) the linearised weights are phi(X_0) exactly
-    w0 = w_base if aligned else rule.read_weights(x, xb, pb, c_L, phi_base=w_base)
+    if aligned:
+      w0, w0_scale = mats, scales
+    else:
+      w0 = rule.read_weights(x, xb, pb, c_L, phi_base=full(mats, scales))
   if lag:
     x1 = tuple((beta[0] * x[l] if s is None else beta[0] * x[l] + f[0] * s[l])
                - jnp.outer(G[l][0, 0] * gs[l][0], rs[l][0]) for l in range(L))  # token 0's step
     base = x1 if aligned else tuple(jnp.where(keep_base, b_, x_) for b_, x_ in zip(xb, x1))
-    w_base1 = rule.phi(base, c_L)
-    rs1, gs1 = grad_factors(rule, w_base1, ln_s, ln_b, tok.k[1:], tok.v[1:],
-                            None if tok.delta is None else tok.delta[1:])
+    read_mats, read_scales = rule.phi_factored(base, c_L)
+    rs1, gs1 = grad_factors(rule, read_mats, ln_s, ln_b, tok.k[1:], tok.v[1:],
+                            None if tok.delta is None else tok.delta[1:], read_scales)
     rs = tuple(jnp.concatenate([r0, r1]) for r0, r1 in zip(rs, rs1))
     gs = tuple(jnp.concatenate([g0, g1]) for g0, g1 in zip(gs, gs1))
     since = segment_products(tok.a)[0][:, 0]
@@ -177,8 +188,10 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
       # see only the later tokens' updates: the linearisation at X_1 of a_0 X_0 + ..., whose
       # token-0 term cancels, J_1(a_0 X_0 - X_1) = G[0, 0] g_0 J_1(r_0)^T, against column 0 of G.
       # (When keep_base, token 0 is padding: column 0 is zero anyway and W0 stays the carried one.)
-      w0 = w_base1 if aligned else tuple(jnp.where(keep_base, w_, p_)
-                                         for w_, p_ in zip(w0, w_base1))
+      if aligned:
+        w0, w0_scale = read_mats, read_scales
+      else:
+        w0 = tuple(jnp.where(keep_base, w_, p_) for w_, p_ in zip(w0, full(read_mats, read_scales)))
       G_read = [g.at[:, 0].set(0.0) for g in G]
       coef = since
   since_base = pb * since                                     # P_t (equal to pb beta_t without lag)
@@ -192,17 +205,20 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   dual = rule.reads_linearised or rule.weights_are_state
   rs_read = None
   if rule.reads_linearised:  # the read sees the updates through J at its base (rules.read_map)
-    J = rule.read_map(base, c_L, w_base1 if lag else w_base)  # phi(base), computed above
+    # phi(base) computed above: "kl" passes its row softmaxes, the others phi itself (no scales)
+    J = (rule.read_map(base, c_L, softmax_base=read_mats) if rule.retention == "kl" else
+         rule.read_map(base, c_L, phi_base=read_mats))
     rs_read = tuple(J[l](rs[l]) for l in range(L))
   y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G_read, w0, col(coef),
-                                   col(f), x, s, ends, ln_s, ln_b, rs_read=rs_read)
+                                   col(f), x, s, ends, ln_s, ln_b, rs_read=rs_read,
+                                   w0_scale=w0_scale)
   if not dual:  # exact_read: per-token states X_t for the whole chunk, read with phi(X_t)
     xs_t = tuple((beta[:, None, None] * x[l][None] if s is None else
                   beta[:, None, None] * x[l][None] + f[:, None, None] * s[l][None])
                  - _mm("ts,so,si->toi", G[l], gs[l], rs[l]) for l in range(L))
     y = mlp_apply(rule.phi(xs_t, c_L), ln_s[None], ln_b[None], tok.q[:, None, :])[:, 0]
   y_prev = (None if tok.q_prev is None else
-            mlp_apply(w_base, ln_s, ln_b, tok.q_prev[None])[0])
+            mlp_apply(mats, ln_s, ln_b, tok.q_prev[None], scales)[0])
   return ChunkOut(y, x_new, s_new, base, since_base[-1], y_prev)
 
 

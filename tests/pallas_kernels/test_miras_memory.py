@@ -325,19 +325,18 @@ def test_kl_read_map_is_the_softmax_jacobian_at_equal_rows(x64):
   assert rel_rms(rule.read_map((base2,), c)[0](dZ), own) > 0.05
 
 
-@pytest.mark.parametrize("c_shape", [(), (2, 1, 1), (1, 2, 1, 1), (3, 2, 1, 1)])
-def test_kl_phi_vjp_equals_autodiff_of_the_softmax(x64, c_shape):
-  """The "kl" phi's hand-written backward (it keeps softmax(Z) only) against autodiff of
-  c * softmax(Z), for every way the scale c broadcasts against the logits, c = 0 included."""
-  from pallas_kernels.titans_memory.rules import scaled_softmax
+def test_softmax_rows_vjp_equals_autodiff(x64):
+  """The "kl" chunk's softmax with a hand-written backward (it keeps its output only) against
+  autodiff of jax.nn.softmax, and Memora's factored phi (c applied after the matmul) against phi."""
+  from pallas_kernels.titans_memory.rules import MemoryRule, softmax_rows
   z = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 5, 7), jnp.float64)
-  c = 0.5 + jax.random.uniform(jax.random.PRNGKey(1), c_shape, jnp.float64)
-  if c_shape == (3, 2, 1, 1):
-    c = c.at[0].set(0.0)
-  loss = lambda phi: lambda z, c: jnp.sum(jnp.sin(3.0 * phi(z, c)))
-  ours = jax.grad(loss(scaled_softmax), (0, 1))(z, c)
-  auto = jax.grad(loss(lambda z, c: c * jax.nn.softmax(z, axis=-1)), (0, 1))(z, c)
-  assert ours[1].shape == c.shape
-  for a, b in zip(ours, auto):
-    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-  np.testing.assert_allclose(scaled_softmax(z, c), c * jax.nn.softmax(z, axis=-1), rtol=1e-15)
+  loss = lambda f: lambda z: jnp.sum(jnp.sin(3.0 * f(z)) * jnp.arange(7.0))
+  np.testing.assert_allclose(jax.grad(loss(softmax_rows))(z),
+                             jax.grad(loss(lambda z: jax.nn.softmax(z, axis=-1)))(z),
+                             rtol=1e-12, atol=1e-14)
+  rule = MemoryRule(retention="kl", momentum=False)
+  c_L = jnp.asarray([[0.7, 1.9]], jnp.float64)                 # [H = 1, L = 2]
+  zs = (z[:, :1], 2.0 * z[:, :1, :, :5])
+  mats, scales = rule.phi_factored(zs, c_L)
+  for m, c, w in zip(mats, scales, rule.phi(zs, c_L)):
+    np.testing.assert_allclose(c * m, w, rtol=1e-14)
