@@ -455,8 +455,8 @@ class MAC(nnx.Module):
     if n_seg <= 8 and segments is None:
       # Few segments (training at CPU sizes, decode steps): unrolled, so XLA optimises across
       # segments and skips the while-loop bookkeeping (measured 1.7x faster fwd+bwd at T=64).
-      # Packed rows scan: each segment there runs the memory's general (phase-shifted) path, and
-      # unrolling those made one short packed row's gradient take ~90 s to compile on CPU.
+      # Packed rows scan: each segment there runs the memory's general (phase-shifted) path, whose
+      # unrolled copies made even a short packed row slow to compile (docs/results.md).
       outs, stats = [], []
       for i in range(n_seg):
         carry, (o_i, st_i) = body(carry, jax.tree.map(lambda a: a[i], scanned))

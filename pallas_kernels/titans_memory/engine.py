@@ -96,6 +96,12 @@ class DotOps(NamedTuple):
   val: Callable = lambda x: x       # reads an input where it is used (the kernel's lazy refs)
 
 
+def scaled(c, y):
+  """c * y, or y when c is None: a per-layer factor of weights W = c * mat applied to a product with
+  mat (`rules.MemoryRule.phi_factored`)."""
+  return y if c is None else c * y
+
+
 def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds, ln_s, ln_b,
                    rs_read=None, w0_scale=None):
   """One chunk's dual-form read and chunk-end state (Titans v1 §3.2, Eq. 16-18), layer by layer.
@@ -123,8 +129,7 @@ def read_and_carry(ops: DotOps, q, rs, gs, G, w0, coef, f, x, s, ends: ChunkEnds
     s_l = None if s is None else ops.val(s[l])
     if q is not None:
       w_l = x_l if w0 is x else ops.val(w0[l])
-      c_l = coef if w0_scale is None or w0_scale[l] is None else coef * w0_scale[l]
-      z_out = c_l * ops.mm_t(z, w_l)
+      z_out = scaled(None if w0_scale is None else w0_scale[l], coef) * ops.mm_t(z, w_l)
       if s is not None:
         z_out = z_out + f * ops.mm_t(z, s_l)
       r_read = rs[l] if rs_read is None else rs_read[l]

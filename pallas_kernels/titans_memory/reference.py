@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._common import compute_dtype
-from pallas_kernels.titans_memory.engine import MemoryInputs, MemoryParams, MemoryState
+from pallas_kernels.titans_memory.engine import MemoryInputs, MemoryParams, MemoryState, scaled
 
 LN_EPS = 1e-5
 
@@ -60,13 +60,11 @@ def mlp_apply(ws, ln_scale, ln_bias, x, scales=None):
   applied after the matmul (`rules.MemoryRule.phi_factored`).
   """
   scales = (None,) * len(ws) if scales is None else scales
-  mm = lambda w, c, h: (jnp.einsum("...oi,...ni->...no", w, h) if c is None else
-                        c * jnp.einsum("...oi,...ni->...no", w, h))
   if len(ws) == 1:
-    return mm(ws[0], scales[0], x)
+    return scaled(scales[0], jnp.einsum("...oi,...ni->...no", ws[0], x))
   h = x
   for l, w in enumerate(ws):
-    h = mm(w, scales[l], h)
+    h = scaled(scales[l], jnp.einsum("...oi,...ni->...no", w, h))
     if l < len(ws) - 1:
       h = gelu(h)
   return x + layer_norm(h, ln_scale[..., None, :], ln_bias[..., None, :])

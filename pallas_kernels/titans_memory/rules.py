@@ -105,7 +105,7 @@ class MemoryRule:
     return tuple(J[l](x_) + pb * (p_ - J[l](b_))
                  for l, (x_, p_, b_) in enumerate(zip(x, phi_base, base)))
 
-  def read_map(self, base, c_L=None, phi_base=None, softmax_base=None):
+  def read_map(self, base, c_L=None, phi_base=None, factored=None):
     """Per memory layer, the linear map J that carries a change of the state into a change of the
     weights in the linearised read, applied to rows over the layer's fan-in ([..., m, in]: weight
     matrices or the rank-1 factors r_i of the chunk's updates, so the dual form is kept).
@@ -118,8 +118,10 @@ class MemoryRule:
     too strong within a chunk. For "lq" phi_q's Jacobian is diagonal up to its normaliser's term;
     we use its mean diagonal, kappa = mean(d num / dA) / norm (a scalar per layer: rank-1 kept;
     kappa = 3 E[A^2] / sqrt(E[A^4]) ~ 1.7 for Gaussian A at q = 4). The identity for "l2".
-    phi_base: phi(base) when the caller has it ("kl" reads its mean row from it); softmax_base:
-    for "kl", the row softmaxes of the base instead (`phi_factored`)."""
+    phi_base: phi(base) when the caller has it ("kl" reads its mean row from it); factored:
+    phi(base) as `phi_factored` gives it, instead ("kl" reads the mean of its row softmaxes)."""
+    if factored is not None and self.retention != "kl":
+      phi_base = factored[0]                                 # no scales outside "kl"
     if self.retention == "l2":
       return tuple(lambda r: r for _ in base)
     if self.retention == "lq":
@@ -141,8 +143,8 @@ class MemoryRule:
 
     def kl_map(l, b_):
       c = c_L[..., l, None, None]
-      if softmax_base is not None:
-        mean_row = softmax_base[l].mean(axis=-2, keepdims=True)           # [..., 1, in]
+      if factored is not None:
+        mean_row = factored[0][l].mean(axis=-2, keepdims=True)           # [..., 1, in]
       elif phi_base is not None:
         mean_row = phi_base[l].mean(axis=-2, keepdims=True) / c
       else:

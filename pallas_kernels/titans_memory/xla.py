@@ -65,6 +65,7 @@ from pallas_kernels.titans_memory.engine import (
   MemoryParams,
   MemoryState,
   read_and_carry,
+  scaled,
 )
 from pallas_kernels.titans_memory.reference import gelu, layer_norm, memory_apply, mlp_apply
 
@@ -101,8 +102,7 @@ def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n, scales=None):
   """
   L = len(ws)
   scales = (None,) * L if scales is None else scales
-  mm = lambda h, l: (_mm("ni,oi->no", h, ws[l]) if scales[l] is None else
-                     scales[l] * _mm("ni,oi->no", h, ws[l]))
+  mm = lambda h, l: scaled(scales[l], _mm("ni,oi->no", h, ws[l]))
   if L == 1:  # linear memory: v1 Eq. 16-18 closed form, E = K W^T - V
     e = mm(k_nD, 0) - v_nD
     return (k_nD,), (rule.output_grad(e, v_nD, delta_n),)
@@ -148,7 +148,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   # phi(xb) as W = scale * mat ("kl": c and the row softmaxes; readers apply c after their
   # matmuls, so no weight-sized c * softmax is formed); `full` builds W where a sum needs it.
   mats, scales = rule.phi_factored(xb, c_L)
-  full = lambda ms, cs: tuple(m if c is None else c * m for m, c in zip(ms, cs))
+  full = lambda ms, cs: tuple(map(scaled, cs, ms))
   lag = rule.lag_token and n > 1
   # With the lag token only token 0 takes its gradient at xb; the others take theirs at the base
   # after it (below), so only row 0 is computed here.
@@ -205,9 +205,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
   dual = rule.reads_linearised or rule.weights_are_state
   rs_read = None
   if rule.reads_linearised:  # the read sees the updates through J at its base (rules.read_map)
-    # phi(base) computed above: "kl" passes its row softmaxes, the others phi itself (no scales)
-    J = (rule.read_map(base, c_L, softmax_base=read_mats) if rule.retention == "kl" else
-         rule.read_map(base, c_L, phi_base=read_mats))
+    J = rule.read_map(base, c_L, factored=(read_mats, read_scales))  # phi(base), computed above
     rs_read = tuple(J[l](rs[l]) for l in range(L))
   y, x_new, s_new = read_and_carry(XLA_OPS, tok.q if dual else None, rs, gs, G_read, w0, col(coef),
                                    col(f), x, s, ends, ln_s, ln_b, rs_read=rs_read,
