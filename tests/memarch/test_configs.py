@@ -92,3 +92,17 @@ def test_kernel_implementation_is_none_or_a_name():
   assert TitansConfig(64, 2, implementation="pallas_gpu").implementation == "pallas_gpu"
   with pytest.raises(ValueError, match="titans: unknown implementation ''"):
     TitansConfig(64, 2, implementation="")
+
+
+def test_memora_mqar_recipe_is_mqar_only():
+  """Memora's MQAR config doubles the MLP memory's inner step cap and holds the rate (WSD); the
+  other tasks, the linear memory and the other Miras models keep Titans' cap and the cosine."""
+  miras = os.path.join(ROOT, "configs", "miras.py")
+  c = configs_lib.load_config(miras + ":variant=memora")
+  assert c.model.mixer.memora.theta_max == pytest.approx(2 * 0.3 / 32)  # tiny: head dim 32
+  assert c.opt.schedule == "wsd"
+  for arg in ("variant=memora,task=passkey", "variant=memora,depth=1", "variant=yaad"):
+    spec = f"{miras}:{arg}"
+    c = configs_lib.load_config(spec)
+    assert next(iter(c.model.mixer.values())).theta_max == 0.0, spec
+    assert c.opt.schedule == "cosine", spec
