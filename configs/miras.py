@@ -40,20 +40,25 @@ def get_config(arg=None):
     c.data.seq_len = a.seq_len
   if a.kv:
     c.data.num_kv_pairs = a.kv
-  if name == "moneta":
-    # MQAR: Moneta leaves the plateau late and binds within the 1,500-step budget only at a higher
-    # rate than the other rows' 3e-3 (docs/results.md). passkey and text set their own rates.
-    c.opt.lr = 5e-3
   c.train.num_steps = 2000
   c.train.stop_at_accuracy = 0.99
   c.train.stats_every = 100
   configs_lib.apply_task(c, a, "miras")
-  if name == "memora" and a.task == "mqar" and not a.recipe and a.depth > 1:
-    # MQAR: Memora leaves the recall plateau later than Yaad and Moneta. Twice Titans' inner step
-    # cap (where its inner loop binds fresh pairs about as well as Yaad's at the cap) and a rate
-    # held until 80% of the steps (WSD) let it bind both heads within the budget
-    # (docs/results.md, "Memora leaves the MQAR plateau late"). passkey and text keep the defaults.
-    head_dim = c.model.d_model // c.model.num_heads
-    c.model.mixer[name]["theta_max"] = 2 * 0.3 / head_dim
-    c.opt.schedule = "wsd"
+  if a.task == "mqar" and not a.recipe:
+    _mqar_settings(c, name, a.depth)
   return configs_lib.finalize(c)
+
+
+def _mqar_settings(c, name: str, depth: int) -> None:
+  """MQAR only (passkey and text keep their own rates and the cosine): Moneta and Memora leave the
+  recall plateau later than Yaad and bind within the 1,500-step budget only with more learning
+  left when they do (docs/results.md). Moneta: a higher rate than the other rows' 3e-3. Memora
+  (MLP memory): twice Titans' inner step cap, where its inner loop binds fresh pairs about as well
+  as Yaad's at the cap, and the rate held until 80% of the steps (WSD)."""
+  if name == "moneta":
+    c.opt.lr = 5e-3
+  elif name == "memora" and depth > 1:
+    from layers.titans import TitansConfig  # the cap's one definition
+    cap = TitansConfig(c.model.d_model, c.model.num_heads, memory_depth=depth).theta_cap
+    c.model.mixer[name]["theta_max"] = 2 * cap
+    c.opt.schedule = "wsd"
