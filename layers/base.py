@@ -74,7 +74,13 @@ def dense(rngs: nnx.Rngs, shape, axes, std: float | None = None) -> nnx.Param:
   return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape))
 
 
-def const(value: float, shape, axes) -> nnx.Param:
-  """A parameter of `shape` filled with `value`, sharded over the logical `axes`."""
-  return nnx.Param(nnx.with_partitioning(nnx.initializers.constant(value), axes)(
+class Gain(nnx.Param):
+  """A per-head norm scale or bias, or a scale like Memora's c: multiplies or shifts activations
+  rather than mixing them, so it is exempt from weight decay like the 1-D norm scales, whatever its
+  shape ([heads, head_dim] here would otherwise be decayed as a matrix, pulling gains towards 0)."""
+
+
+def const(value: float, shape, axes, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A parameter (`kind`) of `shape` filled with `value`, sharded over the logical `axes`."""
+  return kind(nnx.with_partitioning(nnx.initializers.constant(value), axes)(
       jax.random.PRNGKey(0), shape))

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.base import MemoryInit, const, dense
+from layers.base import Gain, MemoryInit, const, dense
 from layers.titans import NeuralMemory, TitansConfig, memory_shapes
 from pallas_kernels._dispatch import check_implementation
 from pallas_kernels.miras_memory import MODELS, init_miras_state, miras_memory
@@ -228,7 +228,7 @@ class Miras(NeuralMemory):
           MemoryInit(nnx.with_partitioning(initial_state_init(self.retention),
                                            ("heads", None, None))(rngs.params(), w.shape))
           for w in self.w0])
-    self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None))
+    self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None), Gain)
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
     state = super()._fresh_state(batch_size, dtype)

@@ -38,7 +38,7 @@ from einops import rearrange
 from flax import nnx
 
 from layers.attention import attend
-from layers.base import MemoryInit, Stat, const, dense, sow
+from layers.base import Gain, MemoryInit, Stat, const, dense, sow
 from layers.conv import CausalConv1D
 from layers.norms import RMSNorm, l2_normalize, rms_normalize
 from layers.packing import from_slots, realign, to_slots
@@ -129,15 +129,15 @@ class NeuralMemory(nnx.Module):
     if output:  # MAC and MAG combine the raw read-out with attention themselves
       self.w_gate = dense(rngs, (d, d), ("embed", "mlp"))
       self.wo = dense(rngs, (d, d), ("mlp", "embed"))
-      self.out_norm_scale = const(1.0, (h, dh), ("heads", None))
+      self.out_norm_scale = const(1.0, (h, dh), ("heads", None), Gain)
     # Learned initial memory W_0 per head (a zero init gives a deep memory zero gradients).
     shapes = [(h, *s) for s in memory_shapes(dh, cfg.expansion, L)]
     self.w0 = nnx.List([
         MemoryInit(nnx.with_partitioning(
             nnx.initializers.normal(s[-1] ** -0.5), ("heads", None, None))(rngs.params(), s))
         for s in shapes])
-    self.ln_scale = const(1.0, (h, dh), ("heads", None))
-    self.ln_bias = const(0.0, (h, dh), ("heads", None))
+    self.ln_scale = const(1.0, (h, dh), ("heads", None), Gain)
+    self.ln_bias = const(0.0, (h, dh), ("heads", None), Gain)
     n_p = cfg.num_persistent if persistent else 0
     self.n_persistent = n_p
     self.persistent = dense(rngs, (n_p, d), (None, "embed"), std=1.0) if n_p else None

@@ -1,6 +1,7 @@
 """Optimizer: global-norm clipping -> AdamW with a warmup + cosine or WSD (warmup-stable-decay)
-schedule. Weight decay applies to matrices only: it skips vectors (norm scales, biases) and, unless
-`decay_memory_init=True`, learned initial memory states (`layers.base.MemoryInit`, e.g. W_0).
+schedule. Weight decay applies to matrices only: it skips vectors (norm scales, biases), per-head
+gains of any shape (`layers.base.Gain`) and, unless `decay_memory_init=True`, learned initial
+memory states (`layers.base.MemoryInit`, e.g. W_0).
 
 Precision (docs/design.md, "Precision and memory at scale"): the chain runs on a float32 view of
 the gradients and parameters (`float32_state`), so clipping, both Adam moments and the update are
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from layers.base import MemoryInit
+from layers.base import Gain, MemoryInit
 
 MU_DTYPES = ("float32", "bfloat16")
 UPDATE_ROUNDINGS = ("stochastic", "nearest")
@@ -167,9 +168,12 @@ def float32_state(inner: optax.GradientTransformation,
 
 def make_optimizer(cfg: OptConfig, num_steps: int,
                    model: nnx.Module | None = None) -> optax.GradientTransformation:
-  """The optimizer; with `model`, its `MemoryInit` leaves skip weight decay (unless the config
-  says `decay_memory_init`)."""
-  skip = frozenset() if model is None or cfg.decay_memory_init else paths_of(model, MemoryInit)
+  """The optimizer; with `model`, its `Gain` leaves skip weight decay, and its `MemoryInit` leaves
+  too unless the config says `decay_memory_init`."""
+  skip = frozenset()
+  if model is not None:
+    skip = paths_of(model, Gain) | (frozenset() if cfg.decay_memory_init
+                                    else paths_of(model, MemoryInit))
   return float32_state(optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
       optax.adamw(schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
