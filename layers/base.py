@@ -75,9 +75,9 @@ def dense(rngs: nnx.Rngs, shape, axes, std: float | None = None) -> nnx.Param:
 
 
 class Gain(nnx.Param):
-  """A per-head norm scale or bias, or a scale like Memora's c: multiplies or shifts activations
-  rather than mixing them, so it is exempt from weight decay like the 1-D norm scales, whatever its
-  shape ([heads, head_dim] here would otherwise be decayed as a matrix, pulling gains towards 0)."""
+  """A per-head norm scale or bias, or a scale like Memora's c: it multiplies or shifts activations
+  rather than mixing them, but its [heads, ...] shape makes the matrices-only rule decay it like a
+  weight. `opt.decay_gains=False` exempts it like the 1-D norm scales (default: decayed)."""
 
 
 def const(value: float, shape, axes, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:

@@ -107,7 +107,7 @@ def base_config(size: str = "tiny") -> ml_collections.ConfigDict:
   c.opt = ml_collections.ConfigDict(dict(
       lr=3e-3, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, schedule="cosine",
       warmup_steps=50, decay_fraction=0.2, min_lr_ratio=0.0, grad_accum=1,
-      decay_memory_init=False,
+      decay_memory_init=False, decay_gains=True,
       # Adam's first moment (float32 | bfloat16) and how bfloat16 parameters round their update
       # (stochastic | nearest); memarch.optim.float32_state:
       mu_dtype="float32", update_rounding="stochastic"))

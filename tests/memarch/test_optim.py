@@ -1,5 +1,5 @@
-"""Optimizer: weight decay reaches matrices but not vectors, not per-head gains (`Gain`), and not
-learned initial memory states (`MemoryInit`) unless the config asks."""
+"""Optimizer: weight decay reaches matrices but not vectors, and neither per-head gains (`Gain`)
+nor learned initial memory states (`MemoryInit`) unless the config asks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,11 +17,11 @@ class Tiny(nnx.Module):
     self.g = Gain(jnp.ones((2, 3)))  # a [heads, head_dim] norm scale: matrix-shaped, not a matrix
 
 
-def one_step_with_zero_grads(decay_memory_init: bool, jit: bool):
+def one_step_with_zero_grads(decay_memory_init: bool, jit: bool, decay_gains: bool = False):
   """One AdamW step with zero gradients: only decayed leaves move (by lr * wd)."""
   model = Tiny()
   cfg = OptConfig(lr=0.1, weight_decay=0.5, warmup_steps=0, schedule="constant",
-                  decay_memory_init=decay_memory_init)
+                  decay_memory_init=decay_memory_init, decay_gains=decay_gains)
   opt = nnx.Optimizer(model, make_optimizer(cfg, 10, model), wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
 
@@ -44,6 +44,9 @@ def test_memory_init_states_skip_weight_decay():
     assert moved["b"] == 1.0 and moved["w0"] == 1.0 and moved["g"] == 1.0, moved
   moved = one_step_with_zero_grads(True, True)
   assert abs(moved["w0"] - 0.95) < 1e-6 and moved["g"] == 1.0, moved
+  moved = one_step_with_zero_grads(False, True, decay_gains=True)  # the default config
+  assert abs(moved["g"] - 0.95) < 1e-6 and moved["w0"] == 1.0, moved
+  assert OptConfig().decay_gains
 
 
 def test_memory_layers_mark_their_per_head_gains():
