@@ -40,9 +40,7 @@ class OptConfig:
   min_lr_ratio: float = 0.0
   grad_accum: int = 1
   decay_memory_init: bool = False  # weight-decay learned initial memory states (MemoryInit)
-  # Weight-decay per-head gains (Gain) like matrices. True keeps the behaviour every published row
-  # was measured with; False is the exemption measured in docs/results.md.
-  decay_gains: bool = True
+  decay_gains: bool = True  # weight-decay per-head gains (Gain) like matrices (docs/architectures/titans.md)
   mu_dtype: str = "float32"  # Adam's first moment: float32 | bfloat16 (the second is float32)
   update_rounding: str = "stochastic"  # bfloat16 params: stochastic | nearest (float32_state)
 
