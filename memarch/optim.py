@@ -83,7 +83,8 @@ def _is_variable(x) -> bool:
 
 
 def paths_of(model: nnx.Module, variable_type) -> frozenset:
-  """The tree paths (as in `nnx.state(model, nnx.Param)`) of the model's `variable_type` leaves."""
+  """The tree paths (as in `nnx.state(model, nnx.Param)`) of the model's `variable_type` leaves
+  (a type or a tuple of types, as `isinstance` takes)."""
   params = nnx.state(model, nnx.Param)
   found = []
   jax.tree_util.tree_map_with_path(
@@ -171,10 +172,9 @@ def make_optimizer(cfg: OptConfig, num_steps: int,
                    model: nnx.Module | None = None) -> optax.GradientTransformation:
   """The optimizer; with `model`, its `MemoryInit` leaves skip weight decay unless the config says
   `decay_memory_init`, and its `Gain` leaves unless it says `decay_gains`."""
-  skip = frozenset()
-  if model is not None:
-    skip = ((frozenset() if cfg.decay_gains else paths_of(model, Gain))
-            | (frozenset() if cfg.decay_memory_init else paths_of(model, MemoryInit)))
+  exempt = tuple(t for t, decayed in ((Gain, cfg.decay_gains),
+                                       (MemoryInit, cfg.decay_memory_init)) if not decayed)
+  skip = paths_of(model, exempt) if model is not None and exempt else frozenset()
   return float32_state(optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
       optax.adamw(schedule(cfg, num_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
