@@ -1,5 +1,7 @@
 """Test setup: 8 CPU devices for sharding tests (set before jax is imported)."""
 import os
+import shutil
+import tempfile
 
 # XLA:CPU's classic emitters compile the suite's small programs faster than its newer fusion
 # emitters (docs/results.md, "Test suite time"); CPU only, so a GPU run never sees a CPU flag its
@@ -11,12 +13,26 @@ else:
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One XLA compilation cache on disk per test run, shared by the xdist workers and by the scripts and
+# notebook kernels the tests start (they inherit the environment): every worker clears its
+# compiled programs after each module, and many modules and subprocesses compile the same small
+# programs again (docs/results.md, "Test suite time"). The process that made it removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="memarch-tests-xla-cache-")
+  os.environ["MEMARCH_TESTS_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # The suite compiles hundreds of tiny programs: XLA's optimisation passes cost more compile time
 # than they save at these sizes (about 2x faster overall on 2 cores).
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_unconfigure(config):
+  if os.environ.get("MEMARCH_TESTS_CACHE_OWNER") == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,9 +32,11 @@ def rel(a, b):
 
 # Each variant once, at a chunk that splits the sequence mid-chunk, two at chunk 4 and two at 16
 # (each float64 backward is a long compile on CPU). Chunk sizes 1..16 of the op itself:
-# test_titans_memory.py; MAC's segment grid against the chunks: test_conformance.py.
-@pytest.mark.parametrize("variant,chunk,t", [("lmm", 4, 11), ("mac", 16, 21), ("mag", 16, 21),
-                                             ("mal", 4, 11)])
+# test_titans_memory.py; MAC's segment grid against the chunks: test_conformance.py. MAG and MAL
+# call the memory as the LMM does: theirs run with `-m slow`.
+@pytest.mark.parametrize("variant,chunk,t", [
+    ("lmm", 4, 11), ("mac", 16, 21), pytest.param("mag", 16, 21, marks=pytest.mark.slow),
+    pytest.param("mal", 4, 11, marks=pytest.mark.slow)])
 def test_reference_equals_chunked_float64(variant, chunk, t):
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.PRNGKey(1), (B, t, D), jnp.float64)

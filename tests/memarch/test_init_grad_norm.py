@@ -39,7 +39,13 @@ def reference_norm():
   return _norm("transformer")
 
 
-@pytest.mark.parametrize("family", [f for f in grad_norms.FAMILIES if f != "transformer"])
+# In the default suite: the Titans memory (shared by the four Titans and three Miras models) and
+# Yaad's gate, the two that once failed; every other family with `-m slow`.
+DEFAULT = ("titans:variant=lmm", "miras:variant=yaad")
+
+
+@pytest.mark.parametrize("family", [f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in grad_norms.FAMILIES if f != "transformer"])
 def test_first_step_grad_norm_within_10x_of_transformer(family, reference_norm):
   norm = _norm(family)
   ratio = norm / reference_norm

@@ -130,7 +130,7 @@ def _independent_count(c) -> int:
 
 
 @pytest.mark.parametrize("spec", ["configs/transformer.py:size=340m",
-                                  "configs/titans.py:size=340m"])
+                                  pytest.param("configs/titans.py:size=340m", marks=pytest.mark.slow)])
 def test_dry_run_parameter_count_is_exact(spec):
   c = _config(spec)
   r = dry_run.plan(c)

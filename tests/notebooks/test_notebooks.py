@@ -140,16 +140,15 @@ def _check_kernels(nb, text, tmp_path):
 CHECKS = {"quickstart": _check_quickstart, "zoo_tour": _check_zoo_tour, "kernels": _check_kernels}
 
 
-def test_notebooks_execute(tmp_path):
-  """Executes the three notebooks concurrently (each kernel spends most of its time in
-  single-threaded XLA compilation, so two cores take about half the time of running them one after
-  the other; one test rather than three so pytest-xdist never runs them twice), then checks what
-  each computed. Every notebook's failure is reported, not only the first."""
-  cwds = {name: tmp_path / name for name in NAMES}
+def _execute_and_check(names, tmp_path):
+  """Executes the notebooks concurrently (each kernel spends most of its time in single-threaded
+  XLA compilation), then checks what each computed. Every notebook's failure is reported, not only
+  the first."""
+  cwds = {name: tmp_path / name for name in names}
   for cwd in cwds.values():
     cwd.mkdir()
-  with concurrent.futures.ThreadPoolExecutor(len(NAMES)) as pool:
-    futures = {name: pool.submit(_execute, name, cwds[name]) for name in NAMES}
+  with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+    futures = {name: pool.submit(_execute, name, cwds[name]) for name in names}
   failures = []
   for name, future in futures.items():
     try:
@@ -158,3 +157,15 @@ def test_notebooks_execute(tmp_path):
     except Exception as e:  # noqa: BLE001 - collect every notebook's failure
       failures.append(f"{name}.ipynb: {type(e).__name__}: {e}")
   assert not failures, "\n\n".join(failures)
+
+
+def test_quickstart_executes(tmp_path):
+  """The front door (training, decoding, the Shakespeare run) in the default suite."""
+  _execute_and_check(("quickstart",), tmp_path)
+
+
+@pytest.mark.slow
+def test_zoo_tour_and_kernels_execute(tmp_path):
+  """The other two, whose pieces (the MQAR sweep, BABILong, the kernels' interpret mode) the unit
+  tests cover: `python -m pytest -m slow` (one test, so pytest-xdist never runs them twice)."""
+  _execute_and_check(("zoo_tour", "kernels"), tmp_path)

@@ -103,7 +103,7 @@ def test_block_retrieval_attention():
   _check(f, (q, bk, bv, gate, kl, vl), "block_retrieval_attention")
 
 
-@pytest.mark.parametrize("rule", ["titans", "moneta"])
+@pytest.mark.parametrize("rule", ["titans", pytest.param("moneta", marks=pytest.mark.slow)])
 def test_memory(rule):
   """The Titans memory engine (depth 2, momentum, mid-chunk lengths) and a Miras rule on it."""
   from pallas_kernels.miras_memory import init_miras_state, miras_memory

@@ -95,7 +95,7 @@ CASES = [
     (1, 16, 17, jnp.float32),
     (2, 16, 17, jnp.float32),
     (2, 64, 9, jnp.float32),       # E = 256, the Titans layers' expansion: both kernels run
-    (2, 16, 17, jnp.bfloat16),
+    pytest.param(2, 16, 17, jnp.bfloat16, marks=pytest.mark.slow),  # CPU: `-m slow`; GPU: `-m gpu`
 ]
 
 
