@@ -39,9 +39,9 @@ def reference_norm():
   return _norm("transformer")
 
 
-# In the default suite: the Titans memory (shared by the four Titans and three Miras models) and
-# Yaad's gate, the two that once failed; every other family with `-m slow`.
-DEFAULT = ("titans:variant=lmm", "miras:variant=yaad")
+# In the default suite: Yaad, on the memory engine the Titans and Miras models share and with the
+# Huber gate that once failed at this width; every other family with `-m slow`.
+DEFAULT = ("miras:variant=yaad",)
 
 
 @pytest.mark.parametrize("family", [f if f in DEFAULT else pytest.param(f, marks=pytest.mark.slow)

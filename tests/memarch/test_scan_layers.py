@@ -75,6 +75,7 @@ def test_scan_layers_needs_whole_periods():
     dataclasses.replace(scanned.cfg, num_layers=3)
 
 
+@pytest.mark.slow  # the checkpoint layout; scanned == loop: the tests above
 def test_loop_checkpoint_resumes_scanned(tmp_path):
   """Parameters are stored per block in both forms, so a loop-form checkpoint resumes with
   scan_layers=True and continues the loop run's losses (to float32 rounding)."""

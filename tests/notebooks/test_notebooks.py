@@ -1,6 +1,6 @@
 """The Colab notebooks (notebooks/*.ipynb): paired with their jupytext source, stripped of outputs,
-and executed top to bottom at tiny budgets (MEMARCH_NOTEBOOK_FAST=1) in a python3 kernel of the
-current interpreter.
+and (with `-m slow`) executed top to bottom at tiny budgets (MEMARCH_NOTEBOOK_FAST=1) in a python3
+kernel of the current interpreter.
 
 The notebooks are generated from `notebooks/<name>.py` (jupytext percent format, the source of
 truth) with `jupytext --to ipynb notebooks/<name>.py`.
@@ -159,13 +159,9 @@ def _execute_and_check(names, tmp_path):
   assert not failures, "\n\n".join(failures)
 
 
-def test_quickstart_executes(tmp_path):
-  """The front door (training, decoding, the Shakespeare run) in the default suite."""
-  _execute_and_check(("quickstart",), tmp_path)
-
-
 @pytest.mark.slow
-def test_zoo_tour_and_kernels_execute(tmp_path):
-  """The other two, whose pieces (the MQAR sweep, BABILong, the kernels' interpret mode) the unit
-  tests cover: `python -m pytest -m slow` (one test, so pytest-xdist never runs them twice)."""
-  _execute_and_check(("zoo_tour", "kernels"), tmp_path)
+def test_notebooks_execute(tmp_path):
+  """About 90 s for the quickstart alone, so with `python -m pytest -m slow`; the pieces the
+  notebooks call (training, decoding, the MQAR sweep, BABILong, the kernels) have unit tests, and
+  the pairing test above runs by default. One test, so pytest-xdist never runs them twice."""
+  _execute_and_check(NAMES, tmp_path)

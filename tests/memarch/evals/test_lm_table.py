@@ -70,6 +70,7 @@ def _table_rows(md):
   return out
 
 
+@pytest.mark.slow  # about 40 s; the rows' settings and parsing: the tests above
 def test_two_rows_end_to_end_then_reused(tmp_path, monkeypatch, capsys):
   # The rows train in subprocesses: one CPU device as a user has (not the suite's 8), and XLA's
   # cheap compile mode as the suite uses.

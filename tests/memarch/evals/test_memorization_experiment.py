@@ -48,6 +48,7 @@ def test_make_source_memorization_branch():
   assert make_source(c.data, seed=0).facts[0].size == 16
 
 
+@pytest.mark.slow  # the cost model and the data branch: the tests above
 def test_micro_run_writes_table_and_json(tmp_path):
   logs = []
   out = mem.run_experiment(TINY, str(tmp_path), rows=("peer", "dense_flops", "none"),
