@@ -212,10 +212,13 @@ def _unraisable(args) -> None:
 
 
 def _orbax_task_noise(record) -> bool:
-  """Logging filter for asyncio: drops 'Task exception was never retrieved' about Orbax's reads (a
-  failed restore's sibling reads, garbage-collected later; restore_latest already reported it)."""
+  """Logging filter for asyncio: drops 'Task/Future exception was never retrieved' about Orbax's
+  and TensorStore's reads (a failed restore's sibling reads, garbage-collected later;
+  restore_latest already reported it). Other never-retrieved exceptions are kept."""
   msg = str(record.msg)
-  return not (msg.startswith("Task exception was never retrieved") and "orbax" in msg)
+  never_retrieved = msg.startswith(("Task exception was never retrieved",
+                                    "Future exception was never retrieved"))
+  return not (never_retrieved and ("orbax" in msg or "tensorstore" in msg))
 
 
 def quiet_libraries() -> None:
