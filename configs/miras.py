@@ -33,7 +33,7 @@ def get_config(arg=None):
                               num_persistent=a.chunk if cpu else 128, conv_size=4,
                               implementation=configs_lib.impl_field())}
   if name == "memora":
-    c.model.mixer[name]["kl_scale_init"] = 1.0
+    c.model.mixer[name].update(kl_scale_init=1.0, kl_logit_std=1.0)
   if a.hybrid:
     c.model.mixer["swa"] = dict(window=64 if cpu else 2048)
   if a.seq_len:

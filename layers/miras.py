@@ -66,6 +66,7 @@ class MirasConfig:
   p: float = 3.0  # Moneta's l_p attentional bias
   q_norm: float = 4.0  # Moneta's l_q retention
   kl_scale_init: float = 1.0  # Memora's scale c at init (every head and memory layer)
+  kl_logit_std: float = 1.0  # Memora's logits Z_0 ~ N(0, std^2) at init
 
   def __post_init__(self):
     object.__setattr__(self, "implementation",
@@ -81,6 +82,8 @@ class MirasConfig:
       raise ValueError(f"miras: num_persistent must be >= 0, got {self.num_persistent}")
     if not self.kl_scale_init > 0:
       raise ValueError(f"miras: kl_scale_init must be > 0, got {self.kl_scale_init}")
+    if not self.kl_logit_std > 0:
+      raise ValueError(f"miras: kl_logit_std must be > 0, got {self.kl_logit_std}")
 
   def titans(self) -> TitansConfig:
     """The settings of the shared Titans memory layer (MAC's segment length is irrelevant here)."""
@@ -102,7 +105,7 @@ class MirasConfig:
     return self.titans().theta_cap
 
 
-def initial_state_init(retention: str):
+def initial_state_init(retention: str, kl_logit_std: float = 1.0):
   """The initializer of the learned initial state X_0 of one memory matrix [..., out, in]:
   - "l2" (Yaad; W = X): N(0, 1/fan_in), as Titans' W_0;
   - "lq" (Moneta; W = phi_q(A)): A_0 = +-1/sqrt(fan_in) with random signs. Every |A| is equal, so
@@ -110,13 +113,13 @@ def initial_state_init(retention: str):
     linearised read (one mean slope) and the chunk-end phi_q(A) agree, and a write moves every
     coordinate of the key alike. From N(0, 1/fan_in), the slope follows |A|^2 entry by entry, and
     Moneta stayed on the MQAR plateau (docs/architectures/miras.md, "Initial states");
-  - "kl" (Memora; W = c softmax_row(Z)): logits Z_0 ~ N(0, 1), so the rows are not uniform (uniform
-    rows make every hidden unit identical).
+  - "kl" (Memora; W = c softmax_row(Z)): logits Z_0 ~ N(0, kl_logit_std^2), so the rows are not
+    uniform (uniform rows make every hidden unit identical).
   """
   def init(key, shape, dtype=jnp.float32):
     z = jax.random.normal(key, shape, dtype)
     if retention == "kl":
-      return z
+      return kl_logit_std * z
     return (jnp.sign(z) if retention == "lq" else z) * shape[-1] ** -0.5
 
   return init
@@ -125,13 +128,13 @@ def initial_state_init(retention: str):
 @functools.lru_cache(maxsize=None)
 def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, depth: int,
                num_probes: int = 256, seed: int = 0, linearised: bool = False,
-               kl_scale: float = 1.0) -> float:
+               kl_scale: float = 1.0, kl_logit_std: float = 1.0) -> float:
   """A diagnostic: how far one write moves the memory's chunk-end read along -e, per unit step:
   -<M_{phi(X_0 - u)}(k) - M_{phi(X_0)}(k), e> / ||e||^2 to first order, u the l2 bias' gradient
   at k (all memory layers), e = M(k) - v; the median over random unit keys and SiLU values, with
   X_0 drawn like the layer's initial state (`initial_state_init`).
 
-  kl_scale: Memora's c ("kl" only).
+  kl_scale, kl_logit_std: Memora's c and the spread of its Z_0 ("kl" only).
   `linearised=True`: the read inside a chunk instead, through the linearised weights
   (`MemoryRule.read_weights` at base X_0). A deterministic probe of the initialisation, run
   eagerly.
@@ -140,7 +143,8 @@ def write_gain(retention: str, q_norm: float, head_dim: int, expansion: int, dep
     rule = MemoryRule(retention=retention, q_norm=q_norm, momentum=False)
     shapes = memory_shapes(head_dim, expansion, depth)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes) + 2)
-    x0 = tuple(initial_state_init(retention)(kk, sh) for kk, sh in zip(keys, shapes))
+    x0 = tuple(initial_state_init(retention, kl_logit_std)(kk, sh)
+               for kk, sh in zip(keys, shapes))
     k = jax.random.normal(keys[-2], (num_probes, head_dim))
     k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
     v = jax.nn.silu(jax.random.normal(keys[-1], (num_probes, head_dim)))
@@ -225,7 +229,7 @@ class Miras(NeuralMemory):
     self.b_delta = const(1.8546, (h,), (None,))  # softplus(1.8546) = 2
     if self.retention != "l2":  # the state X_0 is not the weights: drawn where phi behaves
       self.w0 = nnx.List([
-          MemoryInit(nnx.with_partitioning(initial_state_init(self.retention),
+          MemoryInit(nnx.with_partitioning(initial_state_init(self.retention, cfg.kl_logit_std),
                                            ("heads", None, None))(rngs.params(), w.shape))
           for w in self.w0])
     self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None), Gain)

@@ -93,6 +93,11 @@ def test_config_errors():
   with pytest.raises(ValueError, match="kl_scale_init must be > 0"):
     MirasConfig(8, 2, model="memora", kl_scale_init=0.0)
   assert bool(jnp.all(build("memora", kl_scale_init=3.0).kl_scale[...] == 3.0))
+  with pytest.raises(ValueError, match="kl_logit_std must be > 0"):
+    MirasConfig(8, 2, model="memora", kl_logit_std=-1.0)
+  z_std = lambda layer: float(jnp.std(jnp.concatenate([w[...].ravel() for w in layer.w0])))
+  one, half = z_std(build("memora")), z_std(build("memora", kl_logit_std=0.5))
+  assert 0.9 < one < 1.1 and abs(half / one - 0.5) < 1e-6, (one, half)
   # packed rows need the post-persistent state on a chunk boundary
   with pytest.raises(ValueError, match="multiple of chunk_size"):
     build("memora", num_persistent=3)(x_in(), segment_ids_BT=jnp.ones((B, T), jnp.int32))
