@@ -30,6 +30,22 @@ import pytest  # noqa: E402
 jax.config.update("jax_disable_most_optimizations", True)
 
 
+def pytest_configure(config):
+  """pytest 9.2 keeps node ids where pytest-xdist (3.8) cannot append a group name, so --dist
+  loadgroup silently ignores every xdist_group mark: module fixtures are then built on both
+  workers and the suite takes longer. Refused with one line instead."""
+  from importlib import metadata
+
+  from packaging.version import Version
+  if getattr(config.option, "dist", "no") != "loadgroup" or not config.getoption("numprocesses"):
+    return
+  if Version(pytest.__version__) >= Version("9.2") and (
+      Version(metadata.version("pytest-xdist")) <= Version("3.8.0")):
+    raise pytest.UsageError(
+        f"pytest {pytest.__version__} with pytest-xdist {metadata.version('pytest-xdist')} ignores "
+        "the suite's xdist_group marks; install the test extra's versions: pip install -e '.[test]'")
+
+
 def pytest_unconfigure(config):
   if os.environ.get("MEMARCH_TESTS_CACHE_OWNER") == str(os.getpid()):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
