@@ -93,7 +93,9 @@ def test_unreadable_final_checkpoint_is_moved_aside_and_saved_again(tmp_path):
   corrupt(tmp_path, 8)  # the final step
   partial = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1"  # a save cut short by a kill
   partial.mkdir()
-  with pytest.warns(UserWarning, match="step 8 .* is unreadable.*moved to 8.unreadable-"):
+  with (pytest.warns(UserWarning, match="step 8 .* is unreadable.*moved to 8.unreadable-"),
+        pytest.warns(UserWarning, match="finished at step 8 .* checkpoint at step 8 is gone; "
+                                        "training again from step 4")):
     out = train_and_evaluate(cfg, str(tmp_path), quiet=True)
   assert out["step"] == 8 and not out.get("already_finished")
   assert not partial.exists()
