@@ -207,9 +207,10 @@ def _calibrate(cfg: UltraMemConfig, ffn_graph, ffn_state, x_cal, p):
   return gain, (var_ffn / jnp.maximum(var_mem, 1e-30)) ** 0.25
 
 
-def _param(value, names) -> nnx.Param:
-  """A Param holding a computed (calibrated) value, with logical axes like `nnx.with_partitioning`."""
-  return nnx.Param(nnx.with_partitioning(lambda *_: value, names)(None))
+def _param(value, names, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A Param (`kind`) holding a computed (calibrated) value, with logical axes like
+  `nnx.with_partitioning`."""
+  return kind(nnx.with_partitioning(lambda *_: value, names)(None))
 
 
 class UltraMem(nnx.Module):
@@ -240,7 +241,7 @@ class UltraMem(nnx.Module):
     gain, v_std = _calibrate(cfg, ffn_graph, ffn_state, x_cal,
                              self._arrays(q_scale, pre_values, values))
     q_scale = q_scale * gain
-    self.q_scale = _param(q_scale, (None, None, "kv"))
+    self.q_scale = _param(q_scale, (None, None, "kv"), base.Gain)  # scales LN'd queries
     self.pre_values = _param(pre_values * v_std, ("experts", None))
     self.values = _param(values * v_std, ("experts", None))
     self.calibration = None

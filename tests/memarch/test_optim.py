@@ -50,14 +50,18 @@ def test_memory_init_states_skip_weight_decay():
 
 
 def test_memory_layers_mark_their_per_head_gains():
-  """The Titans and Miras memories' [heads, ...] norm scales, biases and Memora's c are `Gain`s."""
+  """The Titans and Miras memories' [heads, ...] norm scales, biases and Memora's c are `Gain`s, and
+  UltraMem's query scale."""
   from layers.miras import Miras, MirasConfig
   from layers.titans import NeuralMemory, TitansConfig
+  from layers.ultramem import UltraMem, UltraMemConfig
   from memarch.optim import paths_of
   from memarch.sharding import mesh_context
   names = lambda m: sorted(p[-1].key for p in paths_of(m, Gain))
   with mesh_context():
     titans = NeuralMemory(TitansConfig(64, 2), rngs=nnx.Rngs(0))
     memora = Miras(MirasConfig(64, 2, model="memora"), rngs=nnx.Rngs(0))
+    ultramem = UltraMem(UltraMemConfig(16, num_subkeys=4, top_m=4), rngs=nnx.Rngs(0))
   assert names(titans) == ["ln_bias", "ln_scale", "out_norm_scale"]
   assert names(memora) == ["kl_scale", "ln_bias", "ln_scale", "out_norm_scale"]
+  assert names(ultramem) == ["q_scale"]
