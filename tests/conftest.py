@@ -39,11 +39,11 @@ def pytest_configure(config):
   from packaging.version import Version
   if getattr(config.option, "dist", "no") != "loadgroup" or not config.getoption("numprocesses"):
     return
-  if Version(pytest.__version__) >= Version("9.2") and (
-      Version(metadata.version("pytest-xdist")) <= Version("3.8.0")):
+  xdist = metadata.version("pytest-xdist")
+  if Version(pytest.__version__) >= Version("9.2") and Version(xdist) <= Version("3.8.0"):
     raise pytest.UsageError(
-        f"pytest {pytest.__version__} with pytest-xdist {metadata.version('pytest-xdist')} ignores "
-        "the suite's xdist_group marks; install the test extra's versions: pip install -e '.[test]'")
+        f"pytest {pytest.__version__} with pytest-xdist {xdist} ignores the suite's xdist_group "
+        "marks; install the test extra's versions: pip install -e '.[test]'")
 
 
 def pytest_unconfigure(config):
