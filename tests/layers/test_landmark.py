@@ -16,14 +16,6 @@ from pallas_kernels.testing import rel_rms
 D, H, B = 16, 2, 2
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
 def build(**kw):
   with mesh_context():
     return LandmarkAttention(LandmarkConfig(d_model=D, num_heads=H, **kw), rngs=nnx.Rngs(0))

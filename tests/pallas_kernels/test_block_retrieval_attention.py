@@ -15,14 +15,6 @@ from pallas_kernels.testing import assert_close, grads_of, on_device, pallas_mod
 IMPLS = ("reference", "xla")
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
 def make(seed, *, B=2, T=7, H=2, d=4, N=5, C=3, S=6, G=2, local=True, pad=False, dtype=np.float64):
   rng = np.random.default_rng(seed)
   q = rng.standard_normal((B, T, H, d))

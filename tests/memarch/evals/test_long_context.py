@@ -13,14 +13,6 @@ from memarch.lm import LM, LMConfig
 from pallas_kernels.testing import rel_rms
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", old)
-
-
 def _lm(pattern, dtype="float32", **mixer):
   cfg = LMConfig(vocab_size=24, d_model=16, num_layers=1, num_heads=2, layer_pattern=(pattern,),
                  mixer_kwargs={pattern: mixer} if mixer else {}, dtype=dtype)
