@@ -94,6 +94,7 @@ class DotOps(NamedTuple):
   gelu: Callable                    # exact (erf) GELU
   layer_norm: Callable              # (x, scale, bias) -> LayerNorm over the last axis
   val: Callable = lambda x: x       # reads an input where it is used (the kernel's lazy refs)
+  gelu_grad: Callable | None = None  # GELU' (the hand-written VJP of `chunk_vjp` only)
 
 
 def scaled(c, y):

@@ -43,6 +43,9 @@ Choices [ours]:
 - The chunk body is under `jax.checkpoint` and gets only (X, S, first-chunk flag, chunk inputs):
   backprop keeps chunk-boundary states (|W| per chunk, 2 |W| with momentum) plus the inputs, and
   recomputes the gradient factors and decay matrices of a chunk in the backward pass.
+- The Titans rule at depth 1 or 2 backpropagates through a chunk with the VJP written out by hand
+  (`chunk_vjp`, shared with the Pallas kernel; `titans_chunk_fn`) rather than autodiff of the
+  vjp inside `grad_factors`: the same math, a smaller program (docs/results.md).
 - Math in float32 (float64 for float64 inputs) with HIGHEST matmul precision; o in q's dtype.
 """
 from __future__ import annotations
@@ -54,7 +57,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import compute_dtype
+from pallas_kernels._common import compute_dtype, dot
+from pallas_kernels.titans_memory import chunk_vjp
 from pallas_kernels.titans_memory.engine import (
   ChunkCarry,
   ChunkEnds,
@@ -68,6 +72,7 @@ from pallas_kernels.titans_memory.engine import (
   scaled,
 )
 from pallas_kernels.titans_memory.reference import gelu, layer_norm, memory_apply, mlp_apply
+from pallas_kernels.titans_memory.rules import TITANS
 
 _mm = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
 
@@ -124,6 +129,67 @@ def grad_factors(rule, ws, ln_s, ln_b, k_nD, v_nD, delta_n, scales=None):
 
 XLA_OPS = DotOps(mm=lambda a, b: _mm("ts,so->to", a, b), mm_t=lambda a, b: _mm("ni,oi->no", a, b),
                  t_mm=lambda a, b: _mm("so,si->oi", a, b), gelu=gelu, layer_norm=layer_norm)
+
+
+def chunk_inputs(carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams):
+  """One chunk of every (b, h) as the Titans rule's tiles (`chunk_vjp.ChunkIn`, batched [B, H, ...];
+  the LN affine [H, 1, D]): the decay matrices with theta folded in, the carry columns and the
+  states; and the retention product since the base at the chunk's last token [B, H]."""
+  x, s, xb, pb = carry
+  beta, f, AmB, mom, Bm = jax.vmap(jax.vmap(decay_matrices, (0, 0, None)))(tok.a, tok.eta, tok.m)
+  col = lambda t: t[..., None]
+  G = tuple(AmB * tok.theta[..., None, :, l] for l in range(len(x)))
+  ins = chunk_vjp.ChunkIn(
+      q=tok.q, k=tok.k, v=tok.v, beta=col(beta), f=col(f), beta_n=col(beta[..., -1:]),
+      f_n=col(f[..., -1:]), mom_n=col(mom[..., -1:]), G=G,
+      g_end=tuple(col(g[..., -1, :]) for g in G),
+      s_end=tuple(col(tok.theta[..., l] * Bm[..., -1, :]) for l in range(len(x))),
+      x=tuple(x), s=tuple(s), xb=tuple(xb), ln_s=params.ln_scale[:, None, :],
+      ln_b=params.ln_bias[:, None, :])
+  return ins, pb * beta[..., -1]
+
+
+_tile_dot = functools.partial(dot, precision=lax.Precision.HIGHEST)   # 2-D, in the inputs' dtype
+TILE_OPS = DotOps(
+    mm=_tile_dot, mm_t=functools.partial(_tile_dot, tb=True),
+    t_mm=functools.partial(_tile_dot, ta=True), gelu=gelu, layer_norm=chunk_vjp.layer_norm,
+    gelu_grad=lambda x: 0.5 * (1.0 + lax.erf(x * 0.7071067811865476)) + x * chunk_vjp.gelu_pdf(x))
+
+
+def _per_row_and_head(fn):
+  """fn over one (b, h) tile, vmapped over [B, H, ...] (the LN affine [H, 1, D] has no B axis)."""
+  def batched(ins, *rest):
+    axes = jax.tree.map(lambda _: 0, ins)
+    inner = jax.vmap(fn, (axes,) + (0,) * len(rest))
+    return jax.vmap(inner, (axes._replace(ln_s=None, ln_b=None),) + (0,) * len(rest))(ins, *rest)
+  return batched
+
+
+@jax.custom_vjp
+def _titans_chunk(ins):
+  return _per_row_and_head(functools.partial(chunk_vjp.chunk_math, TILE_OPS))(ins)
+
+
+def _titans_chunk_fwd(ins):
+  return _titans_chunk(ins), ins       # residuals: the inputs (the VJP recomputes the rows)
+
+
+def _titans_chunk_bwd(ins, cts):
+  d = _per_row_and_head(functools.partial(chunk_vjp.chunk_cotangents, TILE_OPS))(ins, cts)
+  return (d._replace(ln_s=d.ln_s.sum(0), ln_b=d.ln_b.sum(0)),)
+
+
+_titans_chunk.defvjp(_titans_chunk_fwd, _titans_chunk_bwd)
+
+
+def titans_chunk_fn(carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams, keep) -> ChunkOut:
+  """`memory_xla`'s chunk_fn for the Titans rule at depth 1 or 2: `chunk_step`'s result through
+  the hand-written VJP of `chunk_vjp` (the same math; its program is smaller than autodiff's of
+  the vjp inside `grad_factors`, docs/results.md). The base passes through (no lag token)."""
+  del keep
+  ins, since_base = chunk_inputs(carry, tok, params)
+  y, x_new, s_new = _titans_chunk(ins)
+  return ChunkOut(y, x_new, s_new, carry.xb, since_base)
 
 
 def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
@@ -222,7 +288,7 @@ def chunk_step(rule, carry: ChunkCarry, tok: ChunkTokens, params: MemoryParams,
 
 def memory_xla(rule, inputs: MemoryInputs, params: MemoryParams, state: MemoryState, *,
                chunk_size, lengths=None, reset: MemoryState | None = None, assume_aligned=False,
-               chunk_fn=None):
+               chunk_fn=None, hand_vjp=True):
   """The chunked engine; same arguments and result as `reference.memory_reference`.
 
   `assume_aligned=True` is the caller's promise that every row starts at a chunk boundary
@@ -231,7 +297,9 @@ def memory_xla(rule, inputs: MemoryInputs, params: MemoryParams, state: MemorySt
   for all (batch row, head): `engine.ChunkCarry` and `engine.ChunkTokens` batched [B, H, ...]
   (the mask m [B, n]), params [H, ...], keep [B]; returns a batched `engine.ChunkOut`. The scan,
   checkpointing, phase shift, masks and carry stay as they are (e.g. the Pallas kernel of
-  `pallas_gpu.py`).
+  `pallas_gpu.py`). Without one, the Titans rule at depth 1 or 2 runs `titans_chunk_fn` (the
+  hand-written VJP) unless `hand_vjp=False`, which differentiates `chunk_step` like every other
+  rule (a check).
   Resets (inputs.resets, `reset`) as in the oracle, but every reset must start a chunk of the global
   grid (phase + t a multiple of b; `layers.packing` moves packed documents there): the chunk then
   starts from `reset`. A reset anywhere else makes every output NaN rather than silently wrong.
@@ -279,6 +347,8 @@ def memory_xla(rule, inputs: MemoryInputs, params: MemoryParams, state: MemorySt
     r_x, r_s = cast(reset.x), cast(reset.s)
   c_last = (phase0 + n_real - 1) // b                 # chunk of the last real token (-1: none)
   lag = rule.lag_token and b > 1
+  if chunk_fn is None and hand_vjp and rule == TITANS and len(state.x) <= 2:
+    chunk_fn = titans_chunk_fn
   # heads share the row's mask and lag flag; batch rows share the params (LayerNorm, KL scale)
   step = functools.partial(chunk_step, dataclasses.replace(rule, lag_token=lag))
   lin = rule.reads_linearised

@@ -13,10 +13,12 @@ from pallas_kernels.miras_memory import miras_memory
 from pallas_kernels.testing import assert_close, pallas_modes, tol_for
 from pallas_kernels.titans_memory import (
   IMPLEMENTATIONS,
+  chunk_vjp,
   init_memory_state,
   pallas_gpu,
   titans_memory,
 )
+from pallas_kernels.titans_memory import xla as titans_xla
 
 ARG_NAMES = ("q", "k", "v", "theta", "eta", "log_a", "ln_scale", "ln_bias")
 CHUNK = 16
@@ -122,38 +124,37 @@ def test_gradients_are_nonzero():
     assert float(jnp.max(jnp.abs(g))) > 1e-4, name
 
 
+@pytest.mark.parametrize("ops", ["kernel", "xla"])
 @pytest.mark.parametrize("depth,D,E", [(1, 16, 16), (2, 16, 64)])
-def test_hand_written_backward_matches_autodiff(depth, D, E):
-  """The backward kernel's math (`chunk_math_bwd`, plain JAX here) equals jax.vjp of the forward's
-  `chunk_math` on one random chunk, for every input field (including those whose cotangents the
-  engine only sees through the decay matrices: G, g_end, s_end, beta_n, f_n, mom_n)."""
+def test_hand_written_backward_matches_autodiff(depth, D, E, ops):
+  """The hand-written VJP (`chunk_vjp.chunk_math_bwd`, over the kernel's dots here in plain JAX, or
+  over the XLA path's) equals jax.vjp of the forward's `chunk_math` on one random chunk, for every
+  input field (including those whose cotangents the engine only sees through the decay matrices:
+  G, g_end, s_end, beta_n, f_n, mom_n)."""
+  ops = pallas_gpu.KERNEL_OPS if ops == "kernel" else titans_xla.TILE_OPS
   rng = np.random.default_rng(depth)
   r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   n, shapes = 16, [(D, D)] if depth == 1 else [(E, D), (D, E)]
   tril = jnp.asarray(np.tril(np.ones((n, n))), jnp.float32)
   per_layer = lambda make: tuple(make(s) for s in shapes)
-  c = pallas_gpu.ChunkIn(
+  c = chunk_vjp.ChunkIn(
       q=r(n, D) / 4, k=r(n, D) / 4, v=r(n, D), beta=r(n, 1), f=r(n, 1), beta_n=r(1, 1),
       f_n=r(1, 1), mom_n=r(1, 1), G=per_layer(lambda _: 0.3 * jnp.abs(r(n, n)) * tril),
       g_end=per_layer(lambda _: r(n, 1)), s_end=per_layer(lambda _: r(n, 1)),
       x=per_layer(lambda s: r(*s) / np.sqrt(s[1])), s=per_layer(lambda s: r(*s) / np.sqrt(s[1])),
       xb=per_layer(lambda s: r(*s) / np.sqrt(s[1])), ln_s=1 + 0.2 * r(1, D), ln_b=0.2 * r(1, D))
-  cts = jax.tree.map(lambda x: r(*x.shape), jax.eval_shape(pallas_gpu.chunk_math, c))
+  forward = functools.partial(chunk_vjp.chunk_math, ops)
+  cts = jax.tree.map(lambda x: r(*x.shape), jax.eval_shape(forward, c))
 
   @jax.jit
   def both(c, cts):
-    got = {}
-    pallas_gpu.chunk_math_bwd(c, cts, lambda name, l, val: got.setdefault((name, l), val))
-    return jax.vjp(pallas_gpu.chunk_math, c)[1](cts)[0], got
+    return jax.vjp(forward, c)[1](cts)[0], chunk_vjp.chunk_cotangents(ops, c, cts)
 
   want, got = both(c, cts)
-  for name in pallas_gpu.ChunkIn._fields:
-    w = getattr(c, name)
-    keys = [(name, l) for l in range(depth)] if isinstance(w, tuple) else [(name, None)]
-    for key, w_l in zip(keys, jax.tree.leaves(getattr(want, name))):
-      assert got[key].shape == w_l.shape, key
-      assert_close(got.pop(key), w_l, 1e-5, f"d{key}")
-  assert not got, f"unexpected cotangents {list(got)}"
+  for name, w, g in zip(chunk_vjp.ChunkIn._fields, want, got):
+    for l, (w_l, g_l) in enumerate(zip(jax.tree.leaves(w), jax.tree.leaves(g))):
+      assert g_l.shape == w_l.shape, (name, l)
+      assert_close(g_l, w_l, 1e-5, f"d{name}[{l}]")
 
 
 def _tiny(depth=1, T=5, D=16):
