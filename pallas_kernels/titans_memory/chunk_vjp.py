@@ -31,9 +31,9 @@ of one (batch row, head):
 
 Two paths run this math over their own primitives (`engine.DotOps`): the Pallas GPU kernel
 (`pallas_gpu.py`: Triton dots, a polynomial erf, inputs read lazily from refs) and, for the
-Titans rule, the XLA engine (`xla.py`: batched by vmap, exact erf, any float dtype). There autodiff
-of the vjp inside step 1 gave a larger program for the same products: the hand-written VJP
-compiles MAC's training step about 14% faster (docs/results.md).
+Titans rule, the XLA engine (`xla.py`: batched by vmap, exact erf, any float dtype), where it
+replaces autodiff of the vjp inside step 1: the same products in a smaller program, which compiles
+faster (docs/results.md).
 """
 from __future__ import annotations
 
