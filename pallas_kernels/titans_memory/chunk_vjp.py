@@ -46,7 +46,8 @@ from jax import lax
 from pallas_kernels.titans_memory.engine import ChunkEnds, DotOps, read_and_carry
 from pallas_kernels.titans_memory.reference import LN_EPS
 
-INV_SQRT_2PI = 0.3989422804014327
+INV_SQRT_2PI = 0.3989422804014327   # 1 / sqrt(2 pi)
+SQRT_HALF = 0.7071067811865476      # 1 / sqrt(2)
 
 
 class ChunkIn(NamedTuple):
