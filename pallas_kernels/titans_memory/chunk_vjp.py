@@ -75,6 +75,11 @@ def gelu_pdf(x):
   return jnp.exp(-0.5 * x * x) * INV_SQRT_2PI
 
 
+def gelu_grad(x, erf=lax.erf):
+  """GELU'(x) = Phi(x) + x phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2 (`erf`: the path's own)."""
+  return 0.5 * (1.0 + erf(x * SQRT_HALF)) + x * gelu_pdf(x)
+
+
 def _mean(x):  # over the features, kept as a column [n, 1]
   return jnp.sum(x, axis=-1, keepdims=True) * (1.0 / x.shape[-1])
 

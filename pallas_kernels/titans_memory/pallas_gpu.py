@@ -21,8 +21,8 @@ second `pl.pallas_call` (grid (B, H)) runs `chunk_vjp.chunk_math_bwd`, the VJP o
 written out by hand (one kernel, each weight tile short-lived; the XLA path runs the same VJP for
 the Titans rule). Every weight cotangent is stored as soon as it is formed, and each [out, in]
 input is read where a dot needs it (twice or three times per program in all; HBM traffic is cheap
-next to shared memory here), so at most two or three state tiles are staged at a time. The LN-affine cotangents leave
-per (b, h) and are summed over b outside.
+next to shared memory here), so at most two or three state tiles are staged at a time. The
+LN-affine cotangents leave per (b, h) and are summed over b outside.
 
 Choices [ours]:
 - Exact (erf) GELU as in `reference.gelu`; Triton has no erf lowering, so erf is Abramowitz &
@@ -52,7 +52,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import check_kernel_dtypes, is_pow2, tile_dot
-from pallas_kernels.titans_memory.chunk_vjp import ChunkIn, chunk_math, chunk_math_bwd, gelu_pdf
+from pallas_kernels.titans_memory.chunk_vjp import ChunkIn, chunk_math, chunk_math_bwd, gelu_grad
 from pallas_kernels.titans_memory.chunk_vjp import layer_norm as tile_layer_norm
 from pallas_kernels.titans_memory.engine import (
   ChunkCarry,
@@ -100,11 +100,6 @@ def _gelu(x):
   return x * 0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def _gelu_grad(x):
-  """GELU'(x) = Phi(x) + x phi(x)."""
-  return 0.5 * (1.0 + _erf(x * (1.0 / math.sqrt(2.0)))) + x * gelu_pdf(x)
-
-
 class _Lazy:
   """A kernel input read where it is used (`_val`), not at the top of the program: Triton stages
   every dot operand in shared memory from its load on, so six [E, D] state tiles loaded up front
@@ -119,7 +114,7 @@ def _val(x):
 
 
 KERNEL_OPS = DotOps(mm=_mm, mm_t=_mm_t, t_mm=_t_mm, gelu=_gelu, layer_norm=tile_layer_norm,
-                    val=_val, gelu_grad=_gelu_grad)
+                    val=_val, gelu_grad=functools.partial(gelu_grad, erf=_erf))
 
 
 # ------------------------------------------------------------------ kernels

@@ -153,7 +153,7 @@ _tile_dot = functools.partial(dot, precision=lax.Precision.HIGHEST)   # 2-D, in 
 TILE_OPS = DotOps(
     mm=_tile_dot, mm_t=functools.partial(_tile_dot, tb=True),
     t_mm=functools.partial(_tile_dot, ta=True), gelu=gelu, layer_norm=chunk_vjp.layer_norm,
-    gelu_grad=lambda x: 0.5 * (1.0 + lax.erf(x * chunk_vjp.SQRT_HALF)) + x * chunk_vjp.gelu_pdf(x))
+    gelu_grad=chunk_vjp.gelu_grad)
 
 
 def _per_row_and_head(fn):
