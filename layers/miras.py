@@ -26,7 +26,7 @@ momentum):
 Choices [ours]: the paper's channel-wise gates from low-rank projections become scalars per
 (head, memory layer) for theta and per head for a and delta (the op's interface); b_alpha = -6.9
 (a ~ 0.999; -4.6, a ~ 0.99, for the linear memory; as in Titans), b_delta = 1.8546 (delta = 2,
-a per-entry threshold on the RMS error), b_theta = 0;
+a per-entry threshold on the RMS error), b_theta = logit(theta_init) (0 by default);
 theta_max = 0.3 / head_dim for the MLP memory, 1.0 for the linear one, as in Titans. The initial state `w0` (W_0 for Yaad, the dual A_0 for Moneta, the
 logits Z_0 for Memora, unit-scale so the initial rows are not uniform) and Memora's scale c (init 1)
 are learned per head and memory layer. Titans' momentum gate (W_eta) is dropped: Miras is plain GD.
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,7 @@ class MirasConfig:
   q_norm: float = 4.0  # Moneta's l_q retention
   kl_scale_init: float = 1.0  # Memora's scale c at init (every head and memory layer)
   kl_logit_std: float = 1.0  # Memora's logits Z_0 ~ N(0, std^2) at init
+  theta_init: float = 0.5  # theta at init as a fraction of theta_max (0.5: b_theta = 0, as Titans)
 
   def __post_init__(self):
     object.__setattr__(self, "implementation",
@@ -84,6 +86,9 @@ class MirasConfig:
       raise ValueError(f"miras: kl_scale_init must be > 0, got {self.kl_scale_init}")
     if not self.kl_logit_std > 0:
       raise ValueError(f"miras: kl_logit_std must be > 0, got {self.kl_logit_std}")
+    if not 0 < self.theta_init < 1:
+      raise ValueError(f"miras: theta_init is theta's fraction of theta_max at init and must be in "
+                       f"(0, 1), got {self.theta_init}")
 
   def titans(self) -> TitansConfig:
     """The settings of the shared Titans memory layer (MAC's segment length is irrelevant here)."""
@@ -233,6 +238,9 @@ class Miras(NeuralMemory):
                                            ("heads", None, None))(rngs.params(), w.shape))
           for w in self.w0])
     self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None), Gain)
+    # theta = theta_max * sigmoid(b_theta) at init: a cap above the initial step leaves the gate
+    # room to raise it (Memora's MQAR recipe; docs/architectures/miras.md).
+    self.b_theta = const(math.log(cfg.theta_init / (1 - cfg.theta_init)), (h * L,), (None,))
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
     state = super()._fresh_state(batch_size, dtype)

@@ -98,6 +98,13 @@ def test_config_errors():
   z_std = lambda layer: float(jnp.std(jnp.concatenate([w[...].ravel() for w in layer.w0])))
   one, half = z_std(build("memora")), z_std(build("memora", kl_logit_std=0.5))
   assert 0.9 < one < 1.1 and abs(half / one - 0.5) < 1e-6, (one, half)
+  with pytest.raises(ValueError, match="theta_init"):
+    MirasConfig(8, 2, theta_init=1.0)
+  # theta starts at theta_init * theta_max (W_theta is small: within a few % of it)
+  for frac in (0.5, 0.25):
+    layer = build("memora", theta_max=0.04, theta_init=frac)
+    theta = layer.project(x_in(), layer.init_state(B))[3]
+    assert abs(float(jnp.mean(theta)) / (frac * 0.04) - 1) < 0.05, (frac, float(jnp.mean(theta)))
   # packed rows need the post-persistent state on a chunk boundary
   with pytest.raises(ValueError, match="multiple of chunk_size"):
     build("memora", num_persistent=3)(x_in(), segment_ids_BT=jnp.ones((B, T), jnp.int32))
