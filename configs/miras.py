@@ -30,6 +30,7 @@ def get_config(arg=None):
   # without them the Miras memories do not leave the MQAR plateau (docs/architectures/miras.md).
   c.model.mixer = {name: dict(memory_depth=a.depth, expansion=4, chunk_size=a.chunk,
                               theta_max=0.0,  # 0: the per-depth default
+                              theta_init=0.5,  # theta's fraction of theta_max at init
                               num_persistent=a.chunk if cpu else 128, conv_size=4,
                               implementation=configs_lib.impl_field())}
   if name == "memora":
