@@ -238,8 +238,8 @@ class Miras(NeuralMemory):
                                            ("heads", None, None))(rngs.params(), w.shape))
           for w in self.w0])
     self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None), Gain)
-    # theta = theta_max * sigmoid(b_theta) at init: a cap above the initial step leaves the gate
-    # room to raise it (Memora's MQAR recipe; docs/architectures/miras.md).
+    # theta = theta_max * sigmoid(b_theta) at init: with theta_init < 0.5 the cap sits further above
+    # the initial step and the gate has room to raise it (tried on Memora: docs/architectures/miras.md).
     self.b_theta = const(math.log(cfg.theta_init / (1 - cfg.theta_init)), (h * L,), (None,))
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
