@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -86,15 +85,14 @@ class MirasConfig:
       raise ValueError(f"miras: kl_scale_init must be > 0, got {self.kl_scale_init}")
     if not self.kl_logit_std > 0:
       raise ValueError(f"miras: kl_logit_std must be > 0, got {self.kl_logit_std}")
-    if not 0 < self.theta_init < 1:
-      raise ValueError(f"miras: theta_init is theta's fraction of theta_max at init and must be in "
-                       f"(0, 1), got {self.theta_init}")
+    self.titans()  # the shared layer's own checks (theta_init)
 
   def titans(self) -> TitansConfig:
     """The settings of the shared Titans memory layer (MAC's segment length is irrelevant here)."""
     return TitansConfig(self.d_model, self.num_heads, memory_depth=self.memory_depth,
                         expansion=self.expansion, chunk_size=self.chunk_size,
-                        theta_max=self.theta_max, num_persistent=self.num_persistent,
+                        theta_max=self.theta_max, theta_init=self.theta_init,
+                        num_persistent=self.num_persistent,
                         conv_size=self.conv_size, segment_len=self.chunk_size,
                         implementation=self.implementation)
 
@@ -238,9 +236,6 @@ class Miras(NeuralMemory):
                                            ("heads", None, None))(rngs.params(), w.shape))
           for w in self.w0])
     self.kl_scale = const(cfg.kl_scale_init, (h, L), ("heads", None), Gain)
-    # theta = theta_max * sigmoid(b_theta) at init: with theta_init < 0.5 the cap sits further above
-    # the initial step and the gate has room to raise it (tried on Memora: docs/architectures/miras.md).
-    self.b_theta = const(math.log(cfg.theta_init / (1 - cfg.theta_init)), (h * L,), (None,))
 
   def _fresh_state(self, batch_size: int, dtype=jnp.float32):
     state = super()._fresh_state(batch_size, dtype)

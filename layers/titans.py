@@ -31,6 +31,7 @@ length must be a multiple of it. Decoding token by token equals the parallel pas
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,7 @@ class TitansConfig:
   expansion: int = 4
   chunk_size: int = 16
   theta_max: float | None = None  # None or 0: 1.0 for the linear memory, 0.3 / head_dim for the MLP
+  theta_init: float = 0.5  # theta at init as a fraction of theta_max (b_theta = logit; 0.5: 0)
   num_persistent: int = 16
   conv_size: int = 4
   momentum: bool = True  # False: eta = 0 (plain GD; v1 Table 5's "w/o momentum" ablation)
@@ -75,6 +77,9 @@ class TitansConfig:
     if self.segment_len % self.chunk_size:
       raise ValueError(f"titans: segment_len={self.segment_len} is not a multiple of chunk_size="
                        f"{self.chunk_size}; make the MAC segment a whole number of chunks")
+    if not 0 < self.theta_init < 1:
+      raise ValueError(f"titans: theta_init is theta's fraction of theta_max at init and must be in "
+                       f"(0, 1), got {self.theta_init}")
     if self.num_persistent < 0 or self.window < 1 or self.expansion < 1 or self.conv_size < 1:
       raise ValueError("titans: num_persistent must be >= 0 and window, expansion, conv_size >= 1")
 
@@ -119,7 +124,9 @@ class NeuralMemory(nnx.Module):
     self.conv_k = CausalConv1D(d, cfg.conv_size, rngs=rngs)
     self.conv_v = CausalConv1D(d, cfg.conv_size, rngs=rngs)
     self.w_theta = dense(rngs, (d, h * L), ("embed", None), std=0.02)
-    self.b_theta = const(0.0, (h * L,), (None,))
+    # theta = theta_max * sigmoid(b_theta) at init; theta_init < 0.5 leaves the gate room above the
+    # initial step (tried on Memora: docs/architectures/miras.md)
+    self.b_theta = const(math.log(cfg.theta_init / (1 - cfg.theta_init)), (h * L,), (None,))
     self.w_eta = dense(rngs, (d, h), ("embed", None), std=0.02)
     self.b_eta = const(0.0, (h,), (None,))
     self.w_alpha = dense(rngs, (d, h), ("embed", None), std=0.02)
